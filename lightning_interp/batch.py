@@ -1,0 +1,77 @@
+"""Batch adapters: turn whatever a dataloader yields into inputs, labels and optional masks.
+
+Accepted without configuration (DESIGN §6): ``(x, y)``, ``(x, y, mask)`` (lists too), and
+dicts with the input under ``image``/``input``/``x``, labels under ``label``/``target``/``y``
+and an optional foreground mask under ``mask``. Anything else needs a user callable that
+returns a :class:`Batch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Batch", "BatchAdapter", "default_batch_adapter"]
+
+_X_KEYS = ("image", "input", "x")
+_Y_KEYS = ("label", "target", "y")
+
+
+@dataclass
+class Batch:
+    """Inputs ``x`` (B x ...), labels ``y`` (B,) or None, foreground ``mask`` (B x 1|C x H x W, bool) or None."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            self.x.to(device),
+            None if self.y is None else self.y.to(device),
+            None if self.mask is None else self.mask.to(device),
+        )
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+BatchAdapter = Callable[[Any], Batch]
+
+
+def default_batch_adapter(batch: Any) -> Batch:
+    """Split a batch in the formats above into a :class:`Batch`."""
+    if isinstance(batch, Batch):
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return Batch(batch)
+    if isinstance(batch, Mapping):
+        x = next((batch[k] for k in _X_KEYS if k in batch), None)
+        if x is None:
+            raise ValueError(
+                f"Expected a dict batch to hold the input under one of {list(_X_KEYS)} but got keys "
+                f"{sorted(map(str, batch))}; pass `batch_adapter=` to the callback for other layouts."
+            )
+        y = next((batch[k] for k in _Y_KEYS if k in batch), None)
+        return Batch(x, y, _as_mask(batch.get("mask")))
+    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3 and isinstance(batch[0], torch.Tensor):
+        x = batch[0]
+        y = batch[1] if len(batch) > 1 else None
+        mask = _as_mask(batch[2]) if len(batch) > 2 else None
+        return Batch(x, y, mask)
+    raise ValueError(
+        "Expected a batch `(x, y)`, `(x, y, mask)` or a dict with 'image'/'input' and 'label'/'target' "
+        f"but got {type(batch).__name__}; pass `batch_adapter=` (a callable returning "
+        "lightning_interp.batch.Batch) to the callback."
+    )
+
+
+def _as_mask(mask: Any) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"Expected the foreground `mask` to be a tensor but got {type(mask).__name__}.")
+    return mask if mask.dtype == torch.bool else mask > 0.5

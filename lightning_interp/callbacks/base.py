@@ -1,0 +1,274 @@
+"""The base class every lightning_interp callback builds on.
+
+It owns what all monitors share: the watched ``layers`` (checked at ``setup``, before the first
+step), the fixed, seeded ``probe`` (selected from the train or val data, or given), batch
+adapters, the cadence (``every_n_epochs``), logging (scalars through ``pl_module.log`` so
+``EarlyStopping``/``ModelCheckpoint`` can monitor them, images to W&B/TensorBoard or to PNG
+files, rank zero only), fault isolation (a failing scan warns and training goes on unless
+``strict=True``) and the history kept in ``state_dict``. A subclass implements :meth:`scan`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data.dataloader import default_collate
+from typing_extensions import override
+
+from ..batch import Batch, BatchAdapter, default_batch_adapter
+from ..layers import get_layer
+from ..nns import check_inputs
+
+__all__ = ["InterpCallback", "select_probe"]
+
+ProbeSource = Dataset | DataLoader | Batch | tuple | None
+
+
+def _first_loader(loaders: Any) -> Any:
+    """The first dataloader of what ``trainer.train_dataloader`` returns (a loader, list or dict)."""
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    if isinstance(loaders, (list, tuple)) and loaders and not isinstance(loaders[0], torch.Tensor):
+        return loaders[0]
+    return loaders
+
+
+def select_probe(
+    source: Dataset | DataLoader,
+    probe_size: int,
+    seed: int = 0,
+    batch_adapter: BatchAdapter = default_batch_adapter,
+) -> tuple[Batch, list[int] | None]:
+    """Pick a fixed, seeded probe of ``probe_size`` samples from a dataset or dataloader.
+
+    Map-style datasets give a seeded random subset (identical on every process); iterable ones
+    give their first ``probe_size`` samples. Items are collated with the loader's ``collate_fn``.
+
+    Returns:
+        ``(probe, indices)`` — the probe on the CPU and the dataset indices (None when iterable).
+    """
+    loader = source if isinstance(source, DataLoader) else None
+    dataset = loader.dataset if loader is not None else source
+    collate = loader.collate_fn if loader is not None and loader.collate_fn is not None else default_collate
+    if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("Expected the probe data to hold samples but the dataset is empty.")
+        if probe_size > n:
+            raise ValueError(
+                f"Expected `probe_size` <= the dataset size ({n}) but got {probe_size}; lower `probe_size`."
+            )
+        g = torch.Generator().manual_seed(seed)
+        indices = sorted(torch.randperm(n, generator=g)[:probe_size].tolist())
+        batch = batch_adapter(collate([dataset[i] for i in indices]))
+    else:
+        if loader is None:
+            loader = DataLoader(dataset, batch_size=probe_size)
+        parts: list[Batch] = []
+        count = 0
+        for raw in loader:
+            b = batch_adapter(raw)
+            parts.append(b)
+            count += len(b)
+            if count >= probe_size:
+                break
+        if count == 0:
+            raise ValueError("Expected the probe data to hold samples but the dataloader yielded none.")
+        if count < probe_size:
+            raise ValueError(
+                f"Expected `probe_size` <= the number of samples the dataloader yields ({count}) but got {probe_size}."
+            )
+        batch = _concat(parts, probe_size)
+        indices = None
+    check_inputs(batch.x, "probe inputs")
+    return batch, indices
+
+
+def _concat(parts: list[Batch], n: int) -> Batch:
+    def cat(items):
+        return None if any(t is None for t in items) else torch.cat(items)[:n]
+
+    return Batch(cat([p.x for p in parts]), cat([p.y for p in parts]), cat([p.mask for p in parts]))
+
+
+class InterpCallback(Callback):
+    """Base class of the monitors: probe, cadence, layers, logging, fault isolation, state.
+
+    Args:
+        layers: module paths of ``pl_module`` to watch (``lightning_interp.layers.list_layers``).
+        probe_size: samples in the fixed probe.
+        probe_split: ``"train"`` or ``"val"``: where the probe is drawn from when ``probe`` is None.
+        probe: explicit probe data (a Dataset, a DataLoader, a :class:`Batch` or an ``(x, y[, mask])``
+            tuple); overrides ``probe_split``.
+        every_n_epochs: scan after every n-th training epoch.
+        seed: seed of the probe selection.
+        batch_adapter: callable turning a collated batch into a :class:`Batch`.
+        strict: re-raise exceptions from a scan instead of warning (never loses the run by default).
+    """
+
+    #: Prefix of every scalar this callback logs (``interp/<what>/<layer>/<name>``).
+    log_prefix = "interp"
+
+    def __init__(
+        self,
+        layers: str | Sequence[str],
+        *,
+        probe_size: int = 64,
+        probe_split: str = "train",
+        probe: ProbeSource = None,
+        every_n_epochs: int = 1,
+        seed: int = 0,
+        batch_adapter: BatchAdapter | None = None,
+        strict: bool = False,
+    ):
+        super().__init__()
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        if not layers or not all(isinstance(n, str) and n for n in layers):
+            raise ValueError(f"Expected `layers` to be one or more module paths but got {layers!r}.")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"Expected `layers` without duplicates but got {layers!r}.")
+        if not isinstance(probe_size, int) or probe_size < 1:
+            raise ValueError(f"Expected `probe_size` to be a positive int but got {probe_size!r}.")
+        if probe_split not in ("train", "val"):
+            raise ValueError(f"Expected `probe_split` to be one of ['train', 'val'] but got {probe_split!r}.")
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"Expected `every_n_epochs` to be a positive int but got {every_n_epochs!r}.")
+        if batch_adapter is not None and not callable(batch_adapter):
+            raise TypeError(f"Expected `batch_adapter` to be callable but got {type(batch_adapter).__name__}.")
+        self.layers = layers
+        self.probe_size = probe_size
+        self.probe_split = probe_split
+        self.probe_source = probe
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
+        self.batch_adapter = batch_adapter or default_batch_adapter
+        self.strict = strict
+        self.probe: Batch | None = None
+        self.probe_indices: list[int] | None = None
+        self.history: list[dict[str, float]] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=tuple(self.layers))
+
+    # ---- configuration, before the first step ---------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for layer in self.layers:
+            get_layer(pl_module, layer)
+        self.check_layers(pl_module)
+
+    def check_layers(self, pl_module: pl.LightningModule) -> None:
+        """Subclass hook: refuse layers the monitor cannot use (raise ``ValueError``)."""
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe is None:
+            self.probe, self.probe_indices = self._build_probe(trainer)
+
+    def _build_probe(self, trainer: pl.Trainer) -> tuple[Batch, list[int] | None]:
+        src = self.probe_source
+        if isinstance(src, Batch):
+            check_inputs(src.x, "probe inputs")
+            return src, None
+        if isinstance(src, tuple) and src and isinstance(src[0], torch.Tensor):
+            b = self.batch_adapter(src)
+            check_inputs(b.x, "probe inputs")
+            return b, None
+        if src is None:
+            if self.probe_split == "train":
+                src = _first_loader(trainer.train_dataloader)
+            else:
+                src = _first_loader(trainer.val_dataloaders)
+                if src is None and trainer.datamodule is not None:
+                    src = trainer.datamodule.val_dataloader()
+            if src is None:
+                raise ValueError(
+                    f"Expected a {self.probe_split} dataloader to draw the probe from but the trainer has none; "
+                    "pass `probe=` or use `probe_split='train'`."
+                )
+        if not isinstance(src, (Dataset, DataLoader)):
+            raise TypeError(
+                "Expected `probe` to be a Dataset, a DataLoader, a Batch or an (x, y[, mask]) tuple but got "
+                f"{type(src).__name__}."
+            )
+        return select_probe(src, self.probe_size, self.seed, self.batch_adapter)
+
+    # ---- cadence and fault isolation -------------------------------------------------------
+    def should_scan(self, trainer: pl.Trainer) -> bool:
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not trainer.sanity_checking
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe is None or not self.should_scan(trainer):
+            return
+        try:
+            probe = self.probe.to(pl_module.device)
+            scalars = self.scan(trainer, pl_module, probe)
+        except Exception as err:  # a monitor must never lose the user's run
+            if self.strict:
+                raise
+            rank_zero_warn(
+                f"{type(self).__name__} skipped its scan at epoch {trainer.current_epoch}: "
+                f"{type(err).__name__}: {err}. Training goes on; pass `strict=True` to raise instead."
+            )
+            return
+        self.log_scalars(trainer, pl_module, scalars)
+
+    def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
+        """Run the monitor on the probe; log pictures; return the scalars to log and keep."""
+        raise NotImplementedError
+
+    # ---- logging -----------------------------------------------------------------------------
+    def log_scalars(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: dict[str, float]) -> None:
+        """Log through ``pl_module.log`` (every logger, callback_metrics) and append to the history."""
+        for name, value in scalars.items():
+            pl_module.log(name, float(value), on_step=False, on_epoch=True)
+        self.history.append({"epoch": trainer.current_epoch, **{k: float(v) for k, v in scalars.items()}})
+
+    @rank_zero_only
+    def log_image(self, trainer: pl.Trainer, key: str, image: np.ndarray, caption: str = "") -> None:
+        """One ``H x W x 3`` uint8 picture to W&B/TensorBoard, or a PNG under the log dir for other loggers."""
+        shown = False
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=key, images=[image], caption=[caption], step=trainer.global_step)
+                shown = True
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(key, image, global_step=trainer.global_step, dataformats="HWC")
+                shown = True
+        if not shown:
+            self.save_png(trainer, key, image)
+
+    def save_png(self, trainer: pl.Trainer, key: str, image: np.ndarray) -> str | None:
+        import matplotlib.image
+
+        root = trainer.log_dir or trainer.default_root_dir
+        path = os.path.join(root, "interp_images", key.replace("/", "_"), f"epoch={trainer.current_epoch}.png")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            matplotlib.image.imsave(path, image)
+        except OSError as err:
+            rank_zero_warn(f"{type(self).__name__} could not write {path}: {err}. Training goes on.")
+            return None
+        return path
+
+    # ---- state -------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "probe_indices": self.probe_indices}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self.probe_indices = state_dict.get("probe_indices", self.probe_indices)

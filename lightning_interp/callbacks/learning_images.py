@@ -1,0 +1,100 @@
+"""``LearningImageLogger``: what each watched layer and its most active filters took from the probe."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from ..batch import Batch
+from ..nns import iter_filter_learning_images, knowledge_quantity, layer_activations, layer_learning_image
+from ..viz import display_inputs, heatmap, image_grid
+from .base import InterpCallback
+
+__all__ = ["LearningImageLogger"]
+
+
+class LearningImageLogger(InterpCallback):
+    """Log knowledge quantity and learning-image heatmaps of the watched layers (thesis ch. 3).
+
+    Every ``every_n_epochs`` epochs, on the fixed probe, for each layer:
+
+    * scalars ``interp/nns/<layer>/activation_count`` and ``.../activation_intensity``: the
+      layer's knowledge quantity (thesis 3.3.1), the mean over probe samples and the scanned
+      filters of each filter learning image's active-element count and |intensity| relative to
+      the input's;
+    * a heatmap grid ``interp/nns/<layer>/learning_images``: one row per probe image (the first
+      ``num_images``), columns = input, layer learning image, and the learning images of the
+      ``top_filters`` filters with the highest mean activation on the probe (red high, blue low).
+
+    Args:
+        layers: module paths of the LightningModule (e.g. ``"model.conv2"``).
+        probe_size: probe samples (default 32).
+        every_n_epochs: cadence.
+        num_images: probe images shown in the grid.
+        top_filters: most active filters shown per layer.
+        max_filters: scan at most this many (most active) filters for the knowledge quantity;
+            all filters when None (one vector-Jacobian product per filter).
+        rectify: apply ReLU to the layer output (name the conv, scan the "conv layer").
+        **kwargs: :class:`~lightning_interp.callbacks.base.InterpCallback` options
+            (``probe_split``, ``probe``, ``seed``, ``batch_adapter``, ``strict``).
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[LearningImageLogger(["model.conv1", "model.conv3"])],
+        ...                      logger=WandbLogger(offline=True))
+    """
+
+    def __init__(
+        self,
+        layers: str | Sequence[str],
+        *,
+        probe_size: int = 32,
+        every_n_epochs: int = 1,
+        num_images: int = 8,
+        top_filters: int = 4,
+        max_filters: int | None = None,
+        rectify: bool = False,
+        **kwargs,
+    ):
+        super().__init__(layers, probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
+        for name, value in (("num_images", num_images), ("top_filters", top_filters)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"Expected `{name}` to be a non-negative int but got {value!r}.")
+        if max_filters is not None and (not isinstance(max_filters, int) or max_filters < 1):
+            raise ValueError(f"Expected `max_filters` to be a positive int or None but got {max_filters!r}.")
+        self.num_images = num_images
+        self.top_filters = top_filters
+        self.max_filters = max_filters
+        self.rectify = rectify
+
+    @override
+    def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
+        scalars: dict[str, float] = {}
+        x = probe.x
+        for layer in self.layers:
+            f = layer_activations(pl_module, layer, x, rectify=self.rectify)
+            mean_activation = f.flatten(2).mean(2).mean(0) if f.dim() > 2 else f.mean(0)  # (K,), AVoU
+            order = mean_activation.argsort(descending=True)
+            scanned = order if self.max_filters is None else order[: self.max_filters]
+            shown = order[: self.top_filters].tolist()
+            count = intensity = 0.0
+            shown_images: dict[int, torch.Tensor] = {}
+            for filters, li in iter_filter_learning_images(pl_module, layer, x, filters=scanned, rectify=self.rectify):
+                kq = knowledge_quantity(li, x)
+                count += kq.activation_count.sum().item()
+                intensity += kq.activation_intensity.sum().item()
+                for j, k in enumerate(filters.tolist()):
+                    if k in shown:
+                        shown_images[k] = li[: self.num_images, j]
+            total = x.shape[0] * scanned.numel()
+            scalars[f"{self.log_prefix}/nns/{layer}/activation_count"] = count / total
+            scalars[f"{self.log_prefix}/nns/{layer}/activation_intensity"] = intensity / total
+            if self.num_images > 0 and trainer.is_global_zero:
+                layer_image = layer_learning_image(pl_module, layer, x[: self.num_images], rectify=self.rectify)
+                columns = [display_inputs(x[: self.num_images]), heatmap(layer_image)]
+                columns += [heatmap(shown_images[k]) for k in shown]
+                caption = f"epoch {trainer.current_epoch}: input | layer | filters {shown} (most active first)"
+                self.log_image(trainer, f"{self.log_prefix}/nns/{layer}/learning_images", image_grid(columns), caption)
+        return scalars

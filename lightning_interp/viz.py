@@ -1,0 +1,62 @@
+"""Pictures of learning images, built only at the logging boundary.
+
+Heatmaps follow the thesis (fig. 3-6): red high, blue low (``jet``), channels summed. The
+colour scale is symmetric about zero per image so that zero is always the same colour and
+signed contributions read the same in every panel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+__all__ = ["heatmap", "display_inputs", "image_grid"]
+
+
+def heatmap(images: torch.Tensor, cmap: str = "jet", symmetric: bool = True) -> torch.Tensor:
+    """Colour learning images: ``N x C x H x W`` (summed over C) or ``N x H x W`` → ``N x 3 x H x W`` in [0, 1]."""
+    import matplotlib
+
+    maps = images.detach().float().cpu()
+    if maps.dim() == 4:
+        maps = maps.sum(1)
+    if maps.dim() != 3:
+        raise ValueError(f"Expected images of shape (N, C, H, W) or (N, H, W) but got {tuple(images.shape)}.")
+    flat = maps.flatten(1)
+    if symmetric:
+        hi = flat.abs().amax(1).clamp_min(1e-12)[:, None, None]
+        norm = (maps / hi + 1) / 2
+    else:
+        lo = flat.amin(1)[:, None, None]
+        hi = flat.amax(1)[:, None, None]
+        norm = (maps - lo) / (hi - lo).clamp_min(1e-12)
+    rgba = matplotlib.colormaps[cmap](norm.numpy())
+    return torch.from_numpy(rgba[..., :3]).permute(0, 3, 1, 2).float()
+
+
+def display_inputs(x: torch.Tensor) -> torch.Tensor:
+    """Inputs ``N x C x H x W`` → ``N x 3 x H x W`` in [0, 1], min-max per image (grey for C != 3)."""
+    x = x.detach().float().cpu()
+    if x.shape[1] != 3:
+        x = x.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    lo = x.flatten(1).amin(1)[:, None, None, None]
+    hi = x.flatten(1).amax(1)[:, None, None, None]
+    return (x - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def image_grid(columns: Sequence[torch.Tensor], min_side: int = 96, pad: int = 2) -> np.ndarray:
+    """Lay out columns of ``N x 3 x H x W`` pictures, one row per sample, as an ``H x W x 3`` uint8 array.
+
+    Small images are enlarged (nearest neighbour) so that each panel is at least ``min_side`` pixels.
+    """
+    from torchvision.utils import make_grid
+
+    tiles = torch.stack(list(columns), 1).flatten(0, 1)  # (N * cols, 3, H, W), row-major
+    scale = max(1, int(np.ceil(min_side / max(tiles.shape[-2:]))))
+    if scale > 1:
+        tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
+    grid = make_grid(tiles, nrow=len(columns), padding=pad, pad_value=1.0)
+    return (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
