@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from lightning_interp.batch import Batch, default_batch_adapter
+from lightning_interp.data import DigitsDataModule, ShapesDataModule, make_shapes
+from lightning_interp.models import LeNet5, SimpleCNN, build_model, resnet18_cifar
+
+
+def test_digits_split_masks_and_label_noise():
+    clean = DigitsDataModule(image_size=28, val_fraction=0.25, seed=3)
+    clean.setup()
+    x, y, mask = next(iter(clean.train_dataloader()))
+    assert x.shape[1:] == (1, 28, 28) and mask.shape == x.shape and mask.dtype == torch.bool
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    # The mask is the digit's pixels: bright inside, dark outside.
+    assert x[mask].mean() > 0.5 > x[~mask].mean()
+    assert len(clean.train_set) + len(clean.val_set) == 1797
+    assert len(clean.val_set) == round(0.25 * 1797)
+    noisy = DigitsDataModule(image_size=28, val_fraction=0.25, seed=3, label_noise=0.3)
+    noisy.setup()
+    changed = (noisy.train_set.tensors[1] != clean.train_set.tensors[1]).float().mean().item()
+    assert changed == pytest.approx(0.3, abs=0.01)
+    assert torch.equal(noisy.val_set.tensors[1], clean.val_set.tensors[1])
+    with pytest.raises(ValueError, match="label_noise"):
+        DigitsDataModule(label_noise=1.5)
+
+
+def test_shapes_masks_bboxes_and_decoy():
+    data = make_shapes(200, num_classes=4, seed=0)
+    m = data["mask"][:, 0]
+    for i in range(0, 200, 17):
+        ys, xs = torch.nonzero(m[i], as_tuple=True)
+        assert data["bbox"][i].tolist() == [xs.min().item(), ys.min().item(), xs.max().item(), ys.max().item()]
+    assert m.float().mean(dim=(1, 2)).min() > 0.03
+    dm = ShapesDataModule(num_train=400, num_val=200, num_test=100, decoy=True, label_noise=0.2, seed=1)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"image", "label", "mask", "bbox"}
+    assert batch["image"].shape[1:] == (3, 32, 32)
+
+    def decoy_colour_class(tensors):
+        # The decoy is a 5x5 patch in one corner; read its colour and map it to a class.
+        from lightning_interp.data import _DECOY_COLOURS
+
+        img = tensors["image"]
+        corners = [img[:, :, 2, 2], img[:, :, 2, -4], img[:, :, -4, 2], img[:, :, -4, -4]]
+        palette = torch.from_numpy(_DECOY_COLOURS[:4])
+        best = torch.stack([torch.cdist(c, palette).min(1).values for c in corners], 1).argmin(1)
+        colour = torch.stack(corners, 1)[torch.arange(len(img)), best]
+        return torch.cdist(colour, palette).argmin(1)
+
+    clean_train = make_shapes(400, decoy="predictive", seed=1)
+    assert (decoy_colour_class(clean_train) == clean_train["label"]).float().mean() > 0.99
+    val = dm.val_set.tensors
+    assert (decoy_colour_class(val) == val["label"]).float().mean() < 0.5
+    changed = (dm.train_set.tensors["label"] != clean_train["label"]).float().mean().item()
+    assert changed == pytest.approx(0.2, abs=0.01)
+    with pytest.raises(ValueError, match="decoy"):
+        make_shapes(10, decoy="sometimes")
+
+
+def test_models_forward_shapes():
+    assert SimpleCNN(in_channels=3)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert SimpleCNN()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert LeNet5()(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    assert LeNet5(image_size=28, in_channels=3)(torch.randn(2, 3, 28, 28)).shape == (2, 10)
+    assert resnet18_cifar()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert isinstance(build_model("lenet5"), LeNet5)
+    with pytest.raises(ValueError, match="resnet18_cifar"):
+        build_model("vgg")
+
+
+def test_batch_adapter_formats():
+    x, y, m = torch.randn(2, 1, 4, 4), torch.tensor([0, 1]), torch.ones(2, 1, 4, 4)
+    assert default_batch_adapter((x, y)).mask is None
+    assert default_batch_adapter([x, y, m]).mask.dtype == torch.bool
+    b = default_batch_adapter({"input": x, "target": y, "mask": m > 0})
+    assert torch.equal(b.x, x) and torch.equal(b.y, y)
+    assert isinstance(default_batch_adapter(Batch(x)), Batch)
+    with pytest.raises(ValueError, match=r"\['image', 'input', 'x'\]"):
+        default_batch_adapter({"pixels": x})
+    with pytest.raises(ValueError, match="batch_adapter"):
+        default_batch_adapter("nope")
