@@ -1,0 +1,196 @@
+"""Batched Gaussian mixtures on 2-D points: many problems × one K at once, as tensors.
+
+The anomaly detector (DESIGN §4) clusters the 2-D PCA projection of every filter's learning
+images with Gaussian mixtures for K = 2..K_max and keeps the K with the highest
+Calinski-Harabasz index. scikit-learn does one filter and one K per call (about 0.3 s per
+filter for the sweep); here all filters of a layer are fitted together for each K, on any
+device. The algorithm mirrors ``sklearn.mixture.GaussianMixture`` with its defaults
+(full covariances, ``reg_covar=1e-6``, ``tol=1e-3``, ``max_iter=100``, k-means
+initialisation with ``random_state=seed``), so scikit-learn is the test oracle. The k-means
+initialisation replays scikit-learn's k-means++ random stream, so both start from the same
+seeds and usually reach the same solution.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["kmeans", "fit_gmm", "calinski_harabasz", "gmm_sweep"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(P, N, 2) points, (P, K, 2) centres → (P, N, K) squared distances."""
+    return ((x[:, :, None, :] - c[:, None, :, :]) ** 2).sum(-1)
+
+
+def _plusplus_draws(k: int, seed: int) -> tuple[float, np.ndarray]:
+    """The uniforms scikit-learn's k-means++ draws from ``RandomState(seed)`` for k clusters.
+
+    ``GaussianMixture(random_state=seed)`` seeds a fresh ``RandomState`` per fit, so every
+    filter's k-means++ consumes the same stream: one draw for the first centre, then
+    ``2 + ⌊ln k⌋`` per further centre. Sharing them makes this backend pick the same seeds
+    as the reference.
+    """
+    rs = np.random.RandomState(seed)
+    first = rs.random_sample()
+    trials = 2 + int(np.log(k))
+    return first, rs.uniform(size=(max(k - 1, 0), trials))
+
+
+def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, max_iter: int = 300, tol: float = 1e-4) -> torch.Tensor:
+    """Batched k-means → (P, N) labels for (P, N, D) points, as ``sklearn.cluster.KMeans(n_init=1)``.
+
+    k-means++ seeding (greedy, with scikit-learn's random stream, see :func:`_plusplus_draws`),
+    then Lloyd iterations until the labels stop changing or the centre shift falls below
+    ``tol`` × the mean per-feature variance.
+    """
+    p, n, _ = x.shape
+    rows = torch.arange(p, device=x.device)
+    first_u, trial_u = _plusplus_draws(k, seed)
+    first = min(int(first_u * n), n - 1)  # choice() with uniform weights
+    centres = [x[:, first]]
+    closest = _sq_dist(x, centres[0][:, None]).squeeze(-1)  # (P, N)
+    pot = closest.sum(1)
+    for c in range(1, k):
+        u = torch.as_tensor(trial_u[c - 1], dtype=x.dtype, device=x.device)
+        targets = u[None, :] * pot[:, None]  # (P, T)
+        cand = torch.searchsorted(closest.cumsum(1).contiguous(), targets.contiguous()).clamp_max(n - 1)
+        cand_pts = x[rows[:, None], cand]  # (P, T, D)
+        d = torch.minimum(closest[:, None, :], _sq_dist(cand_pts, x))  # (P, T, N)
+        cand_pot = d.sum(2)
+        best = cand_pot.argmin(1)
+        centres.append(cand_pts[rows, best])
+        closest = d[rows, best]
+        pot = cand_pot[rows, best]
+    cen = torch.stack(centres, 1)  # (P, K, D)
+    threshold = tol * x.var(1, unbiased=False).mean(1)
+    labels = _sq_dist(x, cen).argmin(2)
+    active = torch.ones(p, dtype=torch.bool, device=x.device)
+    for _ in range(max_iter):
+        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # (P, N, K)
+        counts = onehot.sum(1)
+        new = torch.einsum("pnk,pnd->pkd", onehot, x) / counts.clamp_min(1)[..., None]
+        new = torch.where((counts[..., None] > 0) & active[:, None, None], new, cen)
+        shift = ((new - cen) ** 2).sum((1, 2))
+        cen = new
+        new_labels = _sq_dist(x, cen).argmin(2)
+        active = active & ~(new_labels == labels).all(1) & (shift > threshold)
+        labels = new_labels
+        if not bool(active.any()):
+            break
+    return labels
+
+
+def _m_step(x: torch.Tensor, resp: torch.Tensor, reg_covar: float):
+    nk = resp.sum(1) + 10 * torch.finfo(x.dtype).eps  # (P, K)
+    means = torch.einsum("pnk,pnd->pkd", resp, x) / nk[..., None]
+    diff = x[:, :, None, :] - means[:, None]  # (P, N, K, 2)
+    cov = torch.einsum("pnk,pnki,pnkj->pkij", resp, diff, diff) / nk[..., None, None]
+    cov = cov + reg_covar * torch.eye(2, dtype=x.dtype, device=x.device)
+    weights = nk / x.shape[1]
+    return weights, means, cov
+
+
+def _log_prob(x: torch.Tensor, weights, means, cov) -> torch.Tensor:
+    """(P, N, K) log w_k + log N(x | μ_k, Σ_k) with closed-form 2×2 inverses."""
+    a, b, d = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 1]
+    det = (a * d - b * b).clamp_min(torch.finfo(x.dtype).tiny)
+    diff = x[:, :, None, :] - means[:, None]
+    dx, dy = diff[..., 0], diff[..., 1]
+    maha = (d[:, None] * dx * dx - 2 * b[:, None] * dx * dy + a[:, None] * dy * dy) / det[:, None]
+    return torch.log(weights)[:, None] - 0.5 * (maha + torch.log(det)[:, None]) - _LOG_2PI
+
+
+def fit_gmm(
+    x: torch.Tensor,
+    k: int,
+    *,
+    seed: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    reg_covar: float = 1e-6,
+) -> torch.Tensor:
+    """Fit a K-component full-covariance mixture to each of P 2-D problems; return (P, N) labels.
+
+    Args:
+        x: ``P x N x 2`` points.
+    Returns:
+        ``P x N`` long tensor: the most probable component of every point after EM.
+    """
+    if x.dim() != 3 or x.shape[-1] != 2:
+        raise ValueError(f"Expected `x` of shape (P, N, 2) but got {tuple(x.shape)}.")
+    init = kmeans(x, k, seed=seed)
+    resp = torch.nn.functional.one_hot(init, k).to(x.dtype)
+    weights, means, cov = _m_step(x, resp, reg_covar)
+    lower = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
+    active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(max_iter):
+        logp = _log_prob(x, weights, means, cov)
+        norm = torch.logsumexp(logp, 2, keepdim=True)
+        resp_new = (logp - norm).exp()
+        new_lower = norm.squeeze(-1).mean(1)
+        # Converged problems keep their parameters; the others take another M-step.
+        resp = torch.where(active[:, None, None], resp_new, resp)
+        w2, m2, c2 = _m_step(x, resp, reg_covar)
+        act = active[:, None]
+        weights = torch.where(act, w2, weights)
+        means = torch.where(act[..., None], m2, means)
+        cov = torch.where(act[..., None, None], c2, cov)
+        active = active & ((new_lower - lower).abs() >= tol)
+        lower = torch.where(active, new_lower, lower)
+        if not bool(active.any()):
+            break
+    return _log_prob(x, weights, means, cov).argmax(2)
+
+
+def calinski_harabasz(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Calinski-Harabasz index of P labelled problems, as ``sklearn.metrics.calinski_harabasz_score``.
+
+    CH = [Σ_i n_i ‖c_i − c‖² / (L − 1)] / [Σ ‖x − c_label‖² / (N − L)] with L the number of
+    non-empty clusters; 1 where the within-cluster dispersion is 0, and 0 (not an error) where
+    fewer than 2 or more than N − 1 clusters are used.
+
+    Args:
+        x: ``P x N x D`` points; labels: ``P x N`` in [0, k).
+    Returns:
+        ``P`` tensor.
+    """
+    n = x.shape[1]
+    onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)
+    counts = onehot.sum(1)  # (P, K)
+    used = (counts > 0).sum(1).to(x.dtype)
+    centres = torch.einsum("pnk,pnd->pkd", onehot, x) / counts.clamp_min(1)[..., None]
+    mean = x.mean(1, keepdim=True)
+    extra = (counts * ((centres - mean) ** 2).sum(2)).sum(1)
+    intra = ((x - torch.gather(centres, 1, labels[..., None].expand(-1, -1, x.shape[2]))) ** 2).sum((1, 2))
+    ch = extra * (n - used) / (intra * (used - 1)).clamp_min(torch.finfo(x.dtype).tiny)
+    ch = torch.where(intra == 0, torch.ones_like(ch), ch)
+    return torch.where((used >= 2) & (used <= n - 1), ch, torch.zeros_like(ch))
+
+
+def gmm_sweep(
+    x: torch.Tensor, k_max: int = 10, *, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each of P 2-D problems, fit GMMs with K = 2..k_max and keep the highest CH index.
+
+    Ties keep the larger K (thesis algorithm 6.1 updates on ``CH >= max``).
+
+    Returns:
+        ``(labels P x N, num_clusters P, ch_index P)``.
+    """
+    best_ch = torch.full((x.shape[0],), -1.0, dtype=x.dtype, device=x.device)
+    best_k = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    best_labels = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+    for k in range(2, k_max + 1):
+        labels = fit_gmm(x, k, seed=seed)
+        ch = calinski_harabasz(x, labels, k)
+        better = ch >= best_ch
+        best_ch = torch.where(better, ch, best_ch)
+        best_k = torch.where(better, torch.full_like(best_k, k), best_k)
+        best_labels = torch.where(better[:, None], labels, best_labels)
+    return best_labels, best_k, best_ch

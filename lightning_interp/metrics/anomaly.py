@@ -1,0 +1,280 @@
+"""Anomaly filters as an overfitting indicator (DESIGN §4, thesis ch. 6).
+
+For each filter k of a layer, the probe samples' learning images (or any per-filter
+projection of them) are flattened, projected to 2-D by a PCA fitted per filter, and clustered
+with Gaussian mixtures for K = 2..K_max; the K with the highest Calinski-Harabasz index wins
+(thesis algorithm 6.1, eqs. 6-5..6-7 with the standard squared-distance index). The filter is
+an **anomaly filter** when all three criteria hold (thesis 6.2.5, table 6-1):
+
+1. imbalance — clusters with at most λ points (``min_cluster_size``) are outlier clusters,
+   and there are more than α·K of them;
+2. high CH — its CH index exceeds β × the layer's mean CH index;
+3. active — its mean activation is at least θ × the layer's mean activation.
+
+Samples in the outlier clusters of anomaly filters are *outlier samples*.
+
+Before clustering, each filter's 2-D projection is divided by its own RMS spread
+(√(total variance / 2)): GMM's absolute ``reg_covar`` then means the same on every filter
+whatever the scale of its learning images, and the CH index does not change (it is scale
+invariant). A filter whose learning images do not vary over the probe (a dead filter) has a
+single cluster, CH 0, and is never flagged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..gmm import gmm_sweep
+
+__all__ = ["AnomalyFilters", "detect_anomaly_filters", "project_filters_2d", "resolve_min_cluster_size"]
+
+BACKENDS = ("auto", "batched", "sklearn")
+
+
+@dataclass(frozen=True)
+class AnomalyFilters:
+    """Per-filter result of :func:`detect_anomaly_filters` (K filters, B samples).
+
+    Attributes:
+        anomaly: ``K`` bool, all three criteria hold.
+        num_clusters: ``K`` long, the K of the mixture with the highest CH index (1 if degenerate).
+        ch_index: ``K`` float, CH index of the chosen clustering.
+        cluster_sizes: ``K x k_max`` long, points per component (component order, 0 if unused).
+        outlier_clusters: ``K`` long, non-empty clusters with at most ``min_cluster_size`` points.
+        imbalanced, high_ch, active: ``K`` bool, the three criteria.
+        labels: ``K x B`` long, cluster of every sample.
+        embedding: ``K x B x 2``, the normalised 2-D PCA projection that was clustered.
+        outlier_samples: ``K x B`` bool, samples in outlier clusters of anomaly filters.
+        min_cluster_size: λ in samples.
+    """
+
+    anomaly: torch.Tensor
+    num_clusters: torch.Tensor
+    ch_index: torch.Tensor
+    cluster_sizes: torch.Tensor
+    outlier_clusters: torch.Tensor
+    imbalanced: torch.Tensor
+    high_ch: torch.Tensor
+    active: torch.Tensor
+    labels: torch.Tensor
+    embedding: torch.Tensor
+    outlier_samples: torch.Tensor
+    min_cluster_size: int
+
+    @property
+    def count(self) -> int:
+        """Number of anomaly filters."""
+        return int(self.anomaly.sum())
+
+    @property
+    def flagged(self) -> list[int]:
+        """Indices of the anomaly filters."""
+        return self.anomaly.nonzero().flatten().tolist()
+
+    @property
+    def sample_is_outlier(self) -> torch.Tensor:
+        """``B`` bool: in an outlier cluster of at least one anomaly filter."""
+        return self.outlier_samples.any(0)
+
+
+def resolve_min_cluster_size(min_cluster_size: int | float, num_samples: int) -> int:
+    """λ in samples: an int as is, a float in (0, 1) as a fraction of the probe size."""
+    if isinstance(min_cluster_size, bool) or not isinstance(min_cluster_size, (int, float)):
+        raise TypeError(
+            f"Expected `min_cluster_size` to be an int or a fraction in (0, 1) but got {min_cluster_size!r}."
+        )
+    if isinstance(min_cluster_size, float) and not float(min_cluster_size).is_integer():
+        if not 0 < min_cluster_size < 1:
+            raise ValueError(f"Expected a fractional `min_cluster_size` in (0, 1) but got {min_cluster_size}.")
+        return max(1, int(round(min_cluster_size * num_samples)))
+    lam = int(min_cluster_size)
+    if lam < 1 or lam >= num_samples:
+        raise ValueError(
+            f"Expected `min_cluster_size` in [1, {num_samples - 1}] (smaller than the {num_samples} probe "
+            f"samples) or a fraction in (0, 1) but got {min_cluster_size}."
+        )
+    return lam
+
+
+def project_filters_2d(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-filter PCA to 2-D, each projection divided by its RMS spread.
+
+    Args:
+        features: ``B x K x ...`` (flattened per filter to ``B x K x D``).
+
+    Returns:
+        ``(embedding K x B x 2, degenerate K bool)`` — degenerate filters (no variance over the
+        samples) get an all-zero embedding.
+    """
+    b, k = features.shape[:2]
+    x = features.reshape(b, k, -1).transpose(0, 1).to(torch.float64)  # (K, B, D)
+    if x.shape[2] < 2:
+        x = torch.cat([x, torch.zeros_like(x)], 2)
+    x = x - x.mean(1, keepdim=True)
+    d = x.shape[2]
+    if d <= b:
+        evals, evecs = torch.linalg.eigh(x.transpose(1, 2) @ x)  # (K, D, D), ascending
+        emb = x @ evecs[..., -2:].flip(-1)
+    else:
+        evals, evecs = torch.linalg.eigh(x @ x.transpose(1, 2))  # (K, B, B)
+        emb = evecs[..., -2:].flip(-1) * evals[:, -2:].flip(-1).clamp_min(0).sqrt()[:, None, :]
+    spread = emb.pow(2).sum((1, 2)).div(2 * b).sqrt()  # √(variance per dimension)
+    total = x.pow(2).sum((1, 2)).div(b)
+    degenerate = (spread <= 1e-12 * total.sqrt().clamp_min(1e-300)) | (total == 0)
+    emb = torch.where(degenerate[:, None, None], torch.zeros_like(emb), emb / spread.clamp_min(1e-300)[:, None, None])
+    return emb, degenerate
+
+
+def _sweep_sklearn(emb: np.ndarray, degenerate: np.ndarray, k_max: int, seed: int):
+    from sklearn.metrics import calinski_harabasz_score
+    from sklearn.mixture import GaussianMixture
+
+    k_filters, b = emb.shape[:2]
+    labels = np.zeros((k_filters, b), dtype=np.int64)
+    best_k = np.ones(k_filters, dtype=np.int64)
+    best_ch = np.zeros(k_filters)
+    for f in range(k_filters):
+        if degenerate[f]:
+            continue
+        best = -1.0
+        for k in range(2, k_max + 1):
+            lab = GaussianMixture(n_components=k, random_state=seed).fit_predict(emb[f])
+            used = len(np.unique(lab))
+            ch = calinski_harabasz_score(emb[f], lab) if 2 <= used <= b - 1 else 0.0
+            if ch >= best:
+                best, best_k[f], labels[f] = ch, k, lab
+        best_ch[f] = best
+    return labels, best_k, best_ch
+
+
+def _embed_sklearn(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The reference embedding: scikit-learn's PCA per filter, same normalisation."""
+    from sklearn.decomposition import PCA
+
+    b, k = features.shape[:2]
+    x = features.reshape(b, k, -1).detach().cpu().double().numpy()
+    emb = np.zeros((k, b, 2))
+    degenerate = np.zeros(k, dtype=bool)
+    for f in range(k):
+        xf = x[:, f]
+        if xf.shape[1] < 2:
+            xf = np.concatenate([xf, np.zeros_like(xf)], 1)
+        centred = xf - xf.mean(0)
+        total = (centred**2).sum() / b
+        if total == 0:
+            degenerate[f] = True
+            continue
+        e = PCA(n_components=2, svd_solver="full").fit_transform(xf)
+        spread = np.sqrt((e**2).sum() / (2 * b))
+        if spread <= 1e-12 * np.sqrt(total):
+            degenerate[f] = True
+            continue
+        emb[f] = e / spread
+    return emb, degenerate
+
+
+def detect_anomaly_filters(
+    features: torch.Tensor,
+    activations: torch.Tensor,
+    *,
+    k_max: int = 10,
+    min_cluster_size: int | float,
+    alpha: float = 0.2,
+    beta: float = 1.0,
+    theta: float = 0.1,
+    backend: str = "auto",
+    seed: int = 0,
+) -> AnomalyFilters:
+    """Flag anomaly filters of one layer (DESIGN §4, thesis algorithm 6.1).
+
+    Args:
+        features: ``B x K x ...`` — learning images ``B x K x C x H x W`` or any per-filter
+            projection of them; flattened per filter.
+        activations: ``K`` mean activation of each filter on the same samples (AVoU, eq. 5-8).
+        k_max: largest number of mixture components tried (K = 2..k_max).
+        min_cluster_size: λ, an int (samples) or a float in (0, 1) (fraction of B). Thesis
+            table 6-1: 50 for small CNNs, 10 for AlexNet/ResNet-18/VGG-16.
+        alpha, beta, theta: the thresholds of criteria 1-3 (thesis: 0.2, 1, 0.1).
+        backend: ``"batched"`` (all filters × all K as tensors on ``features``' device),
+            ``"sklearn"`` (``GaussianMixture`` + ``calinski_harabasz_score`` per filter, the
+            reference) or ``"auto"`` (batched).
+        seed: seed of the mixture initialisation.
+
+    Returns:
+        :class:`AnomalyFilters` with tensors on ``features``' device.
+
+    Example:
+        >>> L = filter_learning_images(model, "relu3", probe_x)        # B x K x C x H x W
+        >>> act = layer_activations(model, "relu3", probe_x).mean((0, 2, 3))
+        >>> result = detect_anomaly_filters(L, act, min_cluster_size=0.1)
+        >>> result.flagged
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"Expected `backend` to be one of {list(BACKENDS)} but got {backend!r}.")
+    if not isinstance(features, torch.Tensor) or features.dim() < 2:
+        raise ValueError(
+            f"Expected `features` of shape (B, K, ...) but got {getattr(features, 'shape', type(features).__name__)}."
+        )
+    b, k_filters = features.shape[:2]
+    activations = torch.as_tensor(activations, device=features.device).flatten()
+    if activations.numel() != k_filters:
+        raise ValueError(
+            f"Expected `activations` of shape ({k_filters},), one per filter of `features`, but got "
+            f"{tuple(activations.shape)}."
+        )
+    if not isinstance(k_max, int) or k_max < 2:
+        raise ValueError(f"Expected `k_max` to be an int >= 2 but got {k_max!r}.")
+    if b < 3 or k_max > b - 1:
+        raise ValueError(
+            f"Expected more samples than `k_max` + 1 (clustering {b} samples into up to {k_max} clusters); "
+            "use a larger probe or a smaller `k_max`."
+        )
+    lam = resolve_min_cluster_size(min_cluster_size, b)
+    for name, value in (("alpha", alpha), ("beta", beta), ("theta", theta)):
+        if not float(value) >= 0:
+            raise ValueError(f"Expected `{name}` >= 0 but got {value}.")
+    if not torch.isfinite(features).all() or not torch.isfinite(activations).all():
+        raise ValueError("Expected finite `features` and `activations` but got NaN or inf.")
+
+    device = features.device
+    if backend == "sklearn":
+        emb_np, deg_np = _embed_sklearn(features)
+        labels_np, k_np, ch_np = _sweep_sklearn(emb_np, deg_np, k_max, seed)
+        embedding = torch.from_numpy(emb_np).to(device)
+        labels = torch.from_numpy(labels_np).to(device)
+        num_clusters = torch.from_numpy(k_np).to(device)
+        ch = torch.from_numpy(ch_np).to(device)
+    else:
+        embedding, degenerate = project_filters_2d(features)
+        labels, num_clusters, ch = gmm_sweep(embedding, k_max, seed=seed)
+        labels = torch.where(degenerate[:, None], torch.zeros_like(labels), labels)
+        num_clusters = torch.where(degenerate, torch.ones_like(num_clusters), num_clusters)
+        ch = torch.where(degenerate, torch.zeros_like(ch), ch)
+
+    sizes = torch.nn.functional.one_hot(labels, k_max).sum(1)  # (K, k_max)
+    outlier_component = (sizes > 0) & (sizes <= lam)
+    outlier_clusters = outlier_component.sum(1)
+    imbalanced = outlier_clusters.double() > alpha * num_clusters.double()
+    high_ch = ch > beta * ch.mean()
+    act = activations.double()
+    active = act >= theta * act.mean()
+    anomaly = imbalanced & high_ch & active
+    in_outlier = torch.gather(outlier_component, 1, labels)  # (K, B)
+    return AnomalyFilters(
+        anomaly=anomaly,
+        num_clusters=num_clusters,
+        ch_index=ch,
+        cluster_sizes=sizes,
+        outlier_clusters=outlier_clusters,
+        imbalanced=imbalanced,
+        high_ch=high_ch,
+        active=active,
+        labels=labels,
+        embedding=embedding,
+        outlier_samples=in_outlier & anomaly[:, None],
+        min_cluster_size=lam,
+    )
+
