@@ -24,8 +24,11 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """(P, N, 2) points, (P, K, 2) centres → (P, N, K) squared distances."""
-    return ((x[:, :, None, :] - c[:, None, :, :]) ** 2).sum(-1)
+    """(P, N, D) points, (P, K, D) centres → (P, N, K) squared distances (D is small: 2)."""
+    out = (x[:, :, None, 0] - c[:, None, :, 0]) ** 2
+    for d in range(1, x.shape[2]):
+        out += (x[:, :, None, d] - c[:, None, :, d]) ** 2
+    return out
 
 
 def _plusplus_draws(k: int, seed: int) -> tuple[float, np.ndarray]:
@@ -74,7 +77,7 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, max_iter: int = 300, tol: 
     for _ in range(max_iter):
         onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # (P, N, K)
         counts = onehot.sum(1)
-        new = torch.einsum("pnk,pnd->pkd", onehot, x) / counts.clamp_min(1)[..., None]
+        new = torch.bmm(onehot.transpose(1, 2), x) / counts.clamp_min(1)[..., None]
         new = torch.where((counts[..., None] > 0) & active[:, None, None], new, cen)
         shift = ((new - cen) ** 2).sum((1, 2))
         cen = new
@@ -87,23 +90,26 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, max_iter: int = 300, tol: 
 
 
 def _m_step(x: torch.Tensor, resp: torch.Tensor, reg_covar: float):
+    """Weights (P, K), means (P, K, 2) and covariances as (cxx, cxy, cyy), each (P, K)."""
     nk = resp.sum(1) + 10 * torch.finfo(x.dtype).eps  # (P, K)
-    means = torch.einsum("pnk,pnd->pkd", resp, x) / nk[..., None]
-    diff = x[:, :, None, :] - means[:, None]  # (P, N, K, 2)
-    cov = torch.einsum("pnk,pnki,pnkj->pkij", resp, diff, diff) / nk[..., None, None]
-    cov = cov + reg_covar * torch.eye(2, dtype=x.dtype, device=x.device)
-    weights = nk / x.shape[1]
-    return weights, means, cov
+    means = torch.bmm(resp.transpose(1, 2), x) / nk[..., None]
+    dx = x[:, :, None, 0] - means[:, None, :, 0]  # (P, N, K)
+    dy = x[:, :, None, 1] - means[:, None, :, 1]
+    rdx = resp * dx
+    cxx = (rdx * dx).sum(1) / nk + reg_covar
+    cxy = (rdx * dy).sum(1) / nk
+    cyy = (resp * dy * dy).sum(1) / nk + reg_covar
+    return nk / x.shape[1], means, (cxx, cxy, cyy)
 
 
 def _log_prob(x: torch.Tensor, weights, means, cov) -> torch.Tensor:
     """(P, N, K) log w_k + log N(x | μ_k, Σ_k) with closed-form 2×2 inverses."""
-    a, b, d = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 1]
+    a, b, d = cov
     det = (a * d - b * b).clamp_min(torch.finfo(x.dtype).tiny)
-    diff = x[:, :, None, :] - means[:, None]
-    dx, dy = diff[..., 0], diff[..., 1]
+    dx = x[:, :, None, 0] - means[:, None, :, 0]
+    dy = x[:, :, None, 1] - means[:, None, :, 1]
     maha = (d[:, None] * dx * dx - 2 * b[:, None] * dx * dy + a[:, None] * dy * dy) / det[:, None]
-    return torch.log(weights)[:, None] - 0.5 * (maha + torch.log(det)[:, None]) - _LOG_2PI
+    return (torch.log(weights) - 0.5 * torch.log(det) - _LOG_2PI)[:, None] - 0.5 * maha
 
 
 def fit_gmm(
@@ -140,7 +146,7 @@ def fit_gmm(
         act = active[:, None]
         weights = torch.where(act, w2, weights)
         means = torch.where(act[..., None], m2, means)
-        cov = torch.where(act[..., None, None], c2, cov)
+        cov = tuple(torch.where(act, new, old) for new, old in zip(c2, cov))
         active = active & ((new_lower - lower).abs() >= tol)
         lower = torch.where(active, new_lower, lower)
         if not bool(active.any()):

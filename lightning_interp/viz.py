@@ -60,3 +60,38 @@ def image_grid(columns: Sequence[torch.Tensor], min_side: int = 96, pad: int = 2
         tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
     grid = make_grid(tiles, nrow=len(columns), padding=pad, pad_value=1.0)
     return (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def cluster_scatter(
+    embeddings: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    outliers: Sequence[torch.Tensor],
+    titles: Sequence[str],
+) -> np.ndarray:
+    """Scatter plots of 2-D clusterings (thesis figs. 6-1/6-2) as one ``H x W x 3`` uint8 image.
+
+    Args:
+        embeddings: per panel a ``B x 2`` tensor; labels: ``B`` cluster ids; outliers: ``B``
+            bool, drawn as crosses.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n = len(embeddings)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+    try:
+        for ax, emb, lab, out, title in zip(axes[0], embeddings, labels, outliers, titles):
+            e, lab, out = emb.detach().cpu().numpy(), lab.cpu().numpy(), out.cpu().numpy().astype(bool)
+            ax.scatter(e[~out, 0], e[~out, 1], c=lab[~out], cmap="tab10", vmin=0, vmax=9, s=8)
+            ax.scatter(e[out, 0], e[out, 1], c=lab[out], cmap="tab10", vmin=0, vmax=9, s=36, marker="x")
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.tight_layout()
+        fig.canvas.draw()
+        image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    finally:
+        plt.close(fig)
+    return image

@@ -250,11 +250,33 @@ class InterpCallback(Callback):
         if not shown:
             self.save_png(trainer, key, image)
 
+    @rank_zero_only
+    def log_table(self, trainer: pl.Trainer, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table to W&B (``wandb.Table``), or a CSV file under the log dir for other loggers."""
+        shown = False
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key=key, columns=columns, data=rows, step=trainer.global_step)
+                shown = True
+        if not shown:
+            import csv
+
+            path = self._artifact_path(trainer, "interp_tables", key, "csv")
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w", newline="") as fh:
+                    csv.writer(fh).writerows([columns, *rows])
+            except OSError as err:
+                rank_zero_warn(f"{type(self).__name__} could not write {path}: {err}. Training goes on.")
+
+    def _artifact_path(self, trainer: pl.Trainer, folder: str, key: str, ext: str) -> str:
+        root = trainer.log_dir or trainer.default_root_dir
+        return os.path.join(root, folder, key.replace("/", "_"), f"epoch={trainer.current_epoch}.{ext}")
+
     def save_png(self, trainer: pl.Trainer, key: str, image: np.ndarray) -> str | None:
         import matplotlib.image
 
-        root = trainer.log_dir or trainer.default_root_dir
-        path = os.path.join(root, "interp_images", key.replace("/", "_"), f"epoch={trainer.current_epoch}.png")
+        path = self._artifact_path(trainer, "interp_images", key, "png")
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             matplotlib.image.imsave(path, image)

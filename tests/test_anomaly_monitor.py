@@ -1,0 +1,110 @@
+import csv
+import glob
+import json
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import make_trainer
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from lightning_interp.callbacks import AnomalyFilterMonitor
+from lightning_interp.callbacks.anomaly import overfit_alarm
+from lightning_interp.masking import FilterMask
+from lightning_interp.models import ImageClassifier, SimpleCNN
+from lightning_interp.report import read_anomaly_report
+
+
+def classifier():
+    pl.seed_everything(0)
+    return ImageClassifier(SimpleCNN(width=(8, 16, 16)), lr=3e-3)
+
+
+def monitor(**kw):
+    kw.setdefault("probe_size", 96)
+    kw.setdefault("k_max", 5)
+    kw.setdefault("min_cluster_size", 0.1)
+    return AnomalyFilterMonitor(["model.relu2", "model.relu3"], **kw)
+
+
+def test_fit_logs_counts_writes_report_and_resumes(tmp_path, digits):
+    csv_logger = CSVLogger(str(tmp_path), name="csv")
+    wandb_logger = WandbLogger(project="anomaly-test", save_dir=str(tmp_path), offline=True)
+    mon = monitor()
+    trainer = make_trainer(tmp_path, logger=[csv_logger, wandb_logger], callbacks=[mon], max_epochs=2)
+    trainer.fit(classifier(), datamodule=digits)
+    run_dir = wandb_logger.experiment.dir
+    wandb_logger.experiment.finish()
+
+    with open(os.path.join(csv_logger.log_dir, "metrics.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    totals = [float(r["interp/anomaly/count"]) for r in rows if r.get("interp/anomaly/count")]
+    per_layer = [float(r["interp/anomaly/model.relu3/count"]) for r in rows if r.get("interp/anomaly/model.relu3/count")]
+    assert len(totals) == 2 and len(per_layer) == 2
+    assert any(r.get("interp/anomaly/count_final") for r in rows)
+    assert totals == [h["interp/anomaly/count"] for h in mon.history]
+
+    report_path = mon.resolve_report_path(trainer)
+    assert report_path.startswith(str(tmp_path))
+    with open(report_path) as fh:
+        report = json.load(fh)
+    assert report["format"] == "lightning_interp.anomaly_report/1"
+    assert [h["epoch"] for h in report["history"]] == [0, 1]
+    assert report["wt_epoch"] in (0, 1) and report["final_count"] == totals[-1]
+    assert report["layers"]["model.relu3"]["num_filters"] == 16
+    flagged = read_anomaly_report(report_path)
+    assert sum(len(v) for v in flagged.values()) == totals[-1]
+    for layer, entry in report["layers"].items():
+        for item in entry["flagged"]:
+            assert item["outlier_clusters"] > 0.2 * item["num_clusters"]
+    if totals[-1] > 0:  # pictures of flagged filters went to W&B
+        pngs = glob.glob(os.path.join(run_dir, "media", "images", "**", "*.png"), recursive=True)
+        assert any("clusters" in p for p in pngs)
+    # The flagged filters can be masked by name, with the "model." prefix stripped for the bare net.
+    net = trainer.lightning_module.model
+    with FilterMask(net, read_anomaly_report(report_path, strip_prefix="model.")):
+        net(torch.randn(2, 1, 16, 16))
+
+    ckpt = os.path.join(tmp_path, "mid.ckpt")
+    trainer.save_checkpoint(ckpt)
+    resumed = monitor()
+    trainer2 = make_trainer(tmp_path, logger=False, callbacks=[resumed], max_epochs=3)
+    trainer2.fit(classifier(), datamodule=digits, ckpt_path=ckpt)
+    assert resumed.history[:2] == mon.history
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    assert resumed.val_history[:2] == mon.val_history
+    assert resumed.wt_epoch is not None
+
+
+def test_early_stopping_can_monitor_the_count(tmp_path, digits):
+    mon = monitor()
+    stop = EarlyStopping(monitor="interp/anomaly/count", mode="min", patience=0, check_on_train_epoch_end=True)
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[mon, stop], max_epochs=6)
+    trainer.fit(classifier(), datamodule=digits)
+    assert "interp/anomaly/count" in trainer.callback_metrics
+    counts = [h["interp/anomaly/count"] for h in mon.history]
+    stopped_early = len(counts) < 6
+    # It stops exactly when the count fails to improve on its best.
+    assert stopped_early == any(c >= min(counts[:i]) for i, c in enumerate(counts) if i > 0)
+
+
+def test_overfit_alarm_rule():
+    assert overfit_alarm([1, 2, 4], [0.3, 0.35, 0.5], patience=2)
+    assert not overfit_alarm([1, 2, 4], [0.5, 0.35, 0.3], patience=2)  # validation loss falls
+    assert not overfit_alarm([1, 3, 2], [0.3, 0.35, 0.5], patience=2)  # count fell in between
+    assert not overfit_alarm([2, 2, 2], [0.3, 0.35, 0.5], patience=2)  # count flat
+    assert not overfit_alarm([1, 2], [0.3, 0.5], patience=2)  # too few scans
+    assert not overfit_alarm([1, 2, 3], [0.3, None, 0.5], patience=2)
+
+
+def test_bad_configuration_is_refused_early():
+    with pytest.raises(ValueError, match="k_max"):
+        monitor(k_max=1)
+    with pytest.raises(ValueError, match="min_cluster_size"):
+        monitor(min_cluster_size=500)
+    with pytest.raises(ValueError, match="probe_size"):
+        monitor(probe_size=5)
+    with pytest.raises(ValueError, match="backend"):
+        monitor(backend="cuda")
