@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["DigitsDataModule", "ShapesDataModule", "ShapesDataset", "make_shapes", "SHAPES"]
+__all__ = ["DigitsDataModule", "ImageFolderDataModule", "ShapesDataModule", "ShapesDataset", "make_shapes", "SHAPES"]
 
 
 def _check_fraction(name: str, value: float, upper: float = 1.0) -> None:
@@ -285,3 +285,85 @@ class ShapesDataModule(_DataModule):
         self.train_set = ShapesDataset(train)
         self.val_set = ShapesDataset(val)
         self.test_set = ShapesDataset(test)
+
+
+class ImageFolderDataModule(_DataModule):
+    """Images in torchvision ``ImageFolder`` layout: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*``.
+
+    For CIFAR-10 exported as image files (32×32 RGB) and any other small labelled image set.
+    Images become ``3 x S x S`` floats in [0, 1]; with ``preload=True`` (default) every image is
+    decoded once into memory, so epochs do not decode JPEGs again. Batches are ``(x, y)``; there
+    is no foreground mask. The test split is ``root/test`` when present, else ``val``.
+    ``label_noise`` relabels that fraction of the training set.
+    """
+
+    in_channels = 3
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 32,
+        batch_size: int = 128,
+        label_noise: float = 0.0,
+        preload: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__(batch_size, num_workers)
+        _check_fraction("label_noise", label_noise)
+        self.root = root
+        self.image_size = image_size
+        self.label_noise = label_noise
+        self.preload = preload
+        self.seed = seed
+        self.classes: list[str] = []
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return len(self.classes)
+
+    def _split_dir(self, split: str) -> str:
+        import os
+
+        path = os.path.join(self.root, split)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"Expected an ImageFolder split at {path!r} (layout: {self.root}/{{train,val}}/<class>/<image>) "
+                "but it does not exist. For CIFAR-10, export the images into that layout (e.g. with "
+                "torchvision.datasets.CIFAR10(download=True) on a machine with network access, saving each "
+                "image as <split>/<class>/<index>.png) and pass its folder as `root`."
+            )
+        return path
+
+    def _load(self, split: str, noise: float) -> Dataset:
+        import os
+
+        from torchvision import datasets, transforms
+
+        tf = transforms.Compose([transforms.Resize((self.image_size, self.image_size)), transforms.ToTensor()])
+        ds = datasets.ImageFolder(self._split_dir(split), transform=tf)
+        if not self.classes:
+            self.classes = list(ds.classes)
+        elif ds.classes != self.classes:
+            raise ValueError(f"Expected the classes of {split!r} to be {self.classes} but got {ds.classes}.")
+        if len(ds) == 0:
+            raise ValueError(f"Expected images under {os.path.join(self.root, split)} but found none.")
+        targets = torch.as_tensor(ds.targets, dtype=torch.long)
+        g = torch.Generator().manual_seed(self.seed)
+        targets = _noisy_labels(targets, noise, len(self.classes), g)
+        if not self.preload:
+            ds.samples = [(path, int(t)) for (path, _), t in zip(ds.samples, targets)]
+            ds.targets = targets.tolist()
+            return ds
+        images = torch.stack([ds[i][0] for i in range(len(ds))])
+        return TensorDataset(images, targets)
+
+    def setup(self, stage: str | None = None) -> None:
+        import os
+
+        if self.train_set is not None:
+            return
+        self.train_set = self._load("train", self.label_noise)
+        self.val_set = self._load("val", 0.0)
+        self.test_set = self._load("test", 0.0) if os.path.isdir(os.path.join(self.root, "test")) else self.val_set

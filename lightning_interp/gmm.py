@@ -146,7 +146,7 @@ def fit_gmm(
         act = active[:, None]
         weights = torch.where(act, w2, weights)
         means = torch.where(act[..., None], m2, means)
-        cov = tuple(torch.where(act, new, old) for new, old in zip(c2, cov))
+        cov = tuple(torch.where(act, new, old) for new, old in zip(c2, cov, strict=False))
         active = active & ((new_lower - lower).abs() >= tol)
         lower = torch.where(active, new_lower, lower)
         if not bool(active.any()):

@@ -82,7 +82,7 @@ def cluster_scatter(
     n = len(embeddings)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
     try:
-        for ax, emb, lab, out, title in zip(axes[0], embeddings, labels, outliers, titles):
+        for ax, emb, lab, out, title in zip(axes[0], embeddings, labels, outliers, titles, strict=False):
             e, lab, out = emb.detach().cpu().numpy(), lab.cpu().numpy(), out.cpu().numpy().astype(bool)
             ax.scatter(e[~out, 0], e[~out, 1], c=lab[~out], cmap="tab10", vmin=0, vmax=9, s=8)
             ax.scatter(e[out, 0], e[out, 1], c=lab[out], cmap="tab10", vmin=0, vmax=9, s=36, marker="x")

@@ -56,7 +56,7 @@ def test_fit_logs_counts_writes_report_and_resumes(tmp_path, digits):
     assert report["layers"]["model.relu3"]["num_filters"] == 16
     flagged = read_anomaly_report(report_path)
     assert sum(len(v) for v in flagged.values()) == totals[-1]
-    for layer, entry in report["layers"].items():
+    for _layer, entry in report["layers"].items():
         for item in entry["flagged"]:
             assert item["outlier_clusters"] > 0.2 * item["num_clusters"]
     if totals[-1] > 0:  # pictures of flagged filters went to W&B

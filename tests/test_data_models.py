@@ -81,3 +81,29 @@ def test_batch_adapter_formats():
         default_batch_adapter({"pixels": x})
     with pytest.raises(ValueError, match="batch_adapter"):
         default_batch_adapter("nope")
+
+
+def test_image_folder_datamodule_on_real_layout(tmp_path):
+    from PIL import Image
+
+    from lightning_interp.data import ImageFolderDataModule
+
+    rng = torch.Generator().manual_seed(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = (torch.rand(32, 32, 3, generator=rng) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=95)
+    dm = ImageFolderDataModule(str(tmp_path), batch_size=4)
+    dm.setup()
+    assert dm.classes == ["cat", "dog"] and dm.num_classes == 2
+    assert len(dm.train_set) == 12 and len(dm.val_set) == 6
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    lazy = ImageFolderDataModule(str(tmp_path), batch_size=4, preload=False)
+    lazy.setup()
+    torch.testing.assert_close(lazy.val_set[0][0], dm.val_set[0][0])
+    with pytest.raises(FileNotFoundError, match="ImageFolder split"):
+        ImageFolderDataModule(str(tmp_path / "missing")).setup()

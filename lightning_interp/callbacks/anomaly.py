@@ -37,7 +37,7 @@ def overfit_alarm(counts: Sequence[float], val_losses: Sequence[float | None], p
     v = list(val_losses[-(patience + 1) :])
     if any(x is None for x in v):
         return False
-    rising = all(b >= a for a, b in zip(c, c[1:])) and c[-1] > c[0]
+    rising = all(b >= a for a, b in zip(c, c[1:], strict=False)) and c[-1] > c[0]
     return rising and v[-1] > v[0]
 
 
