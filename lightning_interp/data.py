@@ -353,7 +353,7 @@ class ImageFolderDataModule(_DataModule):
         g = torch.Generator().manual_seed(self.seed)
         targets = _noisy_labels(targets, noise, len(self.classes), g)
         if not self.preload:
-            ds.samples = [(path, int(t)) for (path, _), t in zip(ds.samples, targets)]
+            ds.samples = [(path, int(t)) for (path, _), t in zip(ds.samples, targets, strict=True)]
             ds.targets = targets.tolist()
             return ds
         images = torch.stack([ds[i][0] for i in range(len(ds))])
