@@ -1,0 +1,162 @@
+"""Masking analyses (thesis 5.4): the accuracy-interpretable-property curve and filter types.
+
+Any per-filter score (a TIP property, a saliency, an anomaly score: one value per channel)
+ranks the filters; :class:`~lightning_interp.masking.FilterMask` removes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..batch import BatchAdapter, default_batch_adapter
+from ..masking import FilterMask
+
+__all__ = ["accuracy", "aipc", "AIPC", "DEFAULT_FRACTIONS", "filter_types", "FILTER_TYPES", "type_masking"]
+
+DEFAULT_FRACTIONS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+FILTER_TYPES = ("H-H", "H-noH", "noH-H", "L-L", "L-noL", "noL-L")
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module,
+    dataloader: Iterable,
+    *,
+    batch_adapter: BatchAdapter = default_batch_adapter,
+    max_batches: int | None = None,
+) -> float:
+    """Top-1 accuracy of ``model`` (eval mode, restored after) on a dataloader."""
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.eval()
+    correct = total = 0
+    try:
+        for i, raw in enumerate(dataloader):
+            if max_batches is not None and i >= max_batches:
+                break
+            b = batch_adapter(raw)
+            if b.y is None:
+                raise ValueError("Expected labelled batches to measure accuracy but a batch has no labels.")
+            correct += (model(b.x.to(device)).argmax(1) == b.y.to(device)).sum().item()
+            total += len(b.y)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("Expected the dataloader to yield at least one sample but it yielded none.")
+    return correct / total
+
+
+@dataclass(frozen=True)
+class AIPC:
+    """Accuracy as the top-ranked fraction of filters is masked.
+
+    Attributes:
+        fractions: masked fractions r; accuracy: accuracy at each r; change: accuracy − accuracy(0);
+        area: ∫ change dr over all fractions (trapezoid); area_top10: the same over r ≤ 0.1.
+    """
+
+    fractions: list[float]
+    accuracy: list[float]
+    change: list[float]
+    area: float
+    area_top10: float
+
+
+def _trapezoid(xs: Sequence[float], ys: Sequence[float]) -> float:
+    return float(sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:])))
+
+
+def aipc(
+    model: nn.Module,
+    layer: str,
+    ranking: torch.Tensor,
+    dataloader: Iterable,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    *,
+    batch_adapter: BatchAdapter = default_batch_adapter,
+    max_batches: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> AIPC:
+    """Mask the filters of ``layer`` with the highest ``ranking`` scores, fraction by fraction.
+
+    Args:
+        ranking: ``K`` scores, one per filter (higher = masked first).
+        fractions: masked fractions in [0, 1], increasing; 0 is added if missing.
+        progress: called as ``progress(done, total)`` after each fraction.
+    """
+    ranking = torch.as_tensor(ranking).flatten()
+    fr = sorted({0.0, *(float(f) for f in fractions)})
+    if fr[0] < 0 or fr[-1] > 1:
+        raise ValueError(f"Expected `fractions` in [0, 1] but got {list(fractions)}.")
+    order = ranking.argsort(descending=True).tolist()
+    accs = []
+    for i, r in enumerate(fr):
+        n = int(round(r * len(order)))
+        if n == 0:
+            accs.append(accuracy(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches))
+        else:
+            with FilterMask(model, {layer: order[:n]}):
+                accs.append(accuracy(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches))
+        if progress is not None:
+            progress(i + 1, len(fr))
+    change = [a - accs[0] for a in accs]
+    top = [(r, c) for r, c in zip(fr, change) if r <= 0.1 + 1e-12]
+    return AIPC(fr, accs, change, _trapezoid(fr, change), _trapezoid([t[0] for t in top], [t[1] for t in top]))
+
+
+def filter_types(fg_scores: torch.Tensor, bg_scores: torch.Tensor, per: float = 0.3) -> dict[str, torch.Tensor]:
+    """Filter types from foreground/background rankings (thesis 5.4.3).
+
+    With H_f / L_f the top / bottom ``per`` of filters by foreground score (H_b / L_b likewise for
+    background): H-H = H_f ∩ H_b, H-noH = H_f \\ H_b, noH-H = H_b \\ H_f, L-L = L_f ∩ L_b,
+    L-noL = L_f \\ L_b, noL-L = L_b \\ L_f.
+
+    Returns:
+        dict of ``K`` bool tensors keyed by :data:`FILTER_TYPES`.
+    """
+    fg, bg = torch.as_tensor(fg_scores).flatten(), torch.as_tensor(bg_scores).flatten()
+    if fg.shape != bg.shape:
+        raise ValueError(f"Expected foreground and background scores of the same shape but got {tuple(fg.shape)} and {tuple(bg.shape)}.")
+    if not 0 < per <= 0.5:
+        raise ValueError(f"Expected `per` in (0, 0.5] but got {per}.")
+    k = fg.numel()
+    n = max(1, int(round(per * k)))
+
+    def top(s):
+        m = torch.zeros(k, dtype=torch.bool)
+        m[s.argsort(descending=True)[:n].cpu()] = True
+        return m
+
+    def bottom(s):
+        m = torch.zeros(k, dtype=torch.bool)
+        m[s.argsort()[:n].cpu()] = True
+        return m
+
+    hf, hb, lf, lb = top(fg), top(bg), bottom(fg), bottom(bg)
+    return {"H-H": hf & hb, "H-noH": hf & ~hb, "noH-H": hb & ~hf, "L-L": lf & lb, "L-noL": lf & ~lb, "noL-L": lb & ~lf}
+
+
+def type_masking(
+    model: nn.Module,
+    layer: str,
+    types: dict[str, torch.Tensor],
+    dataloader: Iterable,
+    *,
+    batch_adapter: BatchAdapter = default_batch_adapter,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Accuracy change when all filters of each type are masked (0.0 for an empty type)."""
+    base = accuracy(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches)
+    out = {}
+    for name, members in types.items():
+        idx = members.nonzero().flatten().tolist()
+        if not idx:
+            out[name] = 0.0
+            continue
+        with FilterMask(model, {layer: idx}):
+            out[name] = accuracy(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches) - base
+    return out

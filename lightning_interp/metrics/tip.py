@@ -1,0 +1,198 @@
+"""Test with Interpretable Properties (TIP, DESIGN §3, thesis ch. 5).
+
+Per filter k and sample x, over the elements of its learning image L = L^k(x) and the input:
+
+    P_m = mean(L)   P_v = var(L)   P_c = cov(L, x)   P_cor = Pearson corr(L, x)
+
+(population moments over all C·H·W elements; foreground/background variants over the elements
+inside/outside the mask M^f). T^k is the mean over samples (eq. 5-7). Saliencies: AVoU^k, the
+mean activation of filter k (eq. 5-8), and SoU^k, the SNIP sensitivity of its weights,
+mean |w ⊙ ∂loss/∂w| (eqs. 5-9, 5-10).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics import Metric
+
+from ..layers import get_layer, layer_channels
+from ..nns import check_inputs, scan_mode
+
+__all__ = [
+    "PROPERTIES",
+    "interpretable_properties",
+    "TIPAggregate",
+    "avou",
+    "sou",
+    "spearman",
+    "weight_layer_for",
+]
+
+PROPERTIES = ("mean", "variance", "covariance", "correlation")
+
+
+def _check_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"Expected `mask` to be a tensor but got {type(mask).__name__}.")
+    if mask.dim() != x.dim() or mask.shape[0] != x.shape[0] or mask.shape[2:] != x.shape[2:] or mask.shape[1] not in (
+        1,
+        x.shape[1],
+    ):
+        raise ValueError(
+            f"Expected `mask` of shape (B, 1 or C, ...) matching inputs {tuple(x.shape)} but got {tuple(mask.shape)}."
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"Expected a boolean `mask` (foreground = True) but got dtype {mask.dtype}.")
+    return mask.expand_as(x)
+
+
+def _moments(li: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Weighted population moments over the element dims: li (B,K,E), x (B,1,E), w (B,1,E) → (B,K)."""
+    n = w.sum(-1)
+    safe = n.clamp_min(1)
+    ml = (w * li).sum(-1) / safe
+    mx = (w * x).sum(-1) / safe
+    dl = (li - ml[..., None]) * w
+    dx = (x - mx[..., None]) * w
+    var_l = (dl * dl).sum(-1) / safe
+    var_x = (dx * dx).sum(-1) / safe
+    cov = (dl * dx).sum(-1) / safe
+    denom = (var_l * var_x).sqrt()
+    tiny = torch.finfo(li.dtype).tiny
+    corr = torch.where(denom > tiny, cov / denom.clamp_min(tiny), torch.zeros_like(cov)).clamp(-1, 1)
+    empty = n == 0
+    out = {"mean": ml, "variance": var_l, "covariance": cov.expand_as(ml), "correlation": corr.expand_as(ml)}
+    return {k: torch.where(empty, torch.zeros_like(v), v) for k, v in out.items()}
+
+
+def interpretable_properties(
+    learning_images: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The four TIP properties of every learning image (thesis ch. 5, DESIGN §3).
+
+    Args:
+        learning_images: ``B x K x <x.shape[1:]>``.
+        x: inputs ``B x C x H x W`` (or ``B x D``).
+        mask: optional boolean foreground ``B x 1|C x H x W``.
+
+    Returns:
+        dict of ``B x K`` tensors: ``mean``, ``variance``, ``covariance``, ``correlation`` over all
+        elements and, with a mask, ``fg_<name>`` and ``bg_<name>`` over the foreground and
+        background elements. A constant image has correlation 0; an empty region gives 0.
+    """
+    check_inputs(x)
+    if learning_images.dim() != x.dim() + 1 or learning_images.shape[0] != x.shape[0] or (
+        learning_images.shape[2:] != x.shape[1:]
+    ):
+        raise ValueError(
+            f"Expected `learning_images` of shape (B, K, {', '.join(map(str, x.shape[1:]))}) with B = {x.shape[0]} "
+            f"but got {tuple(learning_images.shape)}."
+        )
+    b, k = learning_images.shape[:2]
+    li = learning_images.reshape(b, k, -1)
+    xf = x.reshape(b, 1, -1).to(li.dtype)
+    out = _moments(li, xf, torch.ones_like(xf))
+    if mask is not None:
+        m = _check_mask(mask, x).reshape(b, 1, -1).to(li.dtype)
+        for prefix, w in (("fg_", m), ("bg_", 1 - m)):
+            out.update({prefix + name: v for name, v in _moments(li, xf, w).items()})
+    return out
+
+
+class TIPAggregate(Metric):
+    """T^k = mean over samples of each property (eq. 5-7), accumulated over batches (DDP-synced).
+
+    ``update(properties)`` takes the dict of ``B x K`` tensors of :func:`interpretable_properties`;
+    ``compute()`` returns a dict of ``K`` tensors.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_filters: int, names: tuple[str, ...] = PROPERTIES, **kwargs):
+        super().__init__(**kwargs)
+        self.names = tuple(names)
+        self.add_state("sums", default=torch.zeros(len(self.names), num_filters, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, properties: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if n not in properties]
+        if missing:
+            raise ValueError(f"Expected properties {list(self.names)} but {missing} are missing.")
+        stacked = torch.stack([properties[n].double().sum(0) for n in self.names])
+        self.sums += stacked
+        self.count += properties[self.names[0]].shape[0]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        mean = self.sums / self.count.clamp_min(1)
+        return {n: mean[i] for i, n in enumerate(self.names)}
+
+
+def avou(activations: torch.Tensor) -> torch.Tensor:
+    """AVoU^k (eq. 5-8): the mean activation of each filter, ``B x K x ...`` → ``K``."""
+    if activations.dim() < 2:
+        raise ValueError(f"Expected activations of shape (B, K, ...) but got {tuple(activations.shape)}.")
+    return activations.transpose(0, 1).reshape(activations.shape[1], -1).mean(1)
+
+
+def weight_layer_for(model: nn.Module, layer: str) -> str:
+    """The module whose weights make the filters of ``layer``: itself when it has a weight with
+    one row per channel, otherwise the nearest module before it (in ``named_modules`` order)
+    that declares the same channel count (the conv of a conv → BN → ReLU chain)."""
+    module = get_layer(model, layer)
+    if getattr(module, "weight", None) is not None and layer_channels(module) is not None:
+        if not isinstance(module, nn.modules.batchnorm._NormBase):
+            return layer
+    names = [n for n, _ in model.named_modules()]
+    channels = layer_channels(module)
+    candidates = []
+    for name, m in model.named_modules():
+        if name == layer:
+            break
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            candidates.append((name, layer_channels(m)))
+    for name, c in reversed(candidates):
+        if channels is None or c == channels:
+            return name
+    raise ValueError(
+        f"Expected a conv or linear layer producing the filters of {layer!r} but found none before it; "
+        f"name the conv directly (layers: {names[:8]}...)."
+    )
+
+
+def sou(
+    model: nn.Module,
+    layer: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> torch.Tensor:
+    """SoU^k (eqs. 5-9, 5-10; SNIP, Lee et al. 2019): mean |w ⊙ ∂loss/∂w| over filter k's weights.
+
+    The weights are those of :func:`weight_layer_for` ``(model, layer)``; row k of its weight is
+    filter k. The gradient is taken with ``torch.autograd.grad`` in eval mode, so parameter
+    ``.grad`` is untouched.
+
+    Returns:
+        ``K`` tensor.
+    """
+    check_inputs(x)
+    weight = get_layer(model, weight_layer_for(model, layer)).weight
+    with scan_mode(model):
+        loss = loss_fn(model(x), y)
+        (g,) = torch.autograd.grad(loss, weight)
+    return (weight.detach() * g).abs().reshape(weight.shape[0], -1).mean(1)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of two ``K`` vectors (average ranks for ties); 0 if either is constant."""
+    from torchmetrics.functional import spearman_corrcoef
+
+    a, b = a.double().flatten(), b.double().flatten()
+    if a.numel() < 2 or torch.all(a == a[0]) or torch.all(b == b[0]):
+        return torch.zeros((), dtype=torch.float64, device=a.device)
+    return spearman_corrcoef(a, b)
