@@ -7,7 +7,14 @@ from sklearn.cluster import DBSCAN
 from lightning_interp.masking import FilterMask
 from lightning_interp.metrics.aipc import aipc, filter_types, type_masking
 from lightning_interp.metrics.fq import feature_quantity, fq_diversity, fq_layer_stats
-from lightning_interp.metrics.tip import TIPAggregate, avou, interpretable_properties, sou, spearman, weight_layer_for
+from lightning_interp.metrics.tip import (
+    TIPAggregate,
+    avou,
+    interpretable_properties,
+    sou,
+    spearman,
+    weight_layer_for,
+)
 from lightning_interp.models import SimpleCNN
 
 
