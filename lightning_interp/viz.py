@@ -95,3 +95,30 @@ def cluster_scatter(
     finally:
         plt.close(fig)
     return image
+
+
+def line_plot(
+    xs: Sequence[float], series: dict[str, Sequence[float]], title: str, xlabel: str, ylabel: str
+) -> np.ndarray:
+    """A small line plot (one line per series) as an ``H x W x 3`` uint8 image."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    try:
+        for name, ys in series.items():
+            ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.canvas.draw()
+        image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    finally:
+        plt.close(fig)
+    return image

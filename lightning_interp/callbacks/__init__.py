@@ -2,6 +2,15 @@
 
 from .anomaly import AnomalyFilterMonitor
 from .base import InterpCallback, select_probe
+from .fq import FeatureQuantityMonitor
 from .learning_images import LearningImageLogger
+from .tip import TIPMonitor
 
-__all__ = ["AnomalyFilterMonitor", "InterpCallback", "LearningImageLogger", "select_probe"]
+__all__ = [
+    "AnomalyFilterMonitor",
+    "FeatureQuantityMonitor",
+    "InterpCallback",
+    "LearningImageLogger",
+    "TIPMonitor",
+    "select_probe",
+]

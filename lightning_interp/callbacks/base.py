@@ -27,6 +27,7 @@ from typing_extensions import override
 from ..batch import Batch, BatchAdapter, default_batch_adapter
 from ..layers import get_layer
 from ..nns import check_inputs
+from ..viz import line_plot
 
 __all__ = ["InterpCallback", "select_probe"]
 
@@ -232,6 +233,8 @@ class InterpCallback(Callback):
     # ---- logging -----------------------------------------------------------------------------
     def log_scalars(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: dict[str, float]) -> None:
         """Log through ``pl_module.log`` (every logger, callback_metrics) and append to the history."""
+        if not scalars:
+            return
         for name, value in scalars.items():
             pl_module.log(name, float(value), on_step=False, on_epoch=True)
         self.history.append({"epoch": trainer.current_epoch, **{k: float(v) for k, v in scalars.items()}})
@@ -268,6 +271,31 @@ class InterpCallback(Callback):
                     csv.writer(fh).writerows([columns, *rows])
             except OSError as err:
                 rank_zero_warn(f"{type(self).__name__} could not write {path}: {err}. Training goes on.")
+
+    @rank_zero_only
+    def log_curve(
+        self, trainer: pl.Trainer, key: str, xs: Sequence[float], series: dict[str, Sequence[float]],
+        title: str, xlabel: str, ylabel: str,
+    ) -> None:
+        """Line plot: a W&B line-series plot with ``WandbLogger``, and the same figure as an image."""
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                plot = wandb.plot.line_series(
+                    xs=list(xs), ys=[list(v) for v in series.values()], keys=list(series), title=title, xname=xlabel
+                )
+                logger.experiment.log({f"{key}_plot": plot, "trainer/global_step": trainer.global_step})
+        self.log_image(trainer, key, line_plot(xs, series, title, xlabel, ylabel), title)
+
+    def eval_dataloader(self, trainer: pl.Trainer) -> Any:
+        """The validation dataloader for post-fit analyses (datamodule's, else the trainer's)."""
+        if trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
+            try:
+                return trainer.datamodule.val_dataloader()
+            except Exception:  # a datamodule without validation data
+                pass
+        return _first_loader(trainer.val_dataloaders)
 
     def _artifact_path(self, trainer: pl.Trainer, folder: str, key: str, ext: str) -> str:
         root = trainer.log_dir or trainer.default_root_dir

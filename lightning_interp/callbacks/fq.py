@@ -1,0 +1,145 @@
+"""``FeatureQuantityMonitor``: how much of the foreground each layer's units take (DESIGN §2, thesis ch. 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from ..batch import Batch
+from ..masking import FilterMask
+from ..metrics.aipc import accuracy
+from ..metrics.fq import feature_quantity, fq_diversity, fq_layer_stats, neuron_feature_quantity
+from ..nns import iter_filter_learning_images, layer_activations
+from .base import InterpCallback
+
+__all__ = ["FeatureQuantityMonitor"]
+
+
+class FeatureQuantityMonitor(InterpCallback):
+    """Feature quantity across depth, its relation to activation, and filter diversity.
+
+    Every ``every_n_epochs`` epochs on the probe (which needs foreground masks), for each layer:
+    the FQ of every filter (max over samples of F of its filter learning images) and of its
+    ``top_neurons`` most activated neurons; scalars ``interp/fq/<layer>/fq_mean``,
+    ``.../fq_variance`` and ``.../r_activation_fq`` (Pearson r between neurons' mean activation
+    and FQ), and ``.../diversity_mean`` (DBSCAN clusters of each filter's neuron FQ, eps 0.3,
+    min_samples 6); a per-filter table; the FQ mean/variance-vs-depth curve.
+
+    At fit end, on the validation data: the accuracy change when the ``num_diverse`` most and
+    least diverse filters of each layer are masked (``interp/fq/<layer>/mask_most_diverse``,
+    ``.../mask_least_diverse``).
+
+    Without foreground masks the monitor warns once and does nothing.
+    """
+
+    def __init__(
+        self,
+        layers: str | Sequence[str],
+        *,
+        probe_size: int = 32,
+        every_n_epochs: int = 1,
+        rectify: bool = True,
+        top_neurons: int = 16,
+        num_diverse: int = 20,
+        dbscan_eps: float = 0.3,
+        dbscan_min_samples: int = 6,
+        eval_max_batches: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(layers, probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
+        if not isinstance(top_neurons, int) or top_neurons < 1:
+            raise ValueError(f"Expected `top_neurons` to be a positive int but got {top_neurons!r}.")
+        self.rectify = rectify
+        self.top_neurons = top_neurons
+        self.num_diverse = num_diverse
+        self.dbscan_eps = dbscan_eps
+        self.dbscan_min_samples = dbscan_min_samples
+        self.eval_max_batches = eval_max_batches
+        self._warned_no_mask = False
+        self.diversity: dict[str, torch.Tensor] = {}
+
+    def layer_fq(self, pl_module: pl.LightningModule, layer: str, probe: Batch) -> dict[str, torch.Tensor]:
+        """Filter FQ (``K``), neuron FQ (``K x n``) and the neurons' mean activation (``K x n``)."""
+        filter_fq = torch.cat([
+            feature_quantity(li, probe.x, probe.mask).amax(0)
+            for _, li in iter_filter_learning_images(pl_module, layer, probe.x, rectify=self.rectify)
+        ])
+        neuron_fq = neuron_feature_quantity(pl_module, layer, probe.x, probe.mask, top_neurons=self.top_neurons, rectify=self.rectify)
+        f = layer_activations(pl_module, layer, probe.x, rectify=self.rectify).mean(0)  # (K, H, W)
+        k = f.shape[0]
+        act = f.reshape(k, -1).sort(1, descending=True).values[:, : neuron_fq.shape[1]]
+        return {"filter_fq": filter_fq, "neuron_fq": neuron_fq, "neuron_activation": act}
+
+    @override
+    def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
+        if probe.mask is None:
+            if not self._warned_no_mask:
+                rank_zero_warn("FeatureQuantityMonitor: the probe has no foreground masks; feature quantity is skipped.")
+                self._warned_no_mask = True
+            return {}
+        scalars: dict[str, float] = {}
+        depth = {"fq_mean": [], "fq_variance": []}
+        for layer in self.layers:
+            r = self.layer_fq(pl_module, layer, probe)
+            stats = fq_layer_stats(r["neuron_fq"], r["neuron_activation"])
+            diversity = fq_diversity(r["neuron_fq"], eps=self.dbscan_eps, min_samples=self.dbscan_min_samples)
+            self.diversity[layer] = diversity
+            prefix = f"{self.log_prefix}/fq/{layer}"
+            for name, value in stats.items():
+                scalars[f"{prefix}/{name}"] = value
+            scalars[f"{prefix}/diversity_mean"] = diversity.double().mean().item()
+            scalars[f"{prefix}/filter_fq_mean"] = r["filter_fq"].mean().item()
+            depth["fq_mean"].append(stats["fq_mean"])
+            depth["fq_variance"].append(stats["fq_variance"])
+            rows = [[k, float(r["filter_fq"][k]), int(diversity[k]), float(r["neuron_fq"][k].mean())]
+                    for k in range(len(diversity))]
+            self.log_table(trainer, f"{prefix}/filters", ["filter", "filter_fq", "diversity", "neuron_fq_mean"], rows)
+        self.log_curve(trainer, f"{self.log_prefix}/fq/depth", list(range(1, len(self.layers) + 1)), depth,
+                       "FQ across depth (" + ", ".join(self.layers) + ")", "layer (depth)", "FQ")
+        return scalars
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.diversity:
+            return
+        try:
+            loader = self.eval_dataloader(trainer)
+            if loader is None:
+                rank_zero_warn("FeatureQuantityMonitor: no validation data; diversity masking is skipped.")
+                return
+            base = accuracy(pl_module, loader, batch_adapter=self.batch_adapter, max_batches=self.eval_max_batches)
+            metrics, rows = {}, []
+            for layer, div in self.diversity.items():
+                n = min(self.num_diverse, len(div))
+                order = div.double().argsort(descending=True, stable=True).tolist()
+                for tag, idx in (("most", order[:n]), ("least", order[::-1][:n])):
+                    with FilterMask(pl_module, {layer: idx}):
+                        change = accuracy(pl_module, loader, batch_adapter=self.batch_adapter,
+                                          max_batches=self.eval_max_batches) - base
+                    metrics[f"{self.log_prefix}/fq/{layer}/mask_{tag}_diverse"] = change
+                    rows.append([layer, tag, n, change])
+            self.log_table(trainer, f"{self.log_prefix}/fq/diversity_masking", ["layer", "which", "filters", "accuracy_change"], rows)
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
+            self.history.append({"epoch": trainer.current_epoch, "fit_end": 1.0, **metrics})
+        except Exception as err:
+            if self.strict:
+                raise
+            rank_zero_warn(f"FeatureQuantityMonitor skipped its fit-end analysis: {type(err).__name__}: {err}.")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "warned_no_mask": self._warned_no_mask,
+                "diversity": {k: v.tolist() for k, v in self.diversity.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._warned_no_mask = bool(state_dict.get("warned_no_mask", False))
+        self.diversity = {k: torch.tensor(v) for k, v in state_dict.get("diversity", {}).items()}

@@ -1,0 +1,187 @@
+"""``TIPMonitor``: the interpretable properties of every filter during training (DESIGN §3, thesis ch. 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from ..batch import Batch
+from ..metrics.aipc import DEFAULT_FRACTIONS, aipc, filter_types, type_masking
+from ..metrics.tip import PROPERTIES, avou, interpretable_properties, sou, spearman
+from ..nns import filter_learning_images, iter_filter_learning_images, layer_activations
+from ..viz import heatmap, image_grid
+from .base import InterpCallback
+
+__all__ = ["TIPMonitor"]
+
+
+class TIPMonitor(InterpCallback):
+    """Per-filter TIP properties, saliencies and filter types every few epochs; AIPC at fit end.
+
+    Every ``every_n_epochs`` epochs on the probe, for each layer: T_m, T_v, T_c, T_cor of every
+    filter (eq. 5-7) over all elements and, when batches carry a foreground mask, over the
+    foreground and background; AVoU (eq. 5-8) and SoU (eqs. 5-9, 5-10); the Spearman rank
+    correlation of each saliency with each property; the proportions of the filter types
+    (H-H, H-noH, noH-H, L-L, L-noL, noL-L from foreground/background rankings of
+    ``type_property``, top/bottom ``per``). Logs
+
+    * scalars ``interp/tip/<layer>/<property>`` (layer mean of T), ``.../spearman/<saliency>_<property>``
+      and ``.../types/<type>``;
+    * a per-filter table ``interp/tip/<layer>/filters`` (W&B table, CSV otherwise);
+    * the learning images of the top filters by each property (thesis fig. 5-3).
+
+    At fit end, on the validation data: the AIPC curve of each property (accuracy as the top-ranked
+    fraction of filters is masked) with its areas (``interp/tip/<layer>/aipc_area/<property>``,
+    ``.../aipc_area_top10/<property>``), and the accuracy change when each filter type is masked.
+
+    Without masks in the batches the foreground variants and filter types are skipped with one
+    warning. Without labels SoU is skipped.
+
+    Args:
+        layers: module paths of the LightningModule.
+        probe_size: probe samples (default 128).
+        rectify: scan ReLU(layer output) (default True).
+        per: fraction for the filter types (thesis: 0.3); type_property: the property ranked.
+        top_filters: filters shown per property; aipc_fractions: masked fractions;
+        aipc_max_batches: validation batches used per AIPC point (all when None).
+        **kwargs: :class:`~lightning_interp.callbacks.base.InterpCallback` options.
+    """
+
+    def __init__(
+        self,
+        layers: str | Sequence[str],
+        *,
+        probe_size: int = 128,
+        every_n_epochs: int = 1,
+        rectify: bool = True,
+        per: float = 0.3,
+        type_property: str = "mean",
+        top_filters: int = 4,
+        aipc_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+        aipc_max_batches: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(layers, probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
+        if not 0 < per <= 0.5:
+            raise ValueError(f"Expected `per` in (0, 0.5] but got {per}.")
+        if type_property not in PROPERTIES:
+            raise ValueError(f"Expected `type_property` to be one of {list(PROPERTIES)} but got {type_property!r}.")
+        self.rectify = rectify
+        self.per = per
+        self.type_property = type_property
+        self.top_filters = top_filters
+        self.aipc_fractions = tuple(aipc_fractions)
+        self.aipc_max_batches = aipc_max_batches
+        self._warned_no_mask = False
+        self.last: dict[str, dict[str, torch.Tensor]] = {}
+
+    def properties(self, pl_module: pl.LightningModule, layer: str, probe: Batch) -> dict[str, torch.Tensor]:
+        """T^k of every property (and AVoU/SoU) of one layer on the probe: dict of ``K`` tensors."""
+        sums: dict[str, list[torch.Tensor]] = {}
+        for _, li in iter_filter_learning_images(pl_module, layer, probe.x, rectify=self.rectify):
+            for name, value in interpretable_properties(li, probe.x, probe.mask).items():
+                sums.setdefault(name, []).append(value.mean(0))
+        out = {name: torch.cat(parts) for name, parts in sums.items()}
+        out["avou"] = avou(layer_activations(pl_module, layer, probe.x, rectify=self.rectify))
+        if probe.y is not None:
+            out["sou"] = sou(pl_module, layer, probe.x, probe.y)
+        return out
+
+    @override
+    def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
+        if probe.mask is None and not self._warned_no_mask:
+            rank_zero_warn("TIPMonitor: the probe has no foreground masks; foreground/background properties and filter types are skipped.")
+            self._warned_no_mask = True
+        scalars: dict[str, float] = {}
+        for layer in self.layers:
+            t = self.properties(pl_module, layer, probe)
+            self.last[layer] = t
+            prefix = f"{self.log_prefix}/tip/{layer}"
+            props = [n for n in t if n not in ("avou", "sou")]
+            for name in props:
+                scalars[f"{prefix}/{name}"] = t[name].mean().item()
+            for sal in ("avou", "sou"):
+                if sal in t:
+                    for name in props:
+                        scalars[f"{prefix}/spearman/{sal}_{name}"] = spearman(t[sal], t[name]).item()
+            if probe.mask is not None:
+                types = filter_types(t[f"fg_{self.type_property}"], t[f"bg_{self.type_property}"], self.per)
+                for name, members in types.items():
+                    scalars[f"{prefix}/types/{name}"] = members.double().mean().item()
+            if trainer.is_global_zero:
+                self._log_layer(trainer, pl_module, layer, t, probe)
+        return scalars
+
+    def _log_layer(self, trainer, pl_module, layer: str, t: dict[str, torch.Tensor], probe: Batch) -> None:
+        names = list(t)
+        rows = [[k, *(float(t[n][k]) for n in names)] for k in range(len(t["mean"]))]
+        self.log_table(trainer, f"{self.log_prefix}/tip/{layer}/filters", ["filter", *names], rows)
+        if self.top_filters <= 0:
+            return
+        columns = []
+        for name in PROPERTIES:
+            top = t[name].argsort(descending=True)[: self.top_filters]
+            li = filter_learning_images(pl_module, layer, probe.x[:1], filters=top, rectify=self.rectify)
+            columns.append(heatmap(li[0]))  # (top, 3, H, W): one row per property
+        grid = image_grid(list(torch.stack(columns, 0).unbind(1)), min_side=64)  # rows: properties
+        self.log_image(
+            trainer, f"{self.log_prefix}/tip/{layer}/top_filters", grid,
+            f"epoch {trainer.current_epoch}: rows {list(PROPERTIES)}, columns the top {self.top_filters} filters",
+        )
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.last:
+            return
+        try:
+            self._post_fit(trainer, pl_module)
+        except Exception as err:
+            if self.strict:
+                raise
+            rank_zero_warn(f"TIPMonitor skipped its fit-end analyses: {type(err).__name__}: {err}.")
+
+    def _post_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = self.eval_dataloader(trainer)
+        if loader is None:
+            rank_zero_warn("TIPMonitor: no validation data; AIPC and type masking are skipped.")
+            return
+        metrics: dict[str, float] = {}
+        for layer, t in self.last.items():
+            curves = {}
+            names = [n for n in t if n not in ("avou", "sou")]
+            for i, name in enumerate(names):
+                rank_zero_info(f"TIPMonitor: AIPC of {layer} by {name} ({i + 1}/{len(names)})")
+                curve = aipc(pl_module, layer, t[name], loader, self.aipc_fractions,
+                             batch_adapter=self.batch_adapter, max_batches=self.aipc_max_batches)
+                curves[name] = curve.change
+                metrics[f"{self.log_prefix}/tip/{layer}/aipc_area/{name}"] = curve.area
+                metrics[f"{self.log_prefix}/tip/{layer}/aipc_area_top10/{name}"] = curve.area_top10
+            self.log_curve(trainer, f"{self.log_prefix}/tip/{layer}/aipc", curve.fractions, curves,
+                           f"AIPC {layer}", "masked fraction", "accuracy change")
+            if f"fg_{self.type_property}" in t:
+                types = filter_types(t[f"fg_{self.type_property}"], t[f"bg_{self.type_property}"], self.per)
+                changes = type_masking(pl_module, layer, types, loader, batch_adapter=self.batch_adapter,
+                                       max_batches=self.aipc_max_batches)
+                rows = [[name, int(types[name].sum()), changes[name]] for name in types]
+                self.log_table(trainer, f"{self.log_prefix}/tip/{layer}/type_masking",
+                               ["type", "filters", "accuracy_change"], rows)
+                for name, change in changes.items():
+                    metrics[f"{self.log_prefix}/tip/{layer}/type_masking/{name}"] = change
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        self.history.append({"epoch": trainer.current_epoch, "fit_end": 1.0, **metrics})
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "warned_no_mask": self._warned_no_mask}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._warned_no_mask = bool(state_dict.get("warned_no_mask", False))
