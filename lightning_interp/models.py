@@ -106,15 +106,29 @@ def build_model(name: str, **kwargs) -> nn.Module:
 class ImageClassifier(pl.LightningModule):
     """Cross-entropy classifier around any backbone; layers are named ``model.<path>``.
 
+    Give either ``model`` (any ``nn.Module``) or ``arch`` (a reference model name for
+    :func:`build_model`, with ``arch_kwargs``): only the latter can be rebuilt from a checkpoint
+    with ``ImageClassifier.load_from_checkpoint`` (the CLI's ``prune`` needs that).
+
     Batches are whatever :func:`lightning_interp.batch.default_batch_adapter` accepts:
     ``(x, y)``, ``(x, y, mask)`` or dicts with ``image`` and ``label``.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, optimizer: str = "adam"):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        arch: str | None = None,
+        arch_kwargs: dict | None = None,
+    ):
         super().__init__()
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"Expected `optimizer` to be one of ['adam', 'sgd'] but got {optimizer!r}.")
-        self.model = model
+        if (model is None) == (arch is None):
+            raise ValueError("Expected exactly one of `model` (an nn.Module) or `arch` (a reference model name).")
+        self.model = model if model is not None else build_model(arch, **(arch_kwargs or {}))
         self.lr = lr
         self.weight_decay = weight_decay
         self.optimizer_name = optimizer

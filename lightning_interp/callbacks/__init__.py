@@ -3,14 +3,20 @@
 from .anomaly import AnomalyFilterMonitor
 from .base import InterpCallback, select_probe
 from .fq import FeatureQuantityMonitor
+from .guidance import AttentionGuidance
 from .learning_images import LearningImageLogger
+from .masking import FilterMasking
+from .prune import PruneFlaggedFilters
 from .tip import TIPMonitor
 
 __all__ = [
     "AnomalyFilterMonitor",
+    "AttentionGuidance",
     "FeatureQuantityMonitor",
+    "FilterMasking",
     "InterpCallback",
     "LearningImageLogger",
+    "PruneFlaggedFilters",
     "TIPMonitor",
     "select_probe",
 ]

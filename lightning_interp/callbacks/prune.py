@@ -1,0 +1,114 @@
+"""``PruneFlaggedFilters``: at fit end, prune the filters an anomaly report flagged and save the smaller model."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from ..metrics.aipc import accuracy
+from ..pruning import prune_filters
+from ..report import read_anomaly_report
+from .anomaly import AnomalyFilterMonitor
+
+__all__ = ["PruneFlaggedFilters", "save_pruned", "load_pruned"]
+
+
+def save_pruned(path: str, model: torch.nn.Module, summary: dict[str, Any], **extra: Any) -> str:
+    """Save a pruned network whole (its structure changed, a bare state_dict would not load)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"model": model, "summary": summary, **extra}, path)
+    return path
+
+
+def load_pruned(path: str, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load what :func:`save_pruned` wrote: ``(model, summary)``. Only load files you trust (pickle)."""
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    return payload["model"], payload.get("summary", {})
+
+
+class PruneFlaggedFilters(Callback):
+    """At fit end, prune the flagged filters from the network and save it whole.
+
+    Args:
+        monitor: an :class:`AnomalyFilterMonitor` of the same run (its report is read), or
+        report: the path of an anomaly report.
+        model_attr: attribute of the LightningModule holding the network to prune (``"model"``
+            for :class:`~lightning_interp.models.ImageClassifier`); report layers are stripped of
+            the ``"<model_attr>."`` prefix.
+        out_path: where to save (``<log dir>/pruned.pt`` when None); see :func:`load_pruned`.
+        evaluate: measure validation accuracy before/after (``interp/prune/val_acc_before``/``_after``).
+
+    Logs ``interp/prune/params_before``/``_after`` and ``macs_before``/``_after``. Runs on rank
+    zero only; a failure warns (unless ``strict=True``) and never loses the trained model.
+    """
+
+    def __init__(
+        self,
+        *,
+        monitor: AnomalyFilterMonitor | None = None,
+        report: str | None = None,
+        model_attr: str = "model",
+        out_path: str | None = None,
+        evaluate: bool = True,
+        strict: bool = False,
+    ):
+        if (monitor is None) == (report is None):
+            raise ValueError("Expected exactly one of `monitor` or `report`.")
+        self.monitor, self.report = monitor, report
+        self.model_attr = model_attr
+        self.out_path = out_path
+        self.evaluate = evaluate
+        self.strict = strict
+        self.summary: dict[str, Any] | None = None
+        self.saved_to: str | None = None
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        try:
+            self._prune(trainer, pl_module)
+        except Exception as err:
+            if self.strict:
+                raise
+            rank_zero_warn(f"PruneFlaggedFilters did not prune: {type(err).__name__}: {err}. The trained model is untouched.")
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        path = self.report or self.monitor.resolve_report_path(trainer)
+        net = getattr(pl_module, self.model_attr, None)
+        if not isinstance(net, torch.nn.Module):
+            raise ValueError(f"Expected `pl_module.{self.model_attr}` to be the network to prune.")
+        filters = read_anomaly_report(path, strip_prefix=f"{self.model_attr}.")
+        if not filters:
+            rank_zero_info("PruneFlaggedFilters: the report flags no filters; nothing to prune.")
+            return
+        if self.monitor is not None and self.monitor.probe is not None:
+            example = self.monitor.probe.x[:2].to(pl_module.device)
+        else:
+            from ..batch import default_batch_adapter
+
+            example = default_batch_adapter(next(iter(trainer.train_dataloader))).x[:2].to(pl_module.device)
+        pruned, summary = prune_filters(net, filters, example)
+        result = summary.as_dict()
+        loader = None
+        if self.evaluate and trainer.datamodule is not None:
+            loader = trainer.datamodule.val_dataloader()
+        if loader is not None:
+            result["val_acc_before"] = accuracy(net, loader)
+            result["val_acc_after"] = accuracy(pruned, loader)
+        out = self.out_path or os.path.join(trainer.log_dir or trainer.default_root_dir, "pruned.pt")
+        self.saved_to = save_pruned(out, pruned, result, report=path)
+        self.summary = result
+        metrics = {f"interp/prune/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_info(
+            f"PruneFlaggedFilters: {sum(len(v) for v in filters.values())} filters removed, parameters "
+            f"{summary.params_before} -> {summary.params_after}; saved {out}"
+        )
