@@ -20,7 +20,7 @@ from ..metrics.anomaly import (
     project_filters_2d,
     resolve_min_cluster_size,
 )
-from ..nns import iter_filter_learning_images, layer_activations
+from ..nns import iter_filter_learning_images, layer_activations, sketch_learning_images
 from ..report import write_anomaly_report
 from ..viz import cluster_scatter, display_inputs, image_grid
 from .base import InterpCallback
@@ -71,6 +71,9 @@ class AnomalyFilterMonitor(InterpCallback):
             of 512 for small CNNs; use 10 / 0.02 for ResNet-18-sized models).
         k_max, alpha, beta, theta: see :func:`detect_anomaly_filters` (thesis table 6-1).
         rectify: scan ReLU(layer output) (the thesis' conv layer); default True.
+        mode: ``"exact"`` (one backward pass per filter) or ``"sketch"`` (``num_projections``
+            random projections of all filters' learning images from forward-mode products;
+            see ``experiments/sketch_agreement.py`` for how well its flags agree).
         backend: GMM backend, ``"auto"``, ``"batched"`` or ``"sklearn"``.
         val_acc_key, val_loss_key: ``trainer.callback_metrics`` keys of validation accuracy and loss.
         alarm_patience: scans over which the alarm looks for a rising count.
@@ -98,9 +101,17 @@ class AnomalyFilterMonitor(InterpCallback):
         report_path: str | None = None,
         num_scatter: int = 4,
         num_outlier_images: int = 16,
+        mode: str = "exact",
+        num_projections: int = 64,
         **kwargs,
     ):
         super().__init__(layers, probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
+        if mode not in ("exact", "sketch"):
+            raise ValueError(f"Expected `mode` to be one of ['exact', 'sketch'] but got {mode!r}.")
+        if not isinstance(num_projections, int) or num_projections < 2:
+            raise ValueError(f"Expected `num_projections` to be an int >= 2 but got {num_projections!r}.")
+        self.mode = mode
+        self.num_projections = num_projections
         if not isinstance(k_max, int) or k_max < 2:
             raise ValueError(f"Expected `k_max` to be an int >= 2 but got {k_max!r}.")
         if probe_size <= k_max + 1:
@@ -157,12 +168,16 @@ class AnomalyFilterMonitor(InterpCallback):
         2-D per chunk of filters and never all held at once)."""
         f = layer_activations(pl_module, layer, x, rectify=self.rectify)
         activation = f.flatten(2).mean(2).mean(0) if f.dim() > 2 else f.mean(0)
-        embeddings = []
-        for _, li in iter_filter_learning_images(pl_module, layer, x, rectify=self.rectify):
-            if not torch.isfinite(li).all():
-                raise FloatingPointError(f"non-finite learning images in layer {layer!r}")
-            embeddings.append(project_filters_2d(li)[0])
-        features = torch.cat(embeddings, 0).transpose(0, 1)  # (B, K, 2)
+        if self.mode == "sketch":
+            features = sketch_learning_images(
+                pl_module, layer, x, num_projections=self.num_projections, seed=self.seed, rectify=self.rectify
+            )  # (B, K, P): random projections of every filter's learning images
+        else:
+            embeddings = [project_filters_2d(li)[0] for _, li in iter_filter_learning_images(
+                pl_module, layer, x, rectify=self.rectify)]
+            features = torch.cat(embeddings, 0).transpose(0, 1)  # (B, K, 2)
+        if not torch.isfinite(features).all():
+            raise FloatingPointError(f"non-finite learning images in layer {layer!r}")
         return detect_anomaly_filters(
             features,
             activation,
@@ -283,6 +298,7 @@ class AnomalyFilterMonitor(InterpCallback):
             "settings": {
                 "min_cluster_size": self.min_cluster_size, "k_max": self.k_max, "alpha": self.alpha,
                 "beta": self.beta, "theta": self.theta, "rectify": self.rectify, "probe_size": self.probe_size,
+                "mode": self.mode, "num_projections": self.num_projections if self.mode == "sketch" else None,
             },
             "layers": {
                 layer: {"num_filters": self.num_filters.get(layer), "flagged": self.flagged.get(layer, [])}

@@ -13,7 +13,7 @@ from typing_extensions import override
 from ..batch import Batch
 from ..metrics.aipc import DEFAULT_FRACTIONS, aipc, filter_types, type_masking
 from ..metrics.tip import PROPERTIES, avou, interpretable_properties, sou, spearman
-from ..nns import filter_learning_images, iter_filter_learning_images, layer_activations
+from ..nns import filter_learning_images, iter_filter_learning_images, layer_activations, sketch_properties
 from ..viz import heatmap, image_grid
 from .base import InterpCallback
 
@@ -49,6 +49,8 @@ class TIPMonitor(InterpCallback):
         per: fraction for the filter types (thesis: 0.3); type_property: the property ranked.
         top_filters: filters shown per property; aipc_fractions: masked fractions;
         aipc_max_batches: validation batches used per AIPC point (all when None).
+        mode: ``"exact"`` or ``"sketch"`` (T_m and T_c exact from forward-mode products, T_v and
+            T_cor from a Hutchinson estimate with ``num_projections`` directions).
         **kwargs: :class:`~lightning_interp.callbacks.base.InterpCallback` options.
     """
 
@@ -64,9 +66,15 @@ class TIPMonitor(InterpCallback):
         top_filters: int = 4,
         aipc_fractions: Sequence[float] = DEFAULT_FRACTIONS,
         aipc_max_batches: int | None = None,
+        mode: str = "exact",
+        num_projections: int = 64,
         **kwargs,
     ):
         super().__init__(layers, probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
+        if mode not in ("exact", "sketch"):
+            raise ValueError(f"Expected `mode` to be one of ['exact', 'sketch'] but got {mode!r}.")
+        self.mode = mode
+        self.num_projections = num_projections
         if not 0 < per <= 0.5:
             raise ValueError(f"Expected `per` in (0, 0.5] but got {per}.")
         if type_property not in PROPERTIES:
@@ -82,11 +90,16 @@ class TIPMonitor(InterpCallback):
 
     def properties(self, pl_module: pl.LightningModule, layer: str, probe: Batch) -> dict[str, torch.Tensor]:
         """T^k of every property (and AVoU/SoU) of one layer on the probe: dict of ``K`` tensors."""
-        sums: dict[str, list[torch.Tensor]] = {}
-        for _, li in iter_filter_learning_images(pl_module, layer, probe.x, rectify=self.rectify):
-            for name, value in interpretable_properties(li, probe.x, probe.mask).items():
-                sums.setdefault(name, []).append(value.mean(0))
-        out = {name: torch.cat(parts) for name, parts in sums.items()}
+        if self.mode == "sketch":
+            props = sketch_properties(pl_module, layer, probe.x, probe.mask, num_projections=self.num_projections,
+                                      seed=self.seed, rectify=self.rectify)
+            out = {name: value.mean(0) for name, value in props.items()}
+        else:
+            sums: dict[str, list[torch.Tensor]] = {}
+            for _, li in iter_filter_learning_images(pl_module, layer, probe.x, rectify=self.rectify):
+                for name, value in interpretable_properties(li, probe.x, probe.mask).items():
+                    sums.setdefault(name, []).append(value.mean(0))
+            out = {name: torch.cat(parts) for name, parts in sums.items()}
         out["avou"] = avou(layer_activations(pl_module, layer, probe.x, rectify=self.rectify))
         if probe.y is not None:
             out["sou"] = sou(pl_module, layer, probe.x, probe.y)

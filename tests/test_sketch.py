@@ -1,0 +1,79 @@
+import pytest
+import torch
+from conftest import make_trainer
+from torch import nn
+
+from lightning_interp.callbacks import AnomalyFilterMonitor, TIPMonitor
+from lightning_interp.metrics.tip import interpretable_properties
+from lightning_interp.models import ImageClassifier, LeNet5, SimpleCNN, resnet18_cifar
+from lightning_interp.nns import filter_learning_images, sketch_learning_images, sketch_properties
+
+
+def resnet_with_statistics():
+    torch.manual_seed(0)
+    model = resnet18_cifar().double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return model
+
+
+CASES = [
+    (lambda: SimpleCNN(in_channels=3).double(), "conv3", True, (3, 3, 16, 16)),
+    (lambda: LeNet5().double(), "relu3", False, (2, 1, 32, 32)),
+    (resnet_with_statistics, "layer2.1.bn2", True, (2, 3, 16, 16)),
+]
+
+
+@pytest.mark.parametrize("make,layer,rectify,shape", CASES)
+def test_sketch_projections_equal_projected_exact_images(make, layer, rectify, shape):
+    model = make().train()
+    x = torch.randn(*shape, dtype=torch.float64)
+    exact = filter_learning_images(model, layer, x, rectify=rectify)
+    proj, r = sketch_learning_images(model, layer, x, num_projections=6, seed=3, rectify=rectify, return_directions=True)
+    assert proj.shape == (shape[0], exact.shape[1], 6) and r.shape == (6, *shape[1:])
+    torch.testing.assert_close(proj, torch.einsum("bk...,p...->bkp", exact, r), atol=1e-6, rtol=1e-6)
+    per, rs = sketch_learning_images(model, layer, x, num_projections=4, rectify=rectify, per_sample=True,
+                                     return_directions=True, chunk_size=3)
+    assert rs.shape == (shape[0], 4, *shape[1:])
+    torch.testing.assert_close(per, torch.einsum("bk...,bp...->bkp", exact, rs), atol=1e-6, rtol=1e-6)
+    assert model.training, "mode restored"
+    assert not any("forward" in vars(m) for m in model.modules()), "BatchNorm forwards restored"
+
+
+@pytest.mark.parametrize("make,layer,rectify,shape", CASES)
+def test_sketch_mean_and_covariance_are_exact(make, layer, rectify, shape):
+    model = make().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    mask = torch.rand(shape[0], 1, *shape[2:]) > 0.5
+    exact = interpretable_properties(filter_learning_images(model, layer, x, rectify=rectify), x, mask)
+    sketch = sketch_properties(model, layer, x, mask, num_projections=4, rectify=rectify)
+    for name in ("mean", "covariance", "fg_mean", "fg_covariance", "bg_mean", "bg_covariance"):
+        torch.testing.assert_close(sketch[name], exact[name], atol=1e-10, rtol=1e-8, msg=name)
+    assert all(torch.isfinite(v).all() for v in sketch.values())
+
+
+def test_hutchinson_variance_converges():
+    torch.manual_seed(0)
+    model = SimpleCNN(in_channels=1, width=(4, 8, 8)).double()
+    x = torch.randn(2, 1, 12, 12, dtype=torch.float64)
+    exact = interpretable_properties(filter_learning_images(model, "relu2", x), x)["variance"]
+    errors = []
+    for p in (8, 512):
+        est = sketch_properties(model, "relu2", x, num_projections=p, seed=1)["variance"]
+        errors.append(((est - exact).abs() / exact.clamp_min(1e-12)).median().item())
+    assert errors[1] < errors[0] and errors[1] < 0.15
+
+
+def test_monitors_run_in_sketch_mode(tmp_path, digits):
+    module = ImageClassifier(SimpleCNN(width=(4, 8, 8)))
+    anomaly = AnomalyFilterMonitor("model.relu3", probe_size=48, k_max=4, mode="sketch", num_projections=16)
+    tip = TIPMonitor("model.relu3", probe_size=16, mode="sketch", num_projections=8, aipc_fractions=[1.0], top_filters=0)
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[anomaly, tip], max_epochs=1)
+    trainer.fit(module, datamodule=digits)
+    assert "interp/anomaly/count" in anomaly.history[0]
+    assert "interp/tip/model.relu3/fg_covariance" in tip.history[0]
+    with pytest.raises(ValueError, match="mode"):
+        AnomalyFilterMonitor("model.relu3", mode="fast")
