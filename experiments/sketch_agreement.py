@@ -27,7 +27,12 @@ from lightning_interp.data import ShapesDataModule
 from lightning_interp.metrics.anomaly import detect_anomaly_filters, project_filters_2d
 from lightning_interp.metrics.tip import interpretable_properties, spearman
 from lightning_interp.models import ImageClassifier, LeNet5, SimpleCNN, resnet18_cifar
-from lightning_interp.nns import iter_filter_learning_images, layer_activations, sketch_learning_images, sketch_properties
+from lightning_interp.nns import (
+    iter_filter_learning_images,
+    layer_activations,
+    sketch_learning_images,
+    sketch_properties,
+)
 
 MODELS = {
     "simple_cnn": (lambda: SimpleCNN(in_channels=3, num_classes=4), "model.relu3", True),
