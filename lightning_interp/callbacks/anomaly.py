@@ -278,7 +278,8 @@ class AnomalyFilterMonitor(InterpCallback):
         }
 
     def resolve_report_path(self, trainer: pl.Trainer) -> str:
-        return self.report_path or os.path.join(trainer.log_dir or trainer.default_root_dir, "anomaly_report.json")
+        root = getattr(self, "log_root", None) or trainer.default_root_dir
+        return self.report_path or os.path.join(root, "anomaly_report.json")
 
     def _write_report(self, trainer: pl.Trainer) -> None:
         key = f"{self.log_prefix}/anomaly/count"

@@ -29,7 +29,7 @@ from ..layers import get_layer
 from ..nns import check_inputs
 from ..viz import line_plot
 
-__all__ = ["InterpCallback", "select_probe"]
+__all__ = ["InterpCallback", "log_root", "select_probe"]
 
 ProbeSource = Dataset | DataLoader | Batch | tuple | None
 
@@ -101,6 +101,11 @@ def _concat(parts: list[Batch], n: int) -> Batch:
     return Batch(cat([p.x for p in parts]), cat([p.y for p in parts]), cat([p.mask for p in parts]))
 
 
+def log_root(trainer: pl.Trainer) -> str:
+    """The run's log directory (collective under DDP: call it on every rank)."""
+    return trainer.log_dir or trainer.default_root_dir
+
+
 class InterpCallback(Callback):
     """Base class of the monitors: probe, cadence, layers, logging, fault isolation, state.
 
@@ -165,6 +170,9 @@ class InterpCallback(Callback):
     # ---- configuration, before the first step ---------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # `trainer.log_dir` broadcasts under DDP: resolve it here, where every rank calls it,
+        # never later inside rank-zero-only code (that would deadlock).
+        self.log_root = log_root(trainer)
         for layer in self.layers:
             get_layer(pl_module, layer)
         self.check_layers(pl_module)
@@ -298,7 +306,7 @@ class InterpCallback(Callback):
         return _first_loader(trainer.val_dataloaders)
 
     def _artifact_path(self, trainer: pl.Trainer, folder: str, key: str, ext: str) -> str:
-        root = trainer.log_dir or trainer.default_root_dir
+        root = getattr(self, "log_root", None) or trainer.default_root_dir
         return os.path.join(root, folder, key.replace("/", "_"), f"epoch={trainer.current_epoch}.{ext}")
 
     def save_png(self, trainer: pl.Trainer, key: str, image: np.ndarray) -> str | None:

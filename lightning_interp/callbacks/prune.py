@@ -15,6 +15,7 @@ from ..metrics.aipc import accuracy
 from ..pruning import prune_filters
 from ..report import read_anomaly_report
 from .anomaly import AnomalyFilterMonitor
+from .base import log_root
 
 __all__ = ["PruneFlaggedFilters", "save_pruned", "load_pruned"]
 
@@ -69,6 +70,10 @@ class PruneFlaggedFilters(Callback):
         self.saved_to: str | None = None
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.log_root = log_root(trainer)  # collective under DDP: every rank resolves it here
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
@@ -102,7 +107,7 @@ class PruneFlaggedFilters(Callback):
         if loader is not None:
             result["val_acc_before"] = accuracy(net, loader)
             result["val_acc_after"] = accuracy(pruned, loader)
-        out = self.out_path or os.path.join(trainer.log_dir or trainer.default_root_dir, "pruned.pt")
+        out = self.out_path or os.path.join(self.log_root, "pruned.pt")
         self.saved_to = save_pruned(out, pruned, result, report=path)
         self.summary = result
         metrics = {f"interp/prune/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
