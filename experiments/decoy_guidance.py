@@ -6,8 +6,10 @@ image; in validation/test the patch colour is random. Three models with the same
 
 * clean   — trained without the decoy (the accuracy there is to lose);
 * decoy   — trained with the decoy, plain cross-entropy;
-* guided  — trained with the decoy plus `AttentionGuidance` mask supervision (GAIN's external
-            supervision: Grad-CAM of the last conv layer pulled towards the shape's mask).
+* guided  — trained with the decoy plus `AttentionGuidance` with pixel masks: GAIN's external
+            supervision (Grad-CAM of the last conv layer pulled towards the shape's mask,
+            `--losses attention_supervision`) and/or Right for the Right Reasons (input gradients
+            on the background penalised, `--losses rrr`).
 
 All are evaluated on a decoy-free test set (the same shapes generator without the patch) and
 on the random-decoy validation split. Prints a Markdown table and writes `<out>/results.json`.
@@ -38,7 +40,8 @@ def train(condition: str, seed: int, args) -> dict:
     module = ImageClassifier(SimpleCNN(in_channels=3, num_classes=data.num_classes), lr=args.lr)
     callbacks = []
     if condition == "guided":
-        callbacks.append(AttentionGuidance("model.relu3", {"attention_supervision": args.weight}, probe_size=64))
+        weights = dict(zip(args.losses, args.weights))
+        callbacks.append(AttentionGuidance("model.relu3", weights, probe_size=64))
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="auto", devices=1, logger=False, callbacks=callbacks,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -63,13 +66,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--weight", type=float, default=10.0, help="weight of the mask-supervision loss")
+    parser.add_argument("--losses", nargs="+", default=["attention_supervision"],
+                        help="AttentionGuidance terms of the guided run: attention_supervision, rrr, attention_mining")
+    parser.add_argument("--weights", type=float, nargs="+", default=[10.0], help="one weight per loss")
+    parser.add_argument("--conditions", nargs="+", default=["clean", "decoy", "guided"])
     parser.add_argument("--out", default="runs/decoy")
     args = parser.parse_args()
+    if len(args.losses) != len(args.weights):
+        parser.error("give one --weights value per --losses name")
     os.makedirs(args.out, exist_ok=True)
     results = []
     for seed in args.seeds:
-        for condition in ("clean", "decoy", "guided"):
+        for condition in args.conditions:
             results.append(train(condition, seed, args))
             print(json.dumps(results[-1]), flush=True)
             with open(os.path.join(args.out, "results.json"), "w") as fh:
@@ -81,10 +89,12 @@ def main() -> None:
 
     print("\n| training | decoy-free test acc | random-decoy val acc | train acc | seconds/run |")
     print("| --- | --- | --- | --- | --- |")
-    for cond in ("clean", "decoy", "guided"):
+    for cond in args.conditions:
         secs = sum(r["seconds"] for r in results if r["condition"] == cond) / len(args.seeds)
         print(f"| {cond} | {stats(cond, 'acc_decoy_free')} | {stats(cond, 'acc_random_decoy_val')} | "
               f"{stats(cond, 'acc_train')} | {secs:.0f} |")
+    if not {"clean", "decoy", "guided"} <= set(args.conditions):
+        return
     lost = [c["acc_decoy_free"] - d["acc_decoy_free"] for c, d in zip(
         [r for r in results if r["condition"] == "clean"], [r for r in results if r["condition"] == "decoy"])]
     regained = [g["acc_decoy_free"] - d["acc_decoy_free"] for g, d in zip(
