@@ -26,7 +26,8 @@ def per_sample_gradient_magnitude(
 
     For sample i: ``mean_t mean |∂ loss(model(x_i), y_i) / ∂θ_t|`` over the model's trainable
     parameter tensors θ_t (the thesis averages |gradient| within each layer, then across layers).
-    Computed with ``torch.func.vmap`` over samples in eval mode; parameter ``.grad`` is untouched.
+    Computed with ``torch.func.vmap`` over samples in eval mode (a loop of backward passes when
+    the model cannot run under vmap); parameter ``.grad`` is untouched.
 
     Returns:
         ``B`` tensor.
@@ -46,5 +47,16 @@ def per_sample_gradient_magnitude(
         return torch.stack([t.abs().mean() for t in g.values()]).mean()
 
     with scan_mode(model):
-        parts = [vmap(magnitude)(x[s : s + chunk_size], y[s : s + chunk_size]) for s in range(0, x.shape[0], chunk_size)]
+        try:
+            parts = [vmap(magnitude)(x[s : s + chunk_size], y[s : s + chunk_size]) for s in range(0, x.shape[0], chunk_size)]
+        except RuntimeError:
+            # Some forwards cannot run under vmap (e.g. a `.contiguous(memory_format=channels_last)`
+            # inside the model): fall back to one backward per sample.
+            names = list(params)
+            tensors = [dict(model.named_parameters())[n] for n in names]
+            parts = []
+            for i in range(x.shape[0]):
+                loss = loss_fn(model(x[i : i + 1]), y[i : i + 1])
+                grads = torch.autograd.grad(loss, tensors)
+                parts.append(torch.stack([g.abs().mean() for g in grads]).mean()[None])
     return torch.cat(parts).detach()

@@ -342,6 +342,10 @@ class AnomalyFilterMonitor(InterpCallback):
 
     # ---- state -------------------------------------------------------------------------------
     @override
+    def state_key_fields(self) -> dict[str, Any]:
+        return {**super().state_key_fields(), "mode": self.mode}
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),

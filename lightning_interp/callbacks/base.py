@@ -165,7 +165,11 @@ class InterpCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(layers=tuple(self.layers))
+        return self._generate_state_key(**self.state_key_fields())
+
+    def state_key_fields(self) -> dict[str, Any]:
+        """What identifies this instance among callbacks of its class (subclasses add settings)."""
+        return {"layers": tuple(self.layers)}
 
     # ---- configuration, before the first step ---------------------------------------------
     @override

@@ -191,6 +191,10 @@ class TIPMonitor(InterpCallback):
         self.history.append({"epoch": trainer.current_epoch, "fit_end": 1.0, **metrics})
 
     @override
+    def state_key_fields(self) -> dict[str, Any]:
+        return {**super().state_key_fields(), "mode": self.mode}
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "warned_no_mask": self._warned_no_mask}
 
