@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from .layers import capture_output, get_layer
 from .nns import check_inputs
 
-__all__ = ["grad_cam", "class_activation_map", "normalize_maps", "Targets"]
+__all__ = ["grad_cam", "class_activation_map", "normalize_maps", "cam_iou", "Targets"]
 
 Targets = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
@@ -127,3 +127,12 @@ def class_activation_map(
     del logits
     w = linear.weight[t]  # (B, K)
     return _finish((w[:, :, None, None] * f).sum(1), tuple(x.shape[-2:]), normalize)
+
+
+def cam_iou(cam: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Mean IoU between maps thresholded at ``threshold`` and boolean masks (``B x [1 x] H x W``)."""
+    m = mask.squeeze(1) if mask.dim() == 4 else mask
+    pred = cam >= threshold
+    inter = (pred & m).flatten(1).sum(1).double()
+    union = (pred | m).flatten(1).sum(1).double()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter)).mean()

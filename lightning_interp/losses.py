@@ -9,12 +9,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
+from .batch import Batch
+from .cam import grad_cam
 from .nns import check_inputs
 
-__all__ = ["soft_mask", "gain_attention_mining_loss", "attention_supervision_loss", "rrr_input_gradient_penalty"]
+__all__ = [
+    "LOSSES",
+    "soft_mask",
+    "gain_attention_mining_loss",
+    "attention_supervision_loss",
+    "rrr_input_gradient_penalty",
+    "guidance_terms",
+]
+
+#: The terms `guidance_terms` (and the AttentionGuidance callback) know.
+LOSSES = ("attention_mining", "attention_supervision", "rrr")
 
 
 def soft_mask(cam: torch.Tensor, sigma: float = 10.0, omega: float = 0.5) -> torch.Tensor:
@@ -77,3 +91,34 @@ def rrr_input_gradient_penalty(model: nn.Module, x: torch.Tensor, irrelevant: to
         (g,) = torch.autograd.grad(log_p.sum(), xi, create_graph=True)
     a = irrelevant.to(g.dtype)
     return ((a * g) ** 2).flatten(1).sum(1).mean()
+
+
+def guidance_terms(
+    model: nn.Module,
+    layer: str,
+    batch: Batch,
+    weights: Mapping[str, float],
+    *,
+    sigma: float = 10.0,
+    omega: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """The unweighted loss terms named in ``weights`` for one batch: what ``AttentionGuidance`` adds.
+
+    Grad-CAM of ``layer`` is computed once with ``create_graph=True`` and shared by the GAIN terms;
+    ``rrr`` treats everything outside the foreground mask as irrelevant.
+
+    Returns:
+        dict ``{name: scalar}`` for the names in ``weights`` (see :data:`LOSSES`).
+    """
+    terms: dict[str, torch.Tensor] = {}
+    if "attention_mining" in weights or "attention_supervision" in weights:
+        if batch.y is None:
+            raise ValueError("Expected labelled batches for the CAM losses but a batch has no labels.")
+        cam = grad_cam(model, layer, batch.x, batch.y, create_graph=True)
+        if "attention_mining" in weights:
+            terms["attention_mining"] = gain_attention_mining_loss(model, batch.x, cam, batch.y, sigma=sigma, omega=omega)
+        if "attention_supervision" in weights:
+            terms["attention_supervision"] = attention_supervision_loss(cam, batch.mask)
+    if "rrr" in weights:
+        terms["rrr"] = rrr_input_gradient_penalty(model, batch.x, ~batch.mask)
+    return terms

@@ -62,6 +62,13 @@ def image_grid(columns: Sequence[torch.Tensor], min_side: int = 96, pad: int = 2
     return (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def _render(fig) -> np.ndarray:
+    """A matplotlib figure as an ``H x W x 3`` uint8 array."""
+    fig.tight_layout()
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
 def cluster_scatter(
     embeddings: Sequence[torch.Tensor],
     labels: Sequence[torch.Tensor],
@@ -89,12 +96,9 @@ def cluster_scatter(
             ax.set_title(title, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-        fig.tight_layout()
-        fig.canvas.draw()
-        image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        return _render(fig)
     finally:
         plt.close(fig)
-    return image
 
 
 def line_plot(
@@ -116,9 +120,6 @@ def line_plot(
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.canvas.draw()
-        image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        return _render(fig)
     finally:
         plt.close(fig)
-    return image

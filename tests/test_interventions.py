@@ -17,13 +17,13 @@ from lightning_interp.callbacks import (
     FilterMasking,
     PruneFlaggedFilters,
 )
-from lightning_interp.callbacks.guidance import guidance_terms
 from lightning_interp.callbacks.prune import load_pruned
 from lightning_interp.cam import class_activation_map, grad_cam
 from lightning_interp.data import ShapesDataModule
 from lightning_interp.losses import (
     attention_supervision_loss,
     gain_attention_mining_loss,
+    guidance_terms,
     rrr_input_gradient_penalty,
 )
 from lightning_interp.masking import FilterMask

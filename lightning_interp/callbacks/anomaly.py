@@ -20,6 +20,7 @@ from ..metrics.anomaly import (
     project_filters_2d,
     resolve_min_cluster_size,
 )
+from ..metrics.tip import avou
 from ..nns import iter_filter_learning_images, layer_activations, sketch_learning_images
 from ..report import write_anomaly_report
 from ..viz import cluster_scatter, display_inputs, image_grid
@@ -167,7 +168,7 @@ class AnomalyFilterMonitor(InterpCallback):
         """Anomaly filters of one layer on inputs ``x`` (chunked: learning images are projected to
         2-D per chunk of filters and never all held at once)."""
         f = layer_activations(pl_module, layer, x, rectify=self.rectify)
-        activation = f.flatten(2).mean(2).mean(0) if f.dim() > 2 else f.mean(0)
+        activation = avou(f)
         if self.mode == "sketch":
             features = sketch_learning_images(
                 pl_module, layer, x, num_projections=self.num_projections, seed=self.seed, rectify=self.rectify

@@ -11,46 +11,11 @@ import torch
 from typing_extensions import override
 
 from ..batch import Batch
-from ..cam import grad_cam
-from ..losses import attention_supervision_loss, gain_attention_mining_loss, rrr_input_gradient_penalty
+from ..cam import cam_iou, grad_cam
+from ..losses import LOSSES, guidance_terms
 from .base import InterpCallback
 
-__all__ = ["AttentionGuidance", "LOSSES"]
-
-LOSSES = ("attention_mining", "attention_supervision", "rrr")
-
-
-def guidance_terms(
-    model: torch.nn.Module,
-    layer: str,
-    batch: Batch,
-    weights: Mapping[str, float],
-    *,
-    sigma: float = 10.0,
-    omega: float = 0.5,
-) -> dict[str, torch.Tensor]:
-    """The unweighted loss terms named in ``weights`` for one batch (what the callback adds)."""
-    terms: dict[str, torch.Tensor] = {}
-    if "attention_mining" in weights or "attention_supervision" in weights:
-        if batch.y is None:
-            raise ValueError("Expected labelled batches for the CAM losses but a batch has no labels.")
-        cam = grad_cam(model, layer, batch.x, batch.y, create_graph=True)
-        if "attention_mining" in weights:
-            terms["attention_mining"] = gain_attention_mining_loss(model, batch.x, cam, batch.y, sigma=sigma, omega=omega)
-        if "attention_supervision" in weights:
-            terms["attention_supervision"] = attention_supervision_loss(cam, batch.mask)
-    if "rrr" in weights:
-        terms["rrr"] = rrr_input_gradient_penalty(model, batch.x, ~batch.mask)
-    return terms
-
-
-def cam_iou(cam: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Mean IoU between maps thresholded at ``threshold`` and boolean masks (``B x [1 x] H x W``)."""
-    m = mask.squeeze(1) if mask.dim() == 4 else mask
-    pred = cam >= threshold
-    inter = (pred & m).flatten(1).sum(1).double()
-    union = (pred | m).flatten(1).sum(1).double()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter)).mean()
+__all__ = ["AttentionGuidance"]
 
 
 class AttentionGuidance(InterpCallback):
@@ -68,7 +33,7 @@ class AttentionGuidance(InterpCallback):
     Works with automatic optimisation, gradient accumulation (Lightning scales the returned loss)
     and mixed precision (the terms run under the same autocast as the step). Not supported, refused
     at setup: manual optimisation (``automatic_optimization = False``) — add the terms yourself
-    with :func:`guidance_terms`; a ``training_step`` that returns None.
+    with :func:`lightning_interp.losses.guidance_terms`; a ``training_step`` that returns None.
 
     Every ``every_n_epochs`` epochs it logs the CAM/mask IoU on the probe (``interp/guidance/cam_iou``).
     """
@@ -106,7 +71,7 @@ class AttentionGuidance(InterpCallback):
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "AttentionGuidance supports automatic optimisation only; with manual optimisation add "
-                "`lightning_interp.callbacks.guidance.guidance_terms(...)` to your loss in training_step."
+                "`lightning_interp.losses.guidance_terms(...)` to your loss in training_step."
             )
         original = pl_module.training_step
         callback = self

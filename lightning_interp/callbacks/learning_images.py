@@ -9,6 +9,7 @@ import torch
 from typing_extensions import override
 
 from ..batch import Batch
+from ..metrics.tip import avou
 from ..nns import iter_filter_learning_images, knowledge_quantity, layer_activations, layer_learning_image
 from ..viz import display_inputs, heatmap, image_grid
 from .base import InterpCallback
@@ -75,7 +76,7 @@ class LearningImageLogger(InterpCallback):
         x = probe.x
         for layer in self.layers:
             f = layer_activations(pl_module, layer, x, rectify=self.rectify)
-            mean_activation = f.flatten(2).mean(2).mean(0) if f.dim() > 2 else f.mean(0)  # (K,), AVoU
+            mean_activation = avou(f)  # (K,)
             order = mean_activation.argsort(descending=True)
             scanned = order if self.max_filters is None else order[: self.max_filters]
             shown = order[: self.top_filters].tolist()
