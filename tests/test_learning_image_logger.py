@@ -117,3 +117,24 @@ def test_history_survives_checkpoint_resume(tmp_path, digits):
     assert resumed.history[:2] == cb.history
     assert resumed.probe_indices == cb.probe_indices
     assert resumed.state_key == cb.state_key != LearningImageLogger("model.conv3").state_key
+
+
+def test_nan_in_a_scan_is_skipped_with_a_warning(tmp_path, digits):
+    nan_probe = (torch.full((4, 1, 16, 16), float("nan")),)
+    cbs = [LearningImageLogger("model.conv2", probe=nan_probe, probe_size=4, num_images=0)]
+    trainer = make_trainer(tmp_path, logger=False, callbacks=cbs, max_epochs=1)
+    with pytest.warns(UserWarning, match="skipped its scan.*non-finite"):
+        trainer.fit(classifier(), datamodule=digits)
+    assert trainer.global_step == 3 and cbs[0].history == []
+
+
+def test_unwritable_log_dir_warns_not_crashes(tmp_path, digits):
+    logger = CSVLogger(str(tmp_path), name="csv")
+    os.makedirs(logger.log_dir)
+    # A file where the image folder should go: writing fails for any user, root included.
+    open(os.path.join(logger.log_dir, "interp_images"), "w").close()
+    cb = LearningImageLogger("model.conv2", probe_size=4, num_images=2)
+    trainer = make_trainer(tmp_path, logger=logger, callbacks=[cb], max_epochs=1)
+    with pytest.warns(UserWarning, match="could not write"):
+        trainer.fit(classifier(), datamodule=digits)
+    assert trainer.global_step == 3 and len(cb.history) == 1

@@ -24,7 +24,7 @@ from ..metrics.tip import avou
 from ..nns import iter_filter_learning_images, layer_activations, sketch_learning_images
 from ..report import write_anomaly_report
 from ..viz import cluster_scatter, display_inputs, image_grid
-from .base import InterpCallback
+from .base import InterpCallback, check_finite
 
 __all__ = ["AnomalyFilterMonitor", "overfit_alarm"]
 
@@ -167,7 +167,7 @@ class AnomalyFilterMonitor(InterpCallback):
     def detect(self, pl_module: pl.LightningModule, layer: str, x: torch.Tensor) -> AnomalyFilters:
         """Anomaly filters of one layer on inputs ``x`` (chunked: learning images are projected to
         2-D per chunk of filters and never all held at once)."""
-        f = layer_activations(pl_module, layer, x, rectify=self.rectify)
+        f = check_finite(layer_activations(pl_module, layer, x, rectify=self.rectify), f"activations of {layer}")
         activation = avou(f)
         if self.mode == "sketch":
             features = sketch_learning_images(
@@ -177,8 +177,7 @@ class AnomalyFilterMonitor(InterpCallback):
             embeddings = [project_filters_2d(li)[0] for _, li in iter_filter_learning_images(
                 pl_module, layer, x, rectify=self.rectify)]
             features = torch.cat(embeddings, 0).transpose(0, 1)  # (B, K, 2)
-        if not torch.isfinite(features).all():
-            raise FloatingPointError(f"non-finite learning images in layer {layer!r}")
+        check_finite(features, f"learning images of {layer}")
         return detect_anomaly_filters(
             features,
             activation,

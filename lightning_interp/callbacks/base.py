@@ -10,6 +10,7 @@ files, rank zero only), fault isolation (a failing scan warns and training goes 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -99,6 +100,13 @@ def _concat(parts: list[Batch], n: int) -> Batch:
         return None if any(t is None for t in items) else torch.cat(items)[:n]
 
     return Batch(cat([p.x for p in parts]), cat([p.y for p in parts]), cat([p.mask for p in parts]))
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Raise ``FloatingPointError`` (the scan is then skipped with a warning) on NaN/inf."""
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(f"non-finite values (NaN/inf) in {what}")
+    return tensor
 
 
 def log_root(trainer: pl.Trainer) -> str:
@@ -228,6 +236,9 @@ class InterpCallback(Callback):
         try:
             probe = self.probe.to(pl_module.device)
             scalars = self.scan(trainer, pl_module, probe)
+            bad = [k for k, v in scalars.items() if not math.isfinite(float(v))]
+            if bad:
+                raise FloatingPointError(f"non-finite values (NaN/inf in activations or learning images?) for {bad}")
         except Exception as err:  # a monitor must never lose the user's run
             if self.strict:
                 raise

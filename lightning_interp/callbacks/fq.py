@@ -15,7 +15,7 @@ from ..masking import FilterMask
 from ..metrics.aipc import accuracy
 from ..metrics.fq import feature_quantity, fq_diversity, fq_layer_stats, neuron_feature_quantity
 from ..nns import iter_filter_learning_images, layer_activations
-from .base import InterpCallback
+from .base import InterpCallback, check_finite
 
 __all__ = ["FeatureQuantityMonitor"]
 
@@ -66,7 +66,7 @@ class FeatureQuantityMonitor(InterpCallback):
     def layer_fq(self, pl_module: pl.LightningModule, layer: str, probe: Batch) -> dict[str, torch.Tensor]:
         """Filter FQ (``K``), neuron FQ (``K x n``) and the neurons' mean activation (``K x n``)."""
         filter_fq = torch.cat([
-            feature_quantity(li, probe.x, probe.mask).amax(0)
+            feature_quantity(check_finite(li, f"learning images of {layer}"), probe.x, probe.mask).amax(0)
             for _, li in iter_filter_learning_images(pl_module, layer, probe.x, rectify=self.rectify)
         ])
         neuron_fq = neuron_feature_quantity(pl_module, layer, probe.x, probe.mask, top_neurons=self.top_neurons, rectify=self.rectify)

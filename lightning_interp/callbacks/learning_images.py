@@ -12,7 +12,7 @@ from ..batch import Batch
 from ..metrics.tip import avou
 from ..nns import iter_filter_learning_images, knowledge_quantity, layer_activations, layer_learning_image
 from ..viz import display_inputs, heatmap, image_grid
-from .base import InterpCallback
+from .base import InterpCallback, check_finite
 
 __all__ = ["LearningImageLogger"]
 
@@ -75,7 +75,7 @@ class LearningImageLogger(InterpCallback):
         scalars: dict[str, float] = {}
         x = probe.x
         for layer in self.layers:
-            f = layer_activations(pl_module, layer, x, rectify=self.rectify)
+            f = check_finite(layer_activations(pl_module, layer, x, rectify=self.rectify), f"activations of {layer}")
             mean_activation = avou(f)  # (K,)
             order = mean_activation.argsort(descending=True)
             scanned = order if self.max_filters is None else order[: self.max_filters]
@@ -83,7 +83,7 @@ class LearningImageLogger(InterpCallback):
             count = intensity = 0.0
             shown_images: dict[int, torch.Tensor] = {}
             for filters, li in iter_filter_learning_images(pl_module, layer, x, filters=scanned, rectify=self.rectify):
-                kq = knowledge_quantity(li, x)
+                kq = knowledge_quantity(check_finite(li, f"learning images of {layer}"), x)
                 count += kq.activation_count.sum().item()
                 intensity += kq.activation_intensity.sum().item()
                 for j, k in enumerate(filters.tolist()):

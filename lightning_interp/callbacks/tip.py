@@ -15,7 +15,7 @@ from ..metrics.aipc import DEFAULT_FRACTIONS, aipc, filter_types, type_masking
 from ..metrics.tip import PROPERTIES, avou, interpretable_properties, sou, spearman
 from ..nns import filter_learning_images, iter_filter_learning_images, layer_activations, sketch_properties
 from ..viz import heatmap, image_grid
-from .base import InterpCallback
+from .base import InterpCallback, check_finite
 
 __all__ = ["TIPMonitor"]
 
@@ -97,10 +97,12 @@ class TIPMonitor(InterpCallback):
         else:
             sums: dict[str, list[torch.Tensor]] = {}
             for _, li in iter_filter_learning_images(pl_module, layer, probe.x, rectify=self.rectify):
+                check_finite(li, f"learning images of {layer}")
                 for name, value in interpretable_properties(li, probe.x, probe.mask).items():
                     sums.setdefault(name, []).append(value.mean(0))
             out = {name: torch.cat(parts) for name, parts in sums.items()}
-        out["avou"] = avou(layer_activations(pl_module, layer, probe.x, rectify=self.rectify))
+        f = layer_activations(pl_module, layer, probe.x, rectify=self.rectify)
+        out["avou"] = avou(check_finite(f, f"activations of {layer}"))
         if probe.y is not None:
             out["sou"] = sou(pl_module, layer, probe.x, probe.y)
         return out
