@@ -1,4 +1,5 @@
-"""The default demo: SimpleCNN on scikit-learn's digits, learning images logged to W&B (offline).
+"""The default demo: SimpleCNN on scikit-learn's digits with 20 % label noise, learning images and
+the overfitting monitor logged to W&B (offline).
 
 Run with `make demo` (about two minutes on two CPU cores). Everything is local: the digits ship
 with scikit-learn and W&B runs in offline mode; `wandb sync <run dir>` uploads the run later.
@@ -13,7 +14,7 @@ import os
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from lightning_interp.callbacks import LearningImageLogger
+from lightning_interp.callbacks import AnomalyFilterMonitor, LearningImageLogger
 from lightning_interp.data import DigitsDataModule
 from lightning_interp.models import ImageClassifier, SimpleCNN
 
@@ -29,18 +30,19 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     pl.seed_everything(0, workers=True)
     os.makedirs(args.out, exist_ok=True)
-    datamodule = DigitsDataModule(image_size=32, batch_size=64, label_noise=0.1)
+    datamodule = DigitsDataModule(image_size=32, batch_size=64, label_noise=0.2)
     module = ImageClassifier(SimpleCNN(in_channels=1, num_classes=10), lr=2e-3)
     wandb_logger = WandbLogger(project="lightning_interp-demo", save_dir=args.out, offline=True)
     csv_logger = CSVLogger(args.out, name="csv")
     callback = LearningImageLogger(
         ["model.relu1", "model.relu2", "model.relu3", "model.relu4"], probe_size=32, every_n_epochs=1
     )
+    anomaly = AnomalyFilterMonitor("model.relu3", probe_size=256, min_cluster_size=0.1, every_n_epochs=1)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
         logger=[wandb_logger, csv_logger],
-        callbacks=[callback],
+        callbacks=[callback, anomaly],
         limit_train_batches=args.limit_train_batches,
         enable_model_summary=False,
         log_every_n_steps=5,
@@ -49,14 +51,20 @@ def main(argv: list[str] | None = None) -> None:
 
     run_dir = wandb_logger.experiment.dir
     wandb_logger.experiment.finish()
-    images = sorted(glob.glob(os.path.join(run_dir, "media", "images", "**", "*.png"), recursive=True))
+    images = sorted(glob.glob(os.path.join(run_dir, "media", "images", "**", "*.png"), recursive=True),
+                    key=os.path.getmtime)
     last = callback.history[-1] if callback.history else {}
     print("\nKnowledge quantity at the last epoch (relative to the input):")
     for key, value in last.items():
         if key != "epoch":
             print(f"  {key:55s} {value:.4f}")
+    summary = anomaly.summary()
+    print(f"\nAnomaly filters in model.relu3 per epoch: {[int(h['interp/anomaly/count']) for h in anomaly.history]}")
+    print(f"  best validation accuracy (WT) at epoch {summary['wt_epoch']}: {summary['wt_count']} anomaly filters; "
+          f"last epoch: {summary['final_count']}")
+    print(f"  report: {anomaly.resolve_report_path(trainer)}")
     print(f"\nW&B offline run: {os.path.dirname(run_dir)}  (upload later with `wandb sync` on it)")
-    print(f"Learning-image grids: {len(images)} PNGs under {os.path.join(run_dir, 'media', 'images')}")
+    print(f"Images (learning-image grids, cluster plots): {len(images)} PNGs under {os.path.join(run_dir, 'media', 'images')}")
     if images:
         print(f"  latest: {images[-1]}")
     print(f"Scalars (CSV): {os.path.join(csv_logger.log_dir, 'metrics.csv')}")

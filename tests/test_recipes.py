@@ -16,7 +16,7 @@ def load(name):
 def test_demo_recipe_runs_tiny(tmp_path, capsys):
     load("demo").main(["--epochs", "1", "--out", str(tmp_path), "--limit-train-batches", "3"])
     out = capsys.readouterr().out
-    assert "W&B offline run" in out and "Learning-image grids: 4 PNGs" in out
+    assert "W&B offline run" in out and "Anomaly filters in model.relu3 per epoch" in out
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
