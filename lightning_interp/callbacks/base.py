@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,7 +30,7 @@ from ..layers import get_layer
 from ..nns import check_inputs
 from ..viz import line_plot
 
-__all__ = ["InterpCallback", "log_root", "select_probe"]
+__all__ = ["InterpCallback", "check_finite", "guarded", "log_root", "select_probe"]
 
 ProbeSource = Dataset | DataLoader | Batch | tuple | None
 
@@ -100,6 +100,18 @@ def _concat(parts: list[Batch], n: int) -> Batch:
         return None if any(t is None for t in items) else torch.cat(items)[:n]
 
     return Batch(cat([p.x for p in parts]), cat([p.y for p in parts]), cat([p.mask for p in parts]))
+
+
+def guarded(owner: str, strict: bool, failure: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; on an exception warn ``"<owner> <failure>: <error>"`` and return None, or re-raise
+    when ``strict``. Every monitor hook that could otherwise lose the user's run goes through here."""
+    try:
+        return fn()
+    except Exception as err:  # a monitor must never lose the user's run
+        if strict:
+            raise
+        rank_zero_warn(f"{owner} {failure}: {type(err).__name__}: {err}.")
+        return None
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -233,21 +245,19 @@ class InterpCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe is None or not self.should_scan(trainer):
             return
-        try:
-            probe = self.probe.to(pl_module.device)
-            scalars = self.scan(trainer, pl_module, probe)
+        def run() -> dict[str, float]:
+            scalars = self.scan(trainer, pl_module, self.probe.to(pl_module.device))
             bad = [k for k, v in scalars.items() if not math.isfinite(float(v))]
             if bad:
                 raise FloatingPointError(f"non-finite values (NaN/inf in activations or learning images?) for {bad}")
-        except Exception as err:  # a monitor must never lose the user's run
-            if self.strict:
-                raise
-            rank_zero_warn(
-                f"{type(self).__name__} skipped its scan at epoch {trainer.current_epoch}: "
-                f"{type(err).__name__}: {err}. Training goes on; pass `strict=True` to raise instead."
-            )
-            return
-        self.log_scalars(trainer, pl_module, scalars)
+            return scalars
+
+        scalars = guarded(
+            type(self).__name__, self.strict,
+            f"skipped its scan at epoch {trainer.current_epoch} (training goes on; `strict=True` raises)", run,
+        )
+        if scalars is not None:
+            self.log_scalars(trainer, pl_module, scalars)
 
     def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
         """Run the monitor on the probe; log pictures; return the scalars to log and keep."""
@@ -261,6 +271,13 @@ class InterpCallback(Callback):
         for name, value in scalars.items():
             pl_module.log(name, float(value), on_step=False, on_epoch=True)
         self.history.append({"epoch": trainer.current_epoch, **{k: float(v) for k, v in scalars.items()}})
+
+    def log_fit_end(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        """Fit-end results: to every logger (rank zero; ``pl_module.log`` is not allowed there) and the history."""
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        self.history.append({"epoch": trainer.current_epoch, "fit_end": 1.0, **metrics})
 
     @rank_zero_only
     def log_image(self, trainer: pl.Trainer, key: str, image: np.ndarray, caption: str = "") -> None:

@@ -15,7 +15,7 @@ from ..masking import FilterMask
 from ..metrics.aipc import accuracy
 from ..metrics.fq import feature_quantity, fq_diversity, fq_layer_stats, neuron_feature_quantity
 from ..nns import iter_filter_learning_images, layer_activations
-from .base import InterpCallback, check_finite
+from .base import InterpCallback, check_finite, guarded
 
 __all__ = ["FeatureQuantityMonitor"]
 
@@ -107,31 +107,27 @@ class FeatureQuantityMonitor(InterpCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.diversity:
             return
-        try:
-            loader = self.eval_dataloader(trainer)
-            if loader is None:
-                rank_zero_warn("FeatureQuantityMonitor: no validation data; diversity masking is skipped.")
-                return
-            base = accuracy(pl_module, loader, batch_adapter=self.batch_adapter, max_batches=self.eval_max_batches)
-            metrics, rows = {}, []
-            for layer, div in self.diversity.items():
-                n = min(self.num_diverse, len(div))
-                order = div.double().argsort(descending=True, stable=True).tolist()
-                for tag, idx in (("most", order[:n]), ("least", order[::-1][:n])):
-                    with FilterMask(pl_module, {layer: idx}):
-                        change = accuracy(pl_module, loader, batch_adapter=self.batch_adapter,
-                                          max_batches=self.eval_max_batches) - base
-                    metrics[f"{self.log_prefix}/fq/{layer}/mask_{tag}_diverse"] = change
-                    rows.append([layer, tag, n, change])
-            self.log_table(trainer, f"{self.log_prefix}/fq/diversity_masking", ["layer", "which", "filters", "accuracy_change"], rows)
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(metrics, step=trainer.global_step)
-            self.history.append({"epoch": trainer.current_epoch, "fit_end": 1.0, **metrics})
-        except Exception as err:
-            if self.strict:
-                raise
-            rank_zero_warn(f"FeatureQuantityMonitor skipped its fit-end analysis: {type(err).__name__}: {err}.")
+        guarded("FeatureQuantityMonitor", self.strict, "skipped its fit-end analysis",
+                lambda: self._mask_diverse(trainer, pl_module))
+
+    def _mask_diverse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = self.eval_dataloader(trainer)
+        if loader is None:
+            rank_zero_warn("FeatureQuantityMonitor: no validation data; diversity masking is skipped.")
+            return
+        base = accuracy(pl_module, loader, batch_adapter=self.batch_adapter, max_batches=self.eval_max_batches)
+        metrics, rows = {}, []
+        for layer, div in self.diversity.items():
+            n = min(self.num_diverse, len(div))
+            order = div.double().argsort(descending=True, stable=True).tolist()
+            for tag, idx in (("most", order[:n]), ("least", order[::-1][:n])):
+                with FilterMask(pl_module, {layer: idx}):
+                    change = accuracy(pl_module, loader, batch_adapter=self.batch_adapter,
+                                      max_batches=self.eval_max_batches) - base
+                metrics[f"{self.log_prefix}/fq/{layer}/mask_{tag}_diverse"] = change
+                rows.append([layer, tag, n, change])
+        self.log_table(trainer, f"{self.log_prefix}/fq/diversity_masking", ["layer", "which", "filters", "accuracy_change"], rows)
+        self.log_fit_end(trainer, metrics)
 
     @override
     def state_dict(self) -> dict[str, Any]:

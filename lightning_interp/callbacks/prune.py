@@ -8,14 +8,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from ..metrics.aipc import accuracy
 from ..pruning import prune_filters
 from ..report import read_anomaly_report
 from .anomaly import AnomalyFilterMonitor
-from .base import log_root
+from .base import guarded, log_root
 
 __all__ = ["PruneFlaggedFilters", "save_pruned", "load_pruned"]
 
@@ -77,12 +77,8 @@ class PruneFlaggedFilters(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        try:
-            self._prune(trainer, pl_module)
-        except Exception as err:
-            if self.strict:
-                raise
-            rank_zero_warn(f"PruneFlaggedFilters did not prune: {type(err).__name__}: {err}. The trained model is untouched.")
+        guarded("PruneFlaggedFilters", self.strict, "did not prune (the trained model is untouched)",
+                lambda: self._prune(trainer, pl_module))
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         path = self.report or self.monitor.resolve_report_path(trainer)

@@ -15,7 +15,7 @@ from ..metrics.aipc import DEFAULT_FRACTIONS, aipc, filter_types, type_masking
 from ..metrics.tip import PROPERTIES, avou, interpretable_properties, sou, spearman
 from ..nns import filter_learning_images, iter_filter_learning_images, layer_activations, sketch_properties
 from ..viz import heatmap, image_grid
-from .base import InterpCallback, check_finite
+from .base import InterpCallback, check_finite, guarded
 
 __all__ = ["TIPMonitor"]
 
@@ -153,12 +153,7 @@ class TIPMonitor(InterpCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.last:
             return
-        try:
-            self._post_fit(trainer, pl_module)
-        except Exception as err:
-            if self.strict:
-                raise
-            rank_zero_warn(f"TIPMonitor skipped its fit-end analyses: {type(err).__name__}: {err}.")
+        guarded("TIPMonitor", self.strict, "skipped its fit-end analyses", lambda: self._post_fit(trainer, pl_module))
 
     def _post_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader = self.eval_dataloader(trainer)
@@ -187,10 +182,7 @@ class TIPMonitor(InterpCallback):
                                ["type", "filters", "accuracy_change"], rows)
                 for name, change in changes.items():
                     metrics[f"{self.log_prefix}/tip/{layer}/type_masking/{name}"] = change
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-        self.history.append({"epoch": trainer.current_epoch, "fit_end": 1.0, **metrics})
+        self.log_fit_end(trainer, metrics)
 
     @override
     def state_key_fields(self) -> dict[str, Any]:
