@@ -126,6 +126,19 @@ def log_root(trainer: pl.Trainer) -> str:
     return trainer.log_dir or trainer.default_root_dir
 
 
+def send_image(trainer: pl.Trainer, key: str, image: np.ndarray, caption: str = "") -> bool:
+    """Send one ``H x W x 3`` uint8 picture to every W&B/TensorBoard logger; False when none takes images."""
+    shown = False
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[image], caption=[caption], step=trainer.global_step)
+            shown = True
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, image, global_step=trainer.global_step, dataformats="HWC")
+            shown = True
+    return shown
+
+
 class InterpCallback(Callback):
     """Base class of the monitors: probe, cadence, layers, logging, fault isolation, state.
 
@@ -181,6 +194,9 @@ class InterpCallback(Callback):
         self.probe: Batch | None = None
         self.probe_indices: list[int] | None = None
         self.history: list[dict[str, float]] = []
+        #: The latest picture logged under each key: ``{key: (H x W x 3 uint8, caption, epoch)}``
+        #: (rank zero; what :class:`~lightning_interp.callbacks.InterpReport` puts in the HTML report).
+        self.figures: dict[str, tuple[np.ndarray, str, int]] = {}
 
     @property
     @override
@@ -282,15 +298,8 @@ class InterpCallback(Callback):
     @rank_zero_only
     def log_image(self, trainer: pl.Trainer, key: str, image: np.ndarray, caption: str = "") -> None:
         """One ``H x W x 3`` uint8 picture to W&B/TensorBoard, or a PNG under the log dir for other loggers."""
-        shown = False
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key=key, images=[image], caption=[caption], step=trainer.global_step)
-                shown = True
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(key, image, global_step=trainer.global_step, dataformats="HWC")
-                shown = True
-        if not shown:
+        self.figures[key] = (image, caption, trainer.current_epoch)
+        if not send_image(trainer, key, image, caption):
             self.save_png(trainer, key, image)
 
     @rank_zero_only
