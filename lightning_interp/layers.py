@@ -7,6 +7,7 @@ A *layer* is a module path in ``model.named_modules()``; its output is that modu
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["get_layer", "list_layers", "capture_output", "layer_channels"]
+__all__ = ["get_layer", "list_layers", "capture_output", "eager", "layer_channels", "public_name"]
 
 _CHANNEL_ATTRS = (
     (nn.modules.conv._ConvNd, "out_channels"),
@@ -33,8 +34,50 @@ def layer_channels(module: nn.Module) -> int | None:
     return None
 
 
+@contextmanager
+def eager() -> Iterator[None]:
+    """Run ``torch.compile``d code eagerly inside the block.
+
+    Dynamo does not guard on forward hooks by default: hooks added to a compiled network after it
+    was compiled are silently skipped, and a graph compiled while a scan's hooks were on keeps
+    calling them. Compiled graphs (aot_autograd) also refuse double backward. So every forward a
+    scan hooks runs eagerly (:func:`capture_output` enters this); training steps stay compiled.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    with set_stance("force_eager") if set_stance is not None else contextlib.nullcontext():
+        yield
+
+
+_COMPILED = "_orig_mod"  # where torch.compile's OptimizedModule keeps the network it wraps
+
+
+def public_name(name: str) -> str:
+    """A module path without the ``_orig_mod`` steps ``torch.compile`` inserts (``"model.relu3"``
+    for ``"model._orig_mod.relu3"``): the name the user knows, which :func:`get_layer` accepts."""
+    return ".".join(part for part in name.split(".") if part != _COMPILED)
+
+
+def _through_compiled(model: nn.Module, layer: str) -> nn.Module | None:
+    """Resolve ``layer`` stepping into compiled modules' ``_orig_mod`` where the path needs it."""
+    module = model
+    for part in layer.split("."):
+        children = module._modules
+        if part not in children and _COMPILED in children:
+            module = children[_COMPILED]
+            children = module._modules
+        if part not in children or children[part] is None:
+            return None
+        module = children[part]
+    return module
+
+
 def get_layer(model: nn.Module, layer: str) -> nn.Module:
     """Return the submodule at module path ``layer``.
+
+    Paths into a ``torch.compile``d submodule may leave out its ``_orig_mod`` step: for
+    ``model.net = torch.compile(net)``, ``"net.conv1"`` and ``"net._orig_mod.conv1"`` name the same
+    module (hooks on it only fire when the forward runs eagerly, see
+    ``lightning_interp.callbacks.base.eager``).
 
     Raises:
         ValueError: when ``layer`` is not a module path of ``model``; the message lists the
@@ -45,7 +88,10 @@ def get_layer(model: nn.Module, layer: str) -> nn.Module:
     modules = dict(model.named_modules())
     if layer in modules and layer != "":
         return modules[layer]
-    names = [n for n in modules if n]
+    module = _through_compiled(model, layer)
+    if module is not None:
+        return module
+    names = [public_name(n) for n in modules if public_name(n)]
     close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
     if not close:
         close = [n for n, _ in list_layers(model).items()][:8]
@@ -67,6 +113,8 @@ def list_layers(model: nn.Module, example_inputs: torch.Tensor | None = None) ->
     ResNet block, say), whose output is ambiguous: name the conv or the block instead and
     scan with ``rectify=True``.
 
+    Names inside a ``torch.compile``d submodule are given without ``_orig_mod``.
+
     Returns:
         ``{layer: channels}`` in ``named_modules()`` order.
     """
@@ -74,8 +122,8 @@ def list_layers(model: nn.Module, example_inputs: torch.Tensor | None = None) ->
         out = {}
         for name, module in model.named_modules():
             channels = layer_channels(module)
-            if name and channels is not None:
-                out[name] = channels
+            if public_name(name) and channels is not None:
+                out[public_name(name)] = channels
         return out
 
     calls: dict[str, int] = {}
@@ -96,17 +144,17 @@ def list_layers(model: nn.Module, example_inputs: torch.Tensor | None = None) ->
             if name:
                 handles.append(module.register_forward_hook(make_hook(name)))
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), eager():
             model(example_inputs)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {
-        name: channels[name]
-        for name, _ in model.named_modules()
-        if name in channels and calls.get(name) == 1
-    }
+    out: dict[str, int] = {}
+    for name, _ in model.named_modules():
+        if name in channels and calls.get(name) == 1:
+            out.setdefault(public_name(name) or name, channels[name])
+    return out
 
 
 @contextmanager
@@ -115,7 +163,8 @@ def capture_output(module: nn.Module, layer: str) -> Iterator[dict]:
 
     Yields a dict whose ``"output"`` holds the module's output after the forward. A module
     called twice in one forward (shared activation modules) raises a ``ValueError``; a module
-    that is never called leaves ``"output"`` as ``None``. The hook is removed on exit.
+    that is never called leaves ``"output"`` as ``None``. The hook is removed on exit. Compiled code
+    runs eagerly inside the block (:func:`eager`), so the hook fires.
     """
     store: dict = {"output": None, "calls": 0}
 
@@ -135,6 +184,7 @@ def capture_output(module: nn.Module, layer: str) -> Iterator[dict]:
 
     handle = module.register_forward_hook(hook)
     try:
-        yield store
+        with eager():
+            yield store
     finally:
         handle.remove()

@@ -24,7 +24,7 @@ from ..metrics.tip import avou
 from ..nns import iter_filter_learning_images, layer_activations, sketch_learning_images
 from ..report import write_anomaly_report
 from ..viz import cluster_scatter, display_inputs, image_grid
-from .base import InterpCallback, check_finite
+from .base import InterpCallback, check_finite, rank_zero_decides
 
 __all__ = ["AnomalyFilterMonitor", "overfit_alarm"]
 
@@ -147,11 +147,18 @@ class AnomalyFilterMonitor(InterpCallback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        metrics = trainer.callback_metrics
-        entry = {"epoch": trainer.current_epoch}
-        for name, key in (("val_acc", self.val_acc_key), ("val_loss", self.val_loss_key)):
-            if key in metrics:
-                entry[name] = float(metrics[key])
+
+        def read_entry() -> dict[str, float]:
+            metrics = trainer.callback_metrics
+            out = {"epoch": trainer.current_epoch}
+            for name, key in (("val_acc", self.val_acc_key), ("val_loss", self.val_loss_key)):
+                if key in metrics:
+                    out[name] = float(metrics[key])
+            return out
+
+        # Validation metrics logged without `sync_dist` differ between ranks; rank zero's decide
+        # the WT epoch and the alarm everywhere.
+        entry = rank_zero_decides(trainer, read_entry)
         self.val_history = [e for e in self.val_history if e["epoch"] != trainer.current_epoch] + [entry]
 
     def _val_at(self, epoch: int, name: str) -> float | None:
@@ -217,6 +224,15 @@ class AnomalyFilterMonitor(InterpCallback):
         self.last_result = results
         self._log_pictures(trainer, results, probe, outliers)
         return scalars
+
+    @override
+    def decisions(self) -> dict[str, Any]:
+        return {"flagged": self.flagged, "num_filters": self.num_filters}
+
+    @override
+    def adopt_decisions(self, decisions: dict[str, Any]) -> None:
+        self.flagged = dict(decisions["flagged"])
+        self.num_filters = dict(decisions["num_filters"])
 
     @staticmethod
     def _describe(res: AnomalyFilters, k: int, epoch: int) -> dict[str, Any]:

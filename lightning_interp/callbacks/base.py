@@ -26,11 +26,11 @@ from torch.utils.data.dataloader import default_collate
 from typing_extensions import override
 
 from ..batch import Batch, BatchAdapter, default_batch_adapter
-from ..layers import get_layer
+from ..layers import eager, get_layer
 from ..nns import check_inputs
 from ..viz import line_plot
 
-__all__ = ["InterpCallback", "check_finite", "guarded", "log_root", "select_probe"]
+__all__ = ["InterpCallback", "check_finite", "guarded", "log_root", "rank_zero_decides", "select_probe"]
 
 ProbeSource = Dataset | DataLoader | Batch | tuple | None
 
@@ -102,11 +102,39 @@ def _concat(parts: list[Batch], n: int) -> Batch:
     return Batch(cat([p.x for p in parts]), cat([p.y for p in parts]), cat([p.mask for p in parts]))
 
 
+def rank_zero_decides(trainer: pl.Trainer, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on every rank and return rank zero's result on all of them (house rule 6).
+
+    Flags, masks, probes and the scalars a monitor keeps are decided once, on rank zero, and
+    broadcast with ``trainer.strategy.broadcast``, so every rank agrees even when ranks see different
+    data. The broadcast is a collective: call this on **every** rank, never inside rank-zero-only
+    code. ``fn`` runs inside ``try`` so that no rank skips the broadcast: a rank whose own ``fn``
+    failed adopts rank zero's result, and when rank zero's ``fn`` failed every rank raises (rank
+    zero its own exception, the others a ``RuntimeError`` naming it) instead of waiting forever.
+    """
+    try:
+        result, error = fn(), None
+    except Exception as err:
+        result, error = None, err
+    if trainer.world_size > 1:
+        message = None if error is None or not trainer.is_global_zero else f"{type(error).__name__}: {error}"
+        result, message = trainer.strategy.broadcast((result, message), src=0)
+        if message is None:
+            error = None  # rank zero's result wins over a failure of this rank
+        elif not trainer.is_global_zero:
+            error = RuntimeError(f"rank 0 failed: {message}")
+    if error is not None:
+        raise error
+    return result
+
+
 def guarded(owner: str, strict: bool, failure: str, fn: Callable[[], Any]) -> Any:
     """Run ``fn``; on an exception warn ``"<owner> <failure>: <error>"`` and return None, or re-raise
-    when ``strict``. Every monitor hook that could otherwise lose the user's run goes through here."""
+    when ``strict``. Every monitor hook that could otherwise lose the user's run goes through here.
+    Compiled code runs eagerly inside (:func:`lightning_interp.layers.eager`): analyses hook the model."""
     try:
-        return fn()
+        with eager():
+            return fn()
     except Exception as err:  # a monitor must never lose the user's run
         if strict:
             raise
@@ -223,7 +251,8 @@ class InterpCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe is None:
-            self.probe, self.probe_indices = self._build_probe(trainer)
+            # Decided on rank zero: a val split or an iterable dataset may differ between ranks.
+            self.probe, self.probe_indices = rank_zero_decides(trainer, lambda: self._build_probe(trainer))
 
     def _build_probe(self, trainer: pl.Trainer) -> tuple[Batch, list[int] | None]:
         src = self.probe_source
@@ -261,23 +290,34 @@ class InterpCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe is None or not self.should_scan(trainer):
             return
-        def run() -> dict[str, float]:
+
+        def run() -> tuple[dict[str, float], Any]:
             scalars = self.scan(trainer, pl_module, self.probe.to(pl_module.device))
             bad = [k for k, v in scalars.items() if not math.isfinite(float(v))]
             if bad:
                 raise FloatingPointError(f"non-finite values (NaN/inf in activations or learning images?) for {bad}")
-            return scalars
+            return {k: float(v) for k, v in scalars.items()}, self.decisions()
 
-        scalars = guarded(
+        outcome = guarded(
             type(self).__name__, self.strict,
-            f"skipped its scan at epoch {trainer.current_epoch} (training goes on; `strict=True` raises)", run,
+            f"skipped its scan at epoch {trainer.current_epoch} (training goes on; `strict=True` raises)",
+            lambda: rank_zero_decides(trainer, run),
         )
-        if scalars is not None:
+        if outcome is not None:
+            scalars, decisions = outcome
+            self.adopt_decisions(decisions)
             self.log_scalars(trainer, pl_module, scalars)
 
     def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
         """Run the monitor on the probe; log pictures; return the scalars to log and keep."""
         raise NotImplementedError
+
+    def decisions(self) -> Any:
+        """What the last scan decided that every rank must share (e.g. flags); picklable. None here."""
+        return None
+
+    def adopt_decisions(self, decisions: Any) -> None:
+        """Take rank zero's :meth:`decisions` (called on every rank after each scan)."""
 
     # ---- logging -----------------------------------------------------------------------------
     def log_scalars(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: dict[str, float]) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
@@ -14,10 +15,19 @@ from ..layers import get_layer
 from ..masking import FilterMask
 from ..report import read_anomaly_report
 from .anomaly import AnomalyFilterMonitor
+from .base import rank_zero_decides
 
 __all__ = ["FilterMasking"]
 
 MODES = ("train_and_eval", "eval_only")
+
+
+def _is_compiled(pl_module: pl.LightningModule) -> bool:
+    """``torch.compile`` applied to a submodule, or to the LightningModule passed to ``trainer.fit``."""
+    compiled = getattr(torch._dynamo, "OptimizedModule", ())
+    if getattr(pl_module, "_compiler_ctx", None) is not None:
+        return True
+    return any(isinstance(m, compiled) for m in pl_module.modules())
 
 
 class FilterMasking(Callback):
@@ -32,8 +42,8 @@ class FilterMasking(Callback):
 
     ``mode="train_and_eval"`` masks during training steps and evaluation; ``"eval_only"`` masks
     only during validation/test. The masks in force are logged as ``interp/masking/num_masked``,
-    recorded in :attr:`history`, saved in checkpoints, and — being decided from the same report,
-    list or monitor state — identical on every process.
+    recorded in :attr:`history`, saved in checkpoints, and decided on rank zero and broadcast, so
+    they are identical on every process.
     """
 
     def __init__(
@@ -81,12 +91,20 @@ class FilterMasking(Callback):
         for layer in wanted:
             get_layer(pl_module, layer)
         FilterMask(pl_module, wanted)  # validates indices before the first step
+        if _is_compiled(pl_module) and torch._dynamo.config.skip_nnmodule_hook_guards:
+            # Dynamo skips forward hooks added after compilation unless it guards on them: the
+            # masks would silently not apply to the compiled training steps. Guarding costs one
+            # recompilation whenever the masks change.
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            rank_zero_info("FilterMasking: compiled model; set torch._dynamo.config.skip_nnmodule_hook_guards "
+                           "= False so that the masks apply to compiled code (it recompiles when they change).")
 
-    def _apply(self, pl_module: pl.LightningModule, epoch: int) -> None:
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         self._remove()
         if epoch < self.start_epoch:
             return
-        self.in_force = {k: v for k, v in self._wanted().items() if v}
+        # Decided on rank zero and broadcast (every rank calls this hook): identical masks everywhere.
+        self.in_force = rank_zero_decides(trainer, lambda: {k: v for k, v in self._wanted().items() if v})
         if self.in_force:
             self._mask = FilterMask(pl_module, self.in_force).apply()
 
@@ -98,7 +116,7 @@ class FilterMasking(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        self._apply(pl_module, epoch)
+        self._apply(trainer, pl_module, epoch)
         if self.mode == "eval_only":
             self._remove()
         count = sum(len(v) for v in self.in_force.values()) if epoch >= self.start_epoch else 0
@@ -114,7 +132,7 @@ class FilterMasking(Callback):
 
     def _eval_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode == "eval_only":
-            self._apply(pl_module, trainer.current_epoch)
+            self._apply(trainer, pl_module, trainer.current_epoch)
 
     def _eval_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode == "eval_only":
@@ -135,6 +153,11 @@ class FilterMasking(Callback):
     @override
     def on_test_end(self, trainer, pl_module):
         self._eval_end(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Training is over: fit-end work (pruning copies the network, hooks included) sees it unmasked.
+        self._remove()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
