@@ -26,11 +26,11 @@ from torch.utils.data.dataloader import default_collate
 from typing_extensions import override
 
 from ..batch import Batch, BatchAdapter, default_batch_adapter
-from ..layers import eager, get_layer
+from ..layers import eager, get_layer, list_layers, public_name
 from ..nns import check_inputs
 from ..viz import line_plot
 
-__all__ = ["InterpCallback", "check_finite", "guarded", "log_root", "rank_zero_decides", "select_probe"]
+__all__ = ["InterpCallback", "check_finite", "check_probe", "guarded", "log_root", "rank_zero_decides", "select_probe"]
 
 ProbeSource = Dataset | DataLoader | Batch | tuple | None
 
@@ -100,6 +100,28 @@ def _concat(parts: list[Batch], n: int) -> Batch:
         return None if any(t is None for t in items) else torch.cat(items)[:n]
 
     return Batch(cat([p.x for p in parts]), cat([p.y for p in parts]), cat([p.mask for p in parts]))
+
+
+def check_probe(probe: Batch) -> Batch:
+    """Validate a probe before the first step: floating inputs ``B x ...``, ``B`` labels, and a boolean
+    foreground mask ``B x 1|C x H x W`` matching the inputs."""
+    check_inputs(probe.x, "probe inputs")
+    x, y, mask = probe.x, probe.y, probe.mask
+    if y is not None and (not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]):
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"Expected probe labels of shape ({x.shape[0]},) but got {got}.")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"Expected the probe's foreground `mask` to be a boolean tensor (foreground = True) but got {got}.")
+        if mask.dim() != x.dim() or mask.shape[0] != x.shape[0] or mask.shape[2:] != x.shape[2:] or (
+            mask.shape[1] not in (1, x.shape[1])
+        ):
+            raise ValueError(
+                f"Expected the probe's foreground `mask` of shape (B, 1 or C, H, W) matching the inputs "
+                f"{tuple(x.shape)} but got {tuple(mask.shape)}."
+            )
+    return probe
 
 
 def rank_zero_decides(trainer: pl.Trainer, fn: Callable[[], Any]) -> Any:
@@ -253,16 +275,35 @@ class InterpCallback(Callback):
         if self.probe is None:
             # Decided on rank zero: a val split or an iterable dataset may differ between ranks.
             self.probe, self.probe_indices = rank_zero_decides(trainer, lambda: self._build_probe(trainer))
+        self.check_layer_outputs(pl_module, self.probe)
+
+    def check_layer_outputs(self, pl_module: pl.LightningModule, probe: Batch) -> None:
+        """Refuse, before the first step, layers whose output has no filters to scan: one forward of
+        two probe samples must give each layer a single ``B x K x ...`` tensor output."""
+        try:
+            valid = list_layers(pl_module, probe.x[:2].to(pl_module.device))
+        except Exception:  # the model rejects the probe: the scans will say so (a warning, or strict raises)
+            return
+        bad = [layer for layer in self.layers if public_name(layer) not in valid]
+        if bad:
+            raise ValueError(
+                f"Expected `layers` to output one (B, K, ...) tensor per forward pass (K filters) but {bad} "
+                "do not (never called, called more than once, or an output without a channel dimension). "
+                f"Layers that do: {', '.join(repr(n) for n in list(valid)[:12])}"
+                f"{', ...' if len(valid) > 12 else ''}; `lightning_interp.layers.list_layers(model, example_inputs)` "
+                "lists them all."
+            )
 
     def _build_probe(self, trainer: pl.Trainer) -> tuple[Batch, list[int] | None]:
+        probe, indices = self._select_probe(trainer)
+        return check_probe(probe), indices
+
+    def _select_probe(self, trainer: pl.Trainer) -> tuple[Batch, list[int] | None]:
         src = self.probe_source
         if isinstance(src, Batch):
-            check_inputs(src.x, "probe inputs")
             return src, None
         if isinstance(src, tuple) and src and isinstance(src[0], torch.Tensor):
-            b = self.batch_adapter(src)
-            check_inputs(b.x, "probe inputs")
-            return b, None
+            return self.batch_adapter(src), None
         if src is None:
             if self.probe_split == "train":
                 src = _first_loader(trainer.train_dataloader)

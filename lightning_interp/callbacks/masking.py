@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,25 @@ from .base import rank_zero_decides
 __all__ = ["FilterMasking"]
 
 MODES = ("train_and_eval", "eval_only")
+
+
+def _check_filters(filters: Any) -> dict[str, list[int]]:
+    """``{layer: [filter, ...]}`` with int indices (a list, tuple, set or 1-D integer tensor per layer)."""
+    expected = "Expected `filters` to map layer names to lists of filter indices, e.g. {'model.conv2': [3, 7]}"
+    if not isinstance(filters, Mapping):
+        raise TypeError(f"{expected}, but got {type(filters).__name__}.")
+    out = {}
+    for layer, idx in filters.items():
+        if isinstance(idx, torch.Tensor):
+            if idx.dim() > 1 or idx.is_floating_point() or idx.is_complex():
+                raise TypeError(f"{expected}, but got a {idx.dtype} tensor of shape {tuple(idx.shape)} for {layer!r}.")
+            idx = idx.flatten().tolist()
+        if not isinstance(layer, str) or isinstance(idx, (str, bytes)) or not isinstance(idx, (Sequence, set)) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in idx
+        ):
+            raise TypeError(f"{expected}, but got {layer!r}: {idx!r}.")
+        out[layer] = sorted({int(i) for i in idx})
+    return out
 
 
 def _is_compiled(pl_module: pl.LightningModule) -> bool:
@@ -64,7 +84,7 @@ class FilterMasking(Callback):
             raise ValueError(f"Expected `start_epoch` to be a non-negative int but got {start_epoch!r}.")
         if monitor is not None and not isinstance(monitor, AnomalyFilterMonitor):
             raise TypeError(f"Expected `monitor` to be an AnomalyFilterMonitor but got {type(monitor).__name__}.")
-        self.filters = {k: sorted(int(i) for i in v) for k, v in filters.items()} if filters is not None else None
+        self.filters = _check_filters(filters) if filters is not None else None
         self.report = report
         self.monitor = monitor
         self.start_epoch = start_epoch
