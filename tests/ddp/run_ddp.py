@@ -1,6 +1,15 @@
-"""Run every monitor under DDP (2 CPU processes, gloo) and dump what rank 0 saw; used by tests/test_ddp.py.
+"""Run every exported callback under DDP (2 CPU processes, gloo) and dump what each rank saw;
+used by tests/test_ddp.py.
 
-    python tests/ddp/run_ddp.py OUT_DIR [--devices 2]
+    python tests/ddp/run_ddp.py OUT_DIR [DEVICES]
+
+Ranks see different validation data: ``use_distributed_sampler=False`` and the validation loader
+holds 40 samples on rank 0 (3 batches) and 24 on rank 1 (2 batches), so one rank runs a batch
+fewer and the ranks' validation metrics differ (they are logged without ``sync_dist``). The
+training loader is sharded by hand with a ``DistributedSampler`` (even counts: DDP's gradient
+all-reduce needs the same number of steps on every rank). The learning-image monitor draws its
+probe from the validation split, which differs between ranks, and asks for more samples than
+rank 1 has: the probe, the anomaly flags, the WT epoch and the masks are decided on rank 0.
 """
 
 import json
@@ -8,48 +17,83 @@ import os
 import sys
 
 import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from lightning_interp.callbacks import (
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from callback_factories import make_callbacks  # noqa: E402
+
+from lightning_interp.callbacks import (  # noqa: E402
     AnomalyFilterMonitor,
-    AttentionGuidance,
     FeatureQuantityMonitor,
     FilterMasking,
     LearningImageLogger,
     TIPMonitor,
 )
-from lightning_interp.data import ShapesDataModule
-from lightning_interp.models import ImageClassifier, SimpleCNN
+from lightning_interp.data import ShapesDataModule  # noqa: E402
+from lightning_interp.models import ImageClassifier, SimpleCNN  # noqa: E402
+
+VAL_PER_RANK = (40, 24)
+
+
+class RankDependentData(pl.LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        self.shapes = ShapesDataModule(num_train=96, num_val=40, num_test=8, batch_size=16, image_size=16)
+
+    def setup(self, stage=None):
+        self.shapes.setup(stage)
+
+    def train_dataloader(self):
+        data = self.shapes.train_set
+        if self.trainer.world_size > 1:
+            sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
+                                         shuffle=True, seed=0)
+            return DataLoader(data, batch_size=16, sampler=sampler)
+        return DataLoader(data, batch_size=16, shuffle=True)
+
+    def val_dataloader(self):
+        n = VAL_PER_RANK[self.trainer.global_rank % len(VAL_PER_RANK)]
+        return DataLoader(Subset(self.shapes.val_set, range(n)), batch_size=16)
 
 
 def main(out: str, devices: int) -> None:
     pl.seed_everything(0)
-    # 101 training samples: with 2 processes one rank gets one batch fewer at the end.
-    data = ShapesDataModule(num_train=101, num_val=40, num_test=8, batch_size=16, image_size=16, num_workers=0)
+    torch.set_num_threads(1)
+    data = RankDependentData()
     module = ImageClassifier(SimpleCNN(in_channels=3, num_classes=4, width=(4, 8, 8)), lr=3e-3)
-    anomaly = AnomalyFilterMonitor("model.relu3", probe_size=48, k_max=4, num_outlier_images=2)
-    callbacks = [
-        LearningImageLogger("model.relu2", probe_size=8, num_images=2),
-        anomaly,
-        TIPMonitor("model.relu3", probe_size=8, aipc_fractions=[0.5], top_filters=1),
-        FeatureQuantityMonitor("model.relu3", probe_size=8, top_neurons=4, num_diverse=2),
-        AttentionGuidance("model.relu3", {"attention_supervision": 1.0}, probe_size=8),
-        FilterMasking(monitor=anomaly, start_epoch=1),
-    ]
+    # Loose criteria (alpha = beta = theta = 0) so that filters are flagged and masked.
+    made = make_callbacks({
+        AnomalyFilterMonitor: {"probe_size": 48, "alpha": 0.0, "beta": 0.0, "theta": 0.0},
+        LearningImageLogger: {"probe_split": "val", "probe_size": 32},
+        FilterMasking: {"start_epoch": 1},
+    })
+    callbacks = list(made.values())
     trainer = pl.Trainer(
         strategy="ddp" if devices > 1 else "auto", accelerator="cpu", devices=devices, max_epochs=2,
         default_root_dir=out, logger=pl.loggers.CSVLogger(out, name="csv"), callbacks=callbacks,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        use_distributed_sampler=False, log_every_n_steps=1,
     )
     trainer.fit(module, datamodule=data)
+    anomaly, masking = made[AnomalyFilterMonitor], made[FilterMasking]
     result = {
         "rank": trainer.global_rank,
+        "val_batches": trainer.num_val_batches,
         "anomaly_history": anomaly.history,
+        "flagged": anomaly.flagged,
+        "val_history": anomaly.val_history,
+        "wt_epoch": anomaly.wt_epoch,
         "probe": anomaly.probe.x.double().sum().item(),
         "probe_indices": anomaly.probe_indices,
-        "tip_history": callbacks[2].history,
-        "masking": callbacks[5].history,
-        "lil_history": callbacks[0].history,
-        "fq_history": callbacks[3].history,
+        "val_probe": made[LearningImageLogger].probe.x.double().sum().item(),
+        "val_probe_indices": made[LearningImageLogger].probe_indices,
+        "tip_history": made[TIPMonitor].history,
+        "masking": masking.history,
+        "masks_in_force": masking.in_force,
+        "lil_history": made[LearningImageLogger].history,
+        "fq_history": made[FeatureQuantityMonitor].history,
+        "callbacks": sorted(cls.__name__ for cls in made),
     }
     with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as fh:
         json.dump(result, fh)
