@@ -23,18 +23,33 @@ class SimpleCNN(nn.Module):
     """Three 3×3 conv layers (32-64-64 filters) with ReLU, two max-pools, a 64-unit hidden layer.
 
     Input ``B x in_channels x H x W`` (any H, W >= 4), output ``B x num_classes`` logits.
+    ``batch_norm=True`` puts a BatchNorm (``bn1``..``bn3``) between each conv and its ReLU;
+    the default model has none (and the same parameter names as before the option existed).
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: tuple[int, int, int] = (32, 64, 64)):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: tuple[int, int, int] = (32, 64, 64),
+        batch_norm: bool = False,
+    ):
         super().__init__()
         c1, c2, c3 = width
+        self.batch_norm = batch_norm
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
+        if batch_norm:
+            self.bn1 = nn.BatchNorm2d(c1)
         self.relu1 = nn.ReLU()
         self.pool1 = nn.MaxPool2d(2)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        if batch_norm:
+            self.bn2 = nn.BatchNorm2d(c2)
         self.relu2 = nn.ReLU()
         self.pool2 = nn.MaxPool2d(2)
         self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
+        if batch_norm:
+            self.bn3 = nn.BatchNorm2d(c3)
         self.relu3 = nn.ReLU()
         self.pool3 = nn.AdaptiveMaxPool2d(4)
         self.flatten = nn.Flatten()
@@ -43,10 +58,13 @@ class SimpleCNN(nn.Module):
         self.fc2 = nn.Linear(64, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool1(self.relu1(self.conv1(x)))
-        x = self.pool2(self.relu2(self.conv2(x)))
-        x = self.pool3(self.relu3(self.conv3(x)))
+        x = self.pool1(self.relu1(self._bn(1, self.conv1(x))))
+        x = self.pool2(self.relu2(self._bn(2, self.conv2(x))))
+        x = self.pool3(self.relu3(self._bn(3, self.conv3(x))))
         return self.fc2(self.relu4(self.fc1(self.flatten(x))))
+
+    def _bn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, f"bn{i}")(x) if self.batch_norm else x
 
 
 class LeNet5(nn.Module):
