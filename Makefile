@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	WANDB_MODE=offline $(PY) recipes/demo.py
+	WANDB_MODE=offline $(VENV)/bin/lightning-interp fit --config recipes/demo.yaml
 
 test: $(STAMP)
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q

@@ -1,58 +1,186 @@
 """The ``lightning-interp`` command line.
 
+    lightning-interp fit --config recipes/demo.yaml [--trainer.max_epochs 3 ...]
+    lightning-interp validate|test|predict --config ... --ckpt_path ...
+    lightning-interp scan CHECKPOINT --layers model.relu3 --datamodule DigitsDataModule [--monitors anomaly tip]
     lightning-interp prune CHECKPOINT --report REPORT.json --out PRUNED.pt [--datamodule digits]
 
-``prune`` loads an :class:`~lightning_interp.models.ImageClassifier` checkpoint (trained with
-``arch=...`` so it can be rebuilt), removes the filters the anomaly report flags with
-Torch-Pruning and saves the smaller network whole (:func:`~lightning_interp.callbacks.prune.load_pruned`).
-With a datamodule it prints validation accuracy before and after.
+``fit``/``validate``/``test``/``predict`` are Lightning's own :class:`~lightning.pytorch.cli.LightningCLI`
+subcommands: the model, the datamodule, the trainer and every callback (the monitors included,
+under ``trainer.callbacks``) are configured from YAML and flags the way Lightning users know
+(``class_path``/``init_args``, ``--print_config``). ``scan`` runs monitors once on a trained
+checkpoint and writes the same reports as a training run, without training. ``prune`` loads an
+:class:`~lightning_interp.models.ImageClassifier` checkpoint (trained with ``arch=...`` so it can be
+rebuilt), removes the filters an anomaly report flags with Torch-Pruning and saves the smaller
+network whole (:func:`~lightning_interp.callbacks.prune.load_pruned`); with a datamodule it prints
+validation accuracy before and after.
+
+``--datamodule`` takes a LightningDataModule class (``DigitsDataModule``, a dotted path) with its
+arguments as ``--datamodule.<arg> value``, or the short names ``digits``, ``shapes``, ``imagefolder``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
+from typing import Literal
 
+import lightning.pytorch as pl
 import torch
 
-DATAMODULES = ("digits", "shapes", "imagefolder")
+#: Short names accepted by ``--datamodule``.
+DATAMODULES = {
+    "digits": "lightning_interp.data.DigitsDataModule",
+    "shapes": "lightning_interp.data.ShapesDataModule",
+    "imagefolder": "lightning_interp.data.ImageFolderDataModule",
+}
+
+#: Monitors ``scan`` can run, by name.
+MONITORS = {
+    "anomaly": "AnomalyFilterMonitor",
+    "learning_images": "LearningImageLogger",
+    "tip": "TIPMonitor",
+    "fq": "FeatureQuantityMonitor",
+}
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def _datamodule(name: str, root: str | None):
-    from .data import DigitsDataModule, ImageFolderDataModule, ShapesDataModule
+def lightning_cli(args: list[str] | None = None, run: bool = True):
+    """Lightning's CLI over any LightningModule and LightningDataModule (``class_path`` in YAML)."""
+    from lightning.pytorch.cli import LightningCLI
 
-    if name == "digits":
-        return DigitsDataModule()
-    if name == "shapes":
-        return ShapesDataModule()
-    if root is None:
-        raise SystemExit("error: --data-root is required with --datamodule imagefolder")
-    return ImageFolderDataModule(root)
+    import lightning_interp.callbacks  # noqa: F401  (short class names resolve once imported)
+    import lightning_interp.data  # noqa: F401
+    import lightning_interp.models  # noqa: F401
+
+    return LightningCLI(
+        pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        args=args, run=run, save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "lightning-interp"} if run else None,
+    )
 
 
-def prune_command(args: argparse.Namespace) -> dict:
+def _expand_aliases(argv: list[str]) -> list[str]:
+    out = []
+    for i, arg in enumerate(argv):
+        if i > 0 and argv[i - 1] == "--datamodule" and arg in DATAMODULES:
+            arg = DATAMODULES[arg]
+        if arg == "--data-root":
+            arg = "--datamodule.root"
+        elif arg.startswith("--data-root="):
+            arg = "--datamodule.root=" + arg.split("=", 1)[1]
+        out.append(arg)
+    return out
+
+
+def _parser(command: str):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    import lightning_interp.data  # noqa: F401
+
+    parser = ArgumentParser(prog=f"lightning-interp {command}", description=(scan_command if command == "scan" else prune_command).__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with any of these options")
+    parser.add_argument("checkpoint", type=str, help="a Lightning checkpoint (.ckpt)")
+    parser.add_argument("--model_class", type=str, default="lightning_interp.models.ImageClassifier",
+                        help="LightningModule class the checkpoint is loaded with (load_from_checkpoint)")
+    parser.add_subclass_arguments(pl.LightningDataModule, "datamodule", required=command == "scan",
+                                  help=f"data module class (or one of {list(DATAMODULES)})")
+    if command == "scan":
+        parser.add_argument("--layers", type=list[str], required=True, help="module paths, e.g. model.relu3")
+        parser.add_argument("--monitors", type=list[Literal[tuple(MONITORS)]], default=["anomaly", "learning_images"])
+        parser.add_argument("--probe_size", type=int | None, default=None, help="probe samples (monitor default when unset)")
+        parser.add_argument("--probe_split", type=Literal["train", "val"], default="train")
+        parser.add_argument("--mode", type=Literal["exact", "sketch"], default="exact", help="anomaly/TIP scan mode")
+        parser.add_argument("--min_cluster_size", type=int | float, default=0.1, help="λ of the anomaly monitor")
+        parser.add_argument("--max_eval_batches", type=int | None, default=None,
+                            help="validation batches per AIPC point / masking evaluation (all when unset)")
+        parser.add_argument("--out", type=str | None, default=None, help="run directory (default: <checkpoint>_scan)")
+        parser.add_argument("--accelerator", type=str, default="auto")
+        parser.add_argument("--progress", type=bool, default=True, help="show progress bars")
+    else:
+        parser.add_argument("--report", type=str, required=True, help="anomaly_report.json written by AnomalyFilterMonitor")
+        parser.add_argument("--out", type=str, required=True, help="where to save the pruned network (whole, torch.save)")
+        parser.add_argument("--input_shape", "--input-shape", type=str | None, default=None,
+                            help="example input shape without a datamodule, e.g. 1,3,32,32")
+    return parser
+
+
+def _load_module(class_path: str, checkpoint: str) -> pl.LightningModule:
+    import importlib
+
+    if not os.path.isfile(checkpoint):
+        raise SystemExit(f"error: no checkpoint at {checkpoint!r}")
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise SystemExit(f"error: cannot import --model_class {class_path!r}: {err}") from err
+    try:
+        return cls.load_from_checkpoint(checkpoint, map_location="cpu")
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"error: cannot rebuild the model from {checkpoint} with {class_path}: {err}") from err
+
+
+def _instantiate_datamodule(parser, cfg):
+    if cfg.get("datamodule") is None:
+        return None
+    return parser.instantiate(cfg).datamodule
+
+
+def scan_command(cfg, parser) -> dict:
+    """Run monitors once on a trained checkpoint (no training) and write the anomaly and HTML reports."""
+    from . import callbacks as cbs
+    from .callbacks.scan import scan_once
+
+    module = _load_module(cfg.model_class, cfg.checkpoint)
+    data = _instantiate_datamodule(parser, cfg)
+    out = cfg.out or os.path.splitext(cfg.checkpoint)[0] + "_scan"
+    common = {"probe_split": cfg.probe_split}
+    if cfg.probe_size is not None:
+        common["probe_size"] = cfg.probe_size
+    monitors = []
+    for name in dict.fromkeys(cfg.monitors):
+        cls = getattr(cbs, MONITORS[name])
+        extra = {}
+        if name == "anomaly":
+            extra = {"mode": cfg.mode, "min_cluster_size": cfg.min_cluster_size,
+                     "report_path": os.path.join(out, "anomaly_report.json")}
+        elif name == "tip":
+            extra = {"mode": cfg.mode, "aipc_max_batches": cfg.max_eval_batches}
+        elif name == "fq":
+            extra = {"eval_max_batches": cfg.max_eval_batches}
+        try:
+            monitors.append(cls(cfg.layers, **common, **extra))
+        except ValueError as err:
+            raise SystemExit(f"error: {MONITORS[name]}: {err}") from err
+    result = scan_once(module, data, monitors, out, accelerator=cfg.accelerator, show_progress=cfg.progress)
+    print(json.dumps({"validation": result["validation"], "report": result["report"],
+                      "anomaly_report": os.path.join(out, "anomaly_report.json") if "anomaly" in cfg.monitors else None},
+                     indent=2, default=str))
+    return result
+
+
+def prune_command(cfg, parser) -> dict:
+    """Prune the filters an anomaly report flags from an ImageClassifier checkpoint."""
     from .batch import default_batch_adapter
     from .callbacks.prune import save_pruned
     from .metrics.aipc import accuracy
-    from .models import ImageClassifier
     from .pruning import prune_filters
     from .report import read_anomaly_report
 
-    try:
-        module = ImageClassifier.load_from_checkpoint(args.checkpoint, map_location="cpu")
-    except ValueError as err:
-        raise SystemExit(f"error: cannot rebuild the model from {args.checkpoint}: {err}") from err
+    module = _load_module(cfg.model_class, cfg.checkpoint)
     net = module.model
-    filters = read_anomaly_report(args.report, strip_prefix="model.")
+    filters = read_anomaly_report(cfg.report, strip_prefix="model.")
     if not filters:
-        raise SystemExit(f"error: the report {args.report} flags no filters; nothing to prune")
-    data = _datamodule(args.datamodule, args.data_root) if args.datamodule else None
+        raise SystemExit(f"error: the report {cfg.report} flags no filters; nothing to prune")
+    data = _instantiate_datamodule(parser, cfg)
     if data is not None:
         data.setup("fit")
         example = default_batch_adapter(next(iter(data.val_dataloader()))).x[:2]
-    elif args.input_shape:
-        example = torch.randn(*[int(s) for s in args.input_shape.split(",")])
+    elif cfg.input_shape:
+        example = torch.randn(*[int(s) for s in cfg.input_shape.split(",")])
     else:
         raise SystemExit("error: give --datamodule or --input-shape (e.g. 1,3,32,32) to trace the model")
     pruned, summary = prune_filters(net, filters, example)
@@ -61,30 +189,38 @@ def prune_command(args: argparse.Namespace) -> dict:
         loader = data.val_dataloader()
         result["val_acc_before"] = accuracy(net, loader)
         result["val_acc_after"] = accuracy(pruned, loader)
-    save_pruned(args.out, pruned, result, report=args.report, checkpoint=args.checkpoint)
+    save_pruned(cfg.out, pruned, result, report=cfg.report, checkpoint=cfg.checkpoint)
     print(json.dumps(result, indent=2))
-    print(f"saved {args.out}")
+    print(f"saved {cfg.out}")
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightning-interp", description="lightning_interp command line")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prune", help="prune the filters an anomaly report flags from a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--report", required=True, help="anomaly_report.json written by AnomalyFilterMonitor")
-    p.add_argument("--out", required=True, help="where to save the pruned network (whole, torch.save)")
-    p.add_argument("--datamodule", choices=DATAMODULES, default=None, help="evaluate accuracy before/after on it")
-    p.add_argument("--data-root", default=None, help="ImageFolder root for --datamodule imagefolder")
-    p.add_argument("--input-shape", default=None, help="example input shape without a datamodule, e.g. 1,3,32,32")
-    p.set_defaults(func=prune_command)
-    return parser
+USAGE = """usage: lightning-interp {fit,validate,test,predict,scan,prune} ...
+
+  fit|validate|test|predict  Lightning's CLI: lightning-interp fit --config recipes/demo.yaml
+  scan CHECKPOINT            run monitors once on a trained checkpoint, write the reports
+  prune CHECKPOINT           prune the filters an anomaly report flags
+
+`lightning-interp <command> --help` describes each command's options."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.func(args)
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command = argv[0]
+    if command in LIGHTNING_COMMANDS:
+        lightning_cli(argv)
+        return 0
+    if command in ("scan", "prune"):
+        parser = _parser(command)
+        cfg = parser.parse_args(_expand_aliases(argv[1:]))
+        (scan_command if command == "scan" else prune_command)(cfg, parser)
+        return 0
+    print(f"error: unknown command {command!r}; expected one of {[*LIGHTNING_COMMANDS, 'scan', 'prune']}\n\n{USAGE}",
+          file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

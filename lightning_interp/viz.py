@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-__all__ = ["heatmap", "display_inputs", "image_grid"]
+__all__ = ["heatmap", "display_inputs", "image_grid", "cluster_scatter", "line_plot", "anomaly_timeline"]
 
 
 def heatmap(images: torch.Tensor, cmap: str = "jet", symmetric: bool = True) -> torch.Tensor:
@@ -120,6 +120,58 @@ def line_plot(
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend(fontsize=7)
+        return _render(fig)
+    finally:
+        plt.close(fig)
+
+
+def anomaly_timeline(
+    epochs: Sequence[int],
+    counts: dict[str, Sequence[float | None]],
+    losses: dict[str, Sequence[tuple[int, float]]],
+    wt_epoch: int | None = None,
+) -> np.ndarray:
+    """Anomaly filters per layer vs epoch (left axis) against loss curves (right axis), as an
+    ``H x W x 3`` uint8 image (the thesis' fig. 6-3 view of overfitting).
+
+    Args:
+        epochs: scanned epochs; counts: per layer, one count per scanned epoch (None = not scanned).
+        losses: per curve name (e.g. ``"train/loss"``), ``(epoch, value)`` pairs.
+        wt_epoch: the best-validation epoch, drawn as a vertical line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    try:
+        for layer, ys in counts.items():
+            pts = [(e, y) for e, y in zip(epochs, ys) if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=4, label=f"anomaly filters: {layer}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("anomaly filters")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        handles, names = ax.get_legend_handles_labels()
+        if losses:
+            ax2 = ax.twinx()
+            for (name, pts), style in zip(losses.items(), ("--", ":", "-.", (0, (5, 1)))):
+                if pts:
+                    ax2.plot(*zip(*pts), linestyle=style, color="black", alpha=0.7, label=name)
+            ax2.set_ylabel("loss")
+            h2, n2 = ax2.get_legend_handles_labels()
+            handles, names = handles + h2, names + n2
+        if wt_epoch is not None:
+            ax.axvline(wt_epoch, color="green", alpha=0.5, linewidth=1)
+            handles.append(ax.lines[-1])
+            names.append(f"best val acc (WT), epoch {wt_epoch}")
+        if handles:
+            ax.legend(handles, names, fontsize=7, loc="upper left")
+        ax.set_title("Anomaly filters vs loss", fontsize=10)
         return _render(fig)
     finally:
         plt.close(fig)

@@ -90,6 +90,18 @@ def test_early_stopping_can_monitor_the_count(tmp_path, digits):
     assert stopped_early == any(c >= min(counts[:i]) for i, c in enumerate(counts) if i > 0)
 
 
+def test_early_stopping_on_the_alarm_as_in_the_readme(tmp_path, digits):
+    # The README's idiom: stop when the alarm fires (1), never merely because it stays 0.
+    mon = monitor(alarm_patience=1)
+    stop = EarlyStopping(monitor="interp/anomaly/overfit_alarm", mode="max", stopping_threshold=0.5,
+                         patience=10**6, check_on_train_epoch_end=True)
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[mon, stop], max_epochs=4)
+    trainer.fit(classifier(), datamodule=digits)
+    alarms = [h["interp/anomaly/overfit_alarm"] for h in mon.history]
+    assert all(a == 0.0 for a in alarms[:-1])
+    assert len(alarms) == 4 or alarms[-1] == 1.0
+
+
 def test_overfit_alarm_rule():
     assert overfit_alarm([1, 2, 4], [0.3, 0.35, 0.5], patience=2)
     assert not overfit_alarm([1, 2, 4], [0.5, 0.35, 0.3], patience=2)  # validation loss falls

@@ -7,6 +7,7 @@ from .guidance import AttentionGuidance
 from .learning_images import LearningImageLogger
 from .masking import FilterMasking
 from .prune import PruneFlaggedFilters
+from .report import InterpReport
 from .tip import TIPMonitor
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "FeatureQuantityMonitor",
     "FilterMasking",
     "InterpCallback",
+    "InterpReport",
     "LearningImageLogger",
     "PruneFlaggedFilters",
     "TIPMonitor",

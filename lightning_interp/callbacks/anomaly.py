@@ -22,6 +22,7 @@ from ..metrics.anomaly import (
 )
 from ..metrics.tip import avou
 from ..nns import iter_filter_learning_images, layer_activations, sketch_learning_images
+from ..progress import progress, trainer_shows_progress
 from ..report import write_anomaly_report
 from ..viz import cluster_scatter, display_inputs, image_grid
 from .base import InterpCallback, check_finite, rank_zero_decides
@@ -200,7 +201,8 @@ class AnomalyFilterMonitor(InterpCallback):
     @override
     def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
         epoch = trainer.current_epoch
-        results = {layer: self.detect(pl_module, layer, probe.x) for layer in self.layers}
+        layers = progress(self.layers, desc="anomaly scan", enabled=len(self.layers) > 1 and trainer_shows_progress(trainer))
+        results = {layer: self.detect(pl_module, layer, probe.x) for layer in layers}
         scalars: dict[str, float] = {}
         flagged: dict[str, list[dict[str, Any]]] = {}
         for layer, res in results.items():

@@ -15,6 +15,7 @@ from ..masking import FilterMask
 from ..metrics.aipc import accuracy
 from ..metrics.fq import feature_quantity, fq_diversity, fq_layer_stats, neuron_feature_quantity
 from ..nns import iter_filter_learning_images, layer_activations
+from ..progress import progress, trainer_shows_progress
 from .base import InterpCallback, check_finite, guarded
 
 __all__ = ["FeatureQuantityMonitor"]
@@ -117,7 +118,8 @@ class FeatureQuantityMonitor(InterpCallback):
             return
         base = accuracy(pl_module, loader, batch_adapter=self.batch_adapter, max_batches=self.eval_max_batches)
         metrics, rows = {}, []
-        for layer, div in self.diversity.items():
+        for layer, div in progress(list(self.diversity.items()), desc="FQ diversity masking",
+                                   enabled=trainer_shows_progress(trainer)):
             n = min(self.num_diverse, len(div))
             order = div.double().argsort(descending=True, stable=True).tolist()
             for tag, idx in (("most", order[:n]), ("least", order[::-1][:n])):

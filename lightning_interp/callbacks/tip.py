@@ -14,6 +14,7 @@ from ..batch import Batch
 from ..metrics.aipc import DEFAULT_FRACTIONS, aipc, filter_types, type_masking
 from ..metrics.tip import PROPERTIES, avou, interpretable_properties, sou, spearman
 from ..nns import filter_learning_images, iter_filter_learning_images, layer_activations, sketch_properties
+from ..progress import progress, trainer_shows_progress
 from ..viz import heatmap, image_grid
 from .base import InterpCallback, check_finite, guarded
 
@@ -113,7 +114,7 @@ class TIPMonitor(InterpCallback):
             rank_zero_warn("TIPMonitor: the probe has no foreground masks; foreground/background properties and filter types are skipped.")
             self._warned_no_mask = True
         scalars: dict[str, float] = {}
-        for layer in self.layers:
+        for layer in progress(self.layers, desc="TIP scan", enabled=len(self.layers) > 1 and trainer_shows_progress(trainer)):
             t = self.properties(pl_module, layer, probe)
             self.last[layer] = t
             prefix = f"{self.log_prefix}/tip/{layer}"
@@ -164,8 +165,8 @@ class TIPMonitor(InterpCallback):
         for layer, t in self.last.items():
             curves = {}
             names = [n for n in t if n not in ("avou", "sou")]
-            for i, name in enumerate(names):
-                rank_zero_info(f"TIPMonitor: AIPC of {layer} by {name} ({i + 1}/{len(names)})")
+            rank_zero_info(f"TIPMonitor: AIPC of {layer} for {len(names)} properties")
+            for name in progress(names, desc=f"AIPC {layer}", enabled=trainer_shows_progress(trainer)):
                 curve = aipc(pl_module, layer, t[name], loader, self.aipc_fractions,
                              batch_adapter=self.batch_adapter, max_batches=self.aipc_max_batches)
                 curves[name] = curve.change

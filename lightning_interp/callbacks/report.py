@@ -1,0 +1,199 @@
+"""``InterpReport``: an HTML page (and PNGs) of what the monitors found, written at fit end."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from ..html_report import Figure, Section, Table, write_html_report
+from ..viz import anomaly_timeline, line_plot
+from .anomaly import AnomalyFilterMonitor
+from .base import InterpCallback, guarded, log_root, send_image
+
+__all__ = ["InterpReport", "report_sections"]
+
+Curves = dict[str, list[tuple[int, float]]]
+
+
+def _is_curve(key: str) -> bool:
+    base = key.rsplit("/", 1)[-1]
+    return not key.startswith("interp/") and not key.endswith("_step") and ("loss" in base or "acc" in base)
+
+
+def _anomaly_section(cb: AnomalyFilterMonitor, curves: Curves) -> tuple[Section, np.ndarray | None]:
+    s = cb.summary()
+    s = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in s.items()}
+    section = Section(f"Anomaly filters ({', '.join(cb.layers)})")
+    section.paragraphs.append(
+        f"Mode {cb.mode}, probe of {cb.probe_size} samples, λ = {cb.min_cluster_size}. "
+        f"Best validation accuracy (WT) at epoch {s['wt_epoch']} with {s['wt_count']} anomaly filters; "
+        f"the last scan (epoch {s['final_epoch']}) has {s['final_count']}."
+    )
+    timeline = None
+    if cb.history:
+        epochs = [h["epoch"] for h in cb.history if "fit_end" not in h]
+        counts = {
+            layer: [h.get(f"{cb.log_prefix}/anomaly/{layer}/count") for h in cb.history if "fit_end" not in h]
+            for layer in cb.layers
+        }
+        losses = {k: v for k, v in curves.items() if "loss" in k.rsplit("/", 1)[-1]}
+        if not losses:  # no InterpReport curves (e.g. `lightning-interp scan`): the monitor's own
+            losses = {"val/loss": [(e["epoch"], e["val_loss"]) for e in cb.val_history if "val_loss" in e]}
+        timeline = anomaly_timeline(epochs, counts, losses, wt_epoch=s["wt_epoch"])
+        section.figures.append(Figure(f"{cb.log_prefix}/anomaly/timeline", timeline,
+                                      "anomaly filters per layer per scan, against the loss curves"))
+    section.figures.extend(Figure(k, img, cap) for k, (img, cap, _) in cb.figures.items())
+    rows = [
+        [layer, d["filter"], d["num_clusters"], d["ch_index"], d["outlier_clusters"], str(d["cluster_sizes"]),
+         d["outlier_samples"], d["epoch"]]
+        for layer, items in cb.flagged.items() for d in items
+    ]
+    if rows:
+        section.tables.append(Table(
+            "Flagged filters (last scan)",
+            ["layer", "filter", "clusters K", "CH index", "outlier clusters", "cluster sizes", "outlier samples", "epoch"],
+            rows,
+        ))
+    else:
+        section.paragraphs.append("No filter is flagged at the last scan.")
+    return section, timeline
+
+
+def _scalars_table(cb: InterpCallback) -> Table | None:
+    scans = [h for h in cb.history if "fit_end" not in h]
+    rows = []
+    for entry in (scans[-1] if scans else None, next((h for h in reversed(cb.history) if "fit_end" in h), None)):
+        if entry:
+            rows += [[k, v, entry["epoch"]] for k, v in entry.items()
+                     if k not in ("epoch", "fit_end") and isinstance(v, (int, float)) and math.isfinite(v)]
+    return Table("Latest values", ["metric", "value", "epoch"], rows) if rows else None
+
+
+def report_sections(callbacks: Sequence[Callback], curves: Curves | None = None) -> tuple[list[Section], dict[str, np.ndarray]]:
+    """The report's sections from the monitors among ``callbacks`` (their figures, flagged
+    filters and latest values) and the training ``curves`` (``{metric: [(epoch, value)]}``).
+
+    Returns:
+        the sections and the figures made here (``{key: image}``) that no logger has seen yet.
+    """
+    curves = curves or {}
+    sections: list[Section] = []
+    new: dict[str, np.ndarray] = {}
+    for cb in callbacks:
+        if isinstance(cb, AnomalyFilterMonitor):
+            section, timeline = _anomaly_section(cb, curves)
+            if timeline is not None:
+                new[f"{cb.log_prefix}/anomaly/timeline"] = timeline
+        elif isinstance(cb, InterpCallback):
+            section = Section(f"{type(cb).__name__} ({', '.join(cb.layers)})")
+            section.figures.extend(Figure(k, img, cap) for k, (img, cap, _) in cb.figures.items())
+        else:
+            continue
+        table = _scalars_table(cb)
+        if table is not None:
+            section.tables.append(table)
+        sections.append(section)
+    if curves:
+        groups = {"loss": {k: v for k, v in curves.items() if "loss" in k.rsplit("/", 1)[-1]},
+                  "accuracy": {k: v for k, v in curves.items() if "acc" in k.rsplit("/", 1)[-1]}}
+        figures = []
+        for name, group in groups.items():
+            if group:
+                epochs = sorted({e for pts in group.values() for e, _ in pts})
+                series = {k: [dict(v).get(e, float("nan")) for e in epochs] for k, v in group.items()}
+                image = line_plot(epochs, series, f"Training {name}", "epoch", name)
+                figures.append(Figure(f"training/{name}", image, ""))
+        sections.insert(0, Section("Training curves", figures=figures))
+    return sections, new
+
+
+class InterpReport(Callback):
+    """Write an HTML report of the run's monitors at fit end: ``<log dir>/interp_report/index.html``.
+
+    Sections: the training loss/accuracy curves; for each :class:`AnomalyFilterMonitor` the
+    anomaly count per layer vs epoch against the loss curves (also sent to W&B/TensorBoard as
+    ``interp/anomaly/timeline``), its cluster scatter plots and outlier samples, and the table of
+    flagged filters; for every other monitor its latest figures (learning-image grids, TIP top
+    filters, AIPC and FQ curves) and latest values. The pictures are the same ones the monitors
+    send to the loggers. Written on rank zero after every other callback's ``on_fit_end``
+    (in ``teardown``), so fit-end analyses such as AIPC are included. A failure warns and never
+    loses the run (``strict=True`` raises).
+
+    Args:
+        dirpath: report directory; ``<log dir>/interp_report`` when None.
+        title: the page title.
+    """
+
+    def __init__(self, dirpath: str | None = None, *, title: str = "lightning_interp report", strict: bool = False):
+        super().__init__()
+        self.dirpath = dirpath
+        self.title = title
+        self.strict = strict
+        self.curves: Curves = {}
+        self.path: str | None = None
+        self.report_dir: str | None = dirpath
+        self._epoch: int | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # `trainer.log_dir` broadcasts under DDP: resolve it here, on every rank.
+        self.log_root = log_root(trainer)
+        self.report_dir = self.dirpath or os.path.join(self.log_root, "interp_report")
+
+    def _record(self, trainer: pl.Trainer, epoch: int) -> None:
+        for key, value in trainer.callback_metrics.items():
+            if _is_curve(key) and value.numel() == 1:
+                name = key[: -len("_epoch")] if key.endswith("_epoch") else key
+                pts = [p for p in self.curves.get(name, []) if p[0] != epoch]
+                self.curves[name] = [*pts, (epoch, float(value))]
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Epoch-level training metrics reach callback_metrics after every on_train_epoch_end hook.
+        if self._epoch is not None:
+            self._record(trainer, self._epoch)
+        self._epoch = trainer.current_epoch
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._epoch is not None:
+            self._record(trainer, self._epoch)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        guarded("InterpReport", self.strict, "could not write the HTML report (training is done; nothing lost)",
+                lambda: self.write(trainer))
+
+    def write(self, trainer: pl.Trainer) -> str:
+        """Build and write the page now (rank zero); returns its path."""
+        sections, new = report_sections(trainer.callbacks, self.curves)
+        for key, image in new.items():
+            send_image(trainer, key, image, "anomaly filters vs loss")
+        meta: dict[str, Any] = {"epochs": trainer.current_epoch, "global step": trainer.global_step}
+        meta["log dir"] = getattr(self, "log_root", None) or trainer.default_root_dir
+        try:
+            self.path = write_html_report(self.report_dir, sections, title=self.title, meta=meta)
+        except OSError as err:
+            rank_zero_warn(f"InterpReport could not write {self.report_dir}: {err}.")
+            return ""
+        rank_zero_info(f"InterpReport: {self.path}")
+        return self.path
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"curves": {k: list(v) for k, v in self.curves.items()}, "epoch": self._epoch}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.curves = {k: [tuple(p) for p in v] for k, v in state_dict.get("curves", {}).items()}
+        self._epoch = state_dict.get("epoch")
