@@ -148,19 +148,20 @@ class AnomalyFilterMonitor(InterpCallback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-
-        def read_entry() -> dict[str, float]:
-            metrics = trainer.callback_metrics
-            out = {"epoch": trainer.current_epoch}
-            for name, key in (("val_acc", self.val_acc_key), ("val_loss", self.val_loss_key)):
-                if key in metrics:
-                    out[name] = float(metrics[key])
-            return out
-
-        # Validation metrics logged without `sync_dist` differ between ranks; rank zero's decide
-        # the WT epoch and the alarm everywhere.
-        entry = rank_zero_decides(trainer, read_entry)
+        metrics = trainer.callback_metrics
+        entry = {"epoch": trainer.current_epoch}
+        for name, key in (("val_acc", self.val_acc_key), ("val_loss", self.val_loss_key)):
+            if key in metrics:
+                entry[name] = float(metrics[key])
         self.val_history = [e for e in self.val_history if e["epoch"] != trainer.current_epoch] + [entry]
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Validation metrics logged without `sync_dist` differ between ranks: rank zero's curve
+        # decides the WT epoch and the alarm everywhere. Shared here, a hook every rank runs (a rank
+        # without validation batches skips the validation hooks), before this epoch's scan.
+        self.val_history = rank_zero_decides(trainer, lambda: list(self.val_history))
+        super().on_train_epoch_end(trainer, pl_module)
 
     def _val_at(self, epoch: int, name: str) -> float | None:
         return next((e.get(name) for e in self.val_history if e["epoch"] == epoch), None)
