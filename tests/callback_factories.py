@@ -33,7 +33,7 @@ Factory = Callable[[Made, dict[str, Any]], Callback]
 
 
 def _anomaly(made: Made, kw: dict[str, Any]) -> Callback:
-    return AnomalyFilterMonitor(**{"layers": "model.relu3", "probe_size": 32, "k_max": 4, "num_outlier_images": 2, **kw})
+    return AnomalyFilterMonitor(**{"layers": "model.relu3", "probe_size": 32, "k_max": 3, "num_outlier_images": 2, **kw})
 
 
 #: Built in this order; later factories may use earlier callbacks (``made[AnomalyFilterMonitor]``).

@@ -74,15 +74,17 @@ def fit_compiled(tmp_path, how, options, max_epochs=2, extra=()):
 
 @pytest.mark.parametrize("how", ["network", "lightning_module"])
 def test_every_callback_with_a_compiled_model(tmp_path, how, recwarn):
+    # The mask check needs a second epoch; once (on the compiled network) is enough.
     check = MaskedOutputsAreConstant()
     made = fit_compiled(tmp_path, how, {
-        FilterMasking: {"monitor": None, "filters": {"model.relu3": list(range(8))}, "mode": "eval_only"},
+        FilterMasking: {"monitor": None, "filters": {"model.relu3": list(range(8))}, "mode": "eval_only",
+                        "start_epoch": 1 if how == "network" else 0},
         # Not "rrr": see test_rrr_guidance_with_a_compiled_network.
         AttentionGuidance: {"weights": {"attention_supervision": 1.0}},
         # Loose criteria: filters are flagged, so PruneFlaggedFilters prunes.
         AnomalyFilterMonitor: {"alpha": 0.0, "beta": 0.0, "theta": 0.0},
-    }, extra=[check])
-    assert check.checked > 0
+    }, max_epochs=2 if how == "network" else 1, extra=[check])
+    assert check.checked > 0 or how != "network"
     problems = [str(w.message) for w in recwarn if "skipped" in str(w.message) or "did not" in str(w.message)]
     known = [p for p in problems if how == "network" and p.startswith(KNOWN_GAPS)]
     assert not [p for p in problems if p not in known], problems
