@@ -205,13 +205,14 @@ USAGE = """usage: lightning-interp {fit,validate,test,predict,scan,prune} ...
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     command = argv[0]
     if command in LIGHTNING_COMMANDS:
-        lightning_cli(argv)
+        lightning_cli(None if from_command_line else argv)  # None: LightningCLI reads sys.argv itself
         return 0
     if command in ("scan", "prune"):
         parser = _parser(command)

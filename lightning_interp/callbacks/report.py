@@ -87,7 +87,8 @@ def report_sections(callbacks: Sequence[Callback], curves: Curves | None = None)
     curves = curves or {}
     sections: list[Section] = []
     new: dict[str, np.ndarray] = {}
-    for cb in callbacks:
+    # The overfitting view first: anomaly monitors, then the others in the trainer's order.
+    for cb in sorted(callbacks, key=lambda c: not isinstance(c, AnomalyFilterMonitor)):
         if isinstance(cb, AnomalyFilterMonitor):
             section, timeline = _anomaly_section(cb, curves)
             if timeline is not None:
