@@ -24,7 +24,9 @@ delete the cache files to time again). Threads: 1 (``torch.set_num_threads``).
         --models simple_cnn lenet5 --out experiments/results/sketch_agreement_small.json
     OMP_NUM_THREADS=1 python experiments/sketch_agreement.py --cifar /work/shared/data/cifar10 \\
         --models resnet18_cifar --probe-size 32 --out experiments/results/sketch_agreement_resnet.json
-    python experiments/sketch_agreement.py --table experiments/results/sketch_agreement_*.json
+    python experiments/sketch_agreement.py --table experiments/results/sketch_agreement_{small,resnet}.json
+    OMP_NUM_THREADS=1 python experiments/sketch_agreement.py --models simple_cnn --projection-check 16 64 128 512 2048 \
+        --out experiments/results/sketch_projection_check.json
 """
 
 from __future__ import annotations
@@ -145,6 +147,12 @@ def flag_stats(a, b) -> dict:
         "flags_same": (a.anomaly == b.anomaly).double().mean().item(),
         "flagged_exact": a.count, "flagged_other": b.count, "flagged_both": both,
         "jaccard": both / union if union else 1.0,
+        # the criteria behind the flags (informative when few filters are flagged)
+        "same_num_clusters": (a.num_clusters == b.num_clusters).double().mean().item(),
+        "same_imbalanced": (a.imbalanced == b.imbalanced).double().mean().item(),
+        "same_high_ch": (a.high_ch == b.high_ch).double().mean().item(),
+        "imbalanced_exact_other": [int(a.imbalanced.sum()), int(b.imbalanced.sum())],
+        "spearman_ch": spearman(a.ch_index, b.ch_index).item(),
     }
 
 
@@ -233,6 +241,43 @@ def compare(name, info, x, ex: dict, sketches: dict[int, dict]) -> list[dict]:
     return rows
 
 
+def projection_check(name, model, x, projections, seeds=(0, 1)) -> list[dict]:
+    """Is the flag disagreement the sketch's approximation or a bug? From the exact learning images L:
+
+    * flags of the full L (B x K x C·H·W) must equal exact mode's (2-D embeddings per chunk);
+    * ``sketch_learning_images`` must equal L · r (checked on 16 samples);
+    * flags of L projected on P Rademacher directions (what sketch mode computes, any P, cheaply
+      here) vs exact, for several direction seeds; and on a random orthogonal basis (must agree).
+    """
+    from lightning_interp.nns import filter_learning_images, rademacher_directions
+
+    layer = MODELS[name][1]
+    activation = avou(layer_activations(model, layer, x, rectify=True))
+    li = filter_learning_images(model, layer, x, rectify=True)
+    exact = detect_anomaly_filters(project_filters_2d(li)[0].transpose(0, 1), activation, seed=0, **ANOMALY_KW)
+    full = detect_anomaly_filters(li, activation, seed=0, **ANOMALY_KW)
+    n = min(16, x.shape[0])
+    sk = sketch_learning_images(model, layer, x[:n], num_projections=8, rectify=True)
+    r = rademacher_directions(8, x.shape[1:], seed=0)
+    ref = torch.einsum("bkd,pd->bkp", li[:n].flatten(2), r.flatten(1))
+    base = {"model": name, "layer": layer, "probe": x.shape[0]}
+    rows = [{**base, "P": "full learning images", **flag_stats(exact, full),
+             "sketch_vs_projected_exact_max_rel_diff": ((sk - ref).abs().max() / ref.abs().max()).item()}]
+    lf = li.flatten(2)
+    for p in projections:
+        for seed in seeds:
+            r = rademacher_directions(p, x.shape[1:], seed=seed).flatten(1)
+            rows.append({**base, "P": p, "direction_seed": seed,
+                         **flag_stats(exact, detect_anomaly_filters(lf @ r.T, activation, seed=0, **ANOMALY_KW))})
+    d = lf.shape[2]
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0)))
+    rows.append({**base, "P": f"random orthogonal basis ({d})",
+                 **flag_stats(exact, detect_anomaly_filters(lf @ q, activation, seed=0, **ANOMALY_KW))})
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| model (val acc) | layer | filters | probe | P | same flags | #flagged exact/sketch (both) | "
@@ -268,6 +313,8 @@ def main() -> None:
                         help="exact/sketch: only compute (and cache) that part, e.g. in two processes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="experiments/results/sketch_agreement.json")
+    parser.add_argument("--projection-check", type=int, nargs="+", metavar="P",
+                        help="only run projection_check with these P (from the exact learning images)")
     parser.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of these result files")
     args = parser.parse_args()
     if args.table:
@@ -286,12 +333,19 @@ def main() -> None:
         model, info = train_or_load(name, args.ckpt_dir, data, args.eval_images)
         if args.train_only:
             continue
+        if args.projection_check:
+            rows += projection_check(name, model, x, args.projection_check)
+            continue
         ex = exact_part(name, model, x, args.ckpt_dir) if args.stage in ("all", "exact") else None
         sketches = {p: sketch_part(name, model, x, p, args.ckpt_dir) for p in args.projections} if args.stage in (
             "all", "sketch") else None
         if ex is not None and sketches is not None:
             rows += compare(name, info, x, ex, sketches)
     if args.train_only or args.stage != "all":
+        return
+    if args.projection_check:
+        with open(args.out, "w") as fh:
+            json.dump({"anomaly": ANOMALY_KW, "probe": "CIFAR-10 val images, randperm seed 1234", "rows": rows}, fh, indent=1)
         return
     meta = {"threads": args.threads, "device": "cpu", "platform": platform.processor() or platform.machine(),
             "torch": torch.__version__, "probe": "CIFAR-10 val images, randperm seed 1234", "anomaly": ANOMALY_KW}
