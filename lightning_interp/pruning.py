@@ -63,7 +63,7 @@ def prune_target(model: nn.Module, layer: str) -> str:
         )
     previous = None
     for name, m in model.named_modules():
-        if name == layer:
+        if m is module:  # by identity: names differ under torch.compile (`_orig_mod.`)
             break
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             previous = name

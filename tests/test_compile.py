@@ -97,9 +97,5 @@ def test_every_callback_with_a_compiled_model(tmp_path, how, recwarn):
                      + " | ".join(known))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="losses.rrr_input_gradient_penalty differentiates the compiled forward with create_graph "
-                   "and aot_autograd refuses double backward; AttentionGuidance._add_terms should compute the terms "
-                   "inside `lightning_interp.layers.eager()`")
 def test_rrr_guidance_with_a_compiled_network(tmp_path):
     fit_compiled(tmp_path, "network", {AttentionGuidance: {"weights": {"rrr": 0.1}}}, max_epochs=1)

@@ -138,3 +138,18 @@ def test_unwritable_log_dir_warns_not_crashes(tmp_path, digits):
     with pytest.warns(UserWarning, match="could not write"):
         trainer.fit(classifier(), datamodule=digits)
     assert trainer.global_step == 3 and len(cb.history) == 1
+
+
+def test_max_filters_below_top_filters_counts_only_the_scanned(tmp_path, digits):
+    from lightning_interp.metrics.tip import avou
+    from lightning_interp.nns import filter_learning_images, knowledge_quantity, layer_activations
+
+    cb = LearningImageLogger("model.relu2", probe_size=8, num_images=2, top_filters=4, max_filters=2, strict=True)
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[cb], max_epochs=1)
+    module = classifier()
+    trainer.fit(module, datamodule=digits)
+    assert "interp/nns/model.relu2/learning_images" in cb.figures  # the four shown filters were all computed
+    x = cb.probe.x
+    top2 = avou(layer_activations(module, "model.relu2", x)).argsort(descending=True)[:2]
+    kq = knowledge_quantity(filter_learning_images(module, "model.relu2", x, filters=top2), x)
+    assert cb.history[-1]["interp/nns/model.relu2/activation_count"] == pytest.approx(kq.activation_count.mean().item(), rel=1e-5)

@@ -109,8 +109,6 @@ def test_resumed_run_continues_every_monitor_history(runs):
             assert got[key] == expected[key], key
 
 
-@pytest.mark.xfail(strict=True, reason="InterpReport records an epoch's curves at the next epoch's start, so the "
-                   "checkpoint written at the end of that epoch lacks them and the resumed run loses that point")
 def test_resumed_interp_report_curves(runs):
     expected, got = runs
     if not any(key in expected for key in KNOWN_GAPS):

@@ -80,12 +80,15 @@ class LearningImageLogger(InterpCallback):
             order = mean_activation.argsort(descending=True)
             scanned = order if self.max_filters is None else order[: self.max_filters]
             shown = order[: self.top_filters].tolist()
+            counted = set(scanned.tolist())  # knowledge quantity: over the scanned filters only
             count = intensity = 0.0
             shown_images: dict[int, torch.Tensor] = {}
-            for filters, li in iter_filter_learning_images(pl_module, layer, x, filters=scanned, rectify=self.rectify):
+            wanted = order[: max(scanned.numel(), len(shown))]  # the shown ones too when top_filters > max_filters
+            for filters, li in iter_filter_learning_images(pl_module, layer, x, filters=wanted, rectify=self.rectify):
+                keep = torch.tensor([k in counted for k in filters.tolist()])
                 kq = knowledge_quantity(check_finite(li, f"learning images of {layer}"), x)
-                count += kq.activation_count.sum().item()
-                intensity += kq.activation_intensity.sum().item()
+                count += kq.activation_count[:, keep].sum().item()
+                intensity += kq.activation_intensity[:, keep].sum().item()
                 for j, k in enumerate(filters.tolist()):
                     if k in shown:
                         shown_images[k] = li[: self.num_images, j]

@@ -141,7 +141,6 @@ class InterpReport(Callback):
         self.curves: Curves = {}
         self.path: str | None = None
         self.report_dir: str | None = dirpath
-        self._epoch: int | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -157,16 +156,10 @@ class InterpReport(Callback):
                 self.curves[name] = [*pts, (epoch, float(value))]
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Epoch-level training metrics reach callback_metrics after every on_train_epoch_end hook.
-        if self._epoch is not None:
-            self._record(trainer, self._epoch)
-        self._epoch = trainer.current_epoch
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._epoch is not None:
-            self._record(trainer, self._epoch)
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The fit loop has switched callback_metrics to epoch aggregates by now (epoch_end_reached), and
+        # this runs before ModelCheckpoint saves, so a resumed run keeps this epoch's point.
+        self._record(trainer, trainer.current_epoch)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -192,9 +185,8 @@ class InterpReport(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"curves": {k: list(v) for k, v in self.curves.items()}, "epoch": self._epoch}
+        return {"curves": {k: list(v) for k, v in self.curves.items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.curves = {k: [tuple(p) for p in v] for k, v in state_dict.get("curves", {}).items()}
-        self._epoch = state_dict.get("epoch")

@@ -150,7 +150,7 @@ def weight_layer_for(model: nn.Module, layer: str) -> str:
     channels = layer_channels(module)
     candidates = []
     for name, m in model.named_modules():
-        if name == layer:
+        if m is module:  # by identity: names differ under torch.compile (`_orig_mod.`)
             break
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             candidates.append((name, layer_channels(m)))
