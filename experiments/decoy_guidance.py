@@ -10,7 +10,10 @@ data size, optimiser and epochs:
             ``--guided`` spec, e.g. ``attention_supervision=10`` (GAIN's external supervision:
             Grad-CAM of ``--layer`` pulled towards the mask), ``attention_supervision=10,attention_mining=1``
             (full GAIN_ext) or ``rrr=1`` (Right for the Right Reasons: input gradients of the
-            log-probabilities outside the mask penalised).
+            log-probabilities outside the mask penalised) or ``cam_background=10`` (every class's signed,
+            unnormalised evidence map S_c = Σ_k A_k ⊙ ∂z_c/∂A_k of ``--layer`` kept off the cells that
+            hold no shape pixel; share of the squared evidence, ``cam_background_raw`` without the
+            normalisation).
 
 The model is SimpleCNN (with BatchNorm unless ``--no-batch-norm``) behind a fixed input
 standardisation ((x − 0.45) / 0.25) — without both the clean model learns the shapes too slowly

@@ -5,6 +5,10 @@
   pixel mask. Total loss CE + α·L_am + ω_e·L_e.
 * Right for the Right Reasons (Ross et al., IJCAI 2017): penalise input gradients of the
   log-probabilities on regions that must not matter.
+* Class-evidence background penalty: the signed, unnormalised Grad-CAM-style evidence maps
+  S_c = Σ_k A_k ⊙ ∂z_c/∂A_k of a conv layer, for every class c, must vanish on cells that hold
+  no foreground pixel. Unlike GAIN's supervision of the ReLU'd, min-max normalised target-class
+  map, this also sees negative evidence and the other classes' logits.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .batch import Batch
 from .cam import grad_cam
+from .layers import capture_output, get_layer
 from .nns import check_inputs
 
 __all__ = [
@@ -24,11 +30,13 @@ __all__ = [
     "gain_attention_mining_loss",
     "attention_supervision_loss",
     "rrr_input_gradient_penalty",
+    "class_evidence_maps",
+    "cam_background_penalty",
     "guidance_terms",
 ]
 
 #: The terms `guidance_terms` (and the AttentionGuidance callback) know.
-LOSSES = ("attention_mining", "attention_supervision", "rrr")
+LOSSES = ("attention_mining", "attention_supervision", "rrr", "cam_background", "cam_background_raw")
 
 
 def soft_mask(cam: torch.Tensor, sigma: float = 10.0, omega: float = 0.5) -> torch.Tensor:
@@ -93,6 +101,62 @@ def rrr_input_gradient_penalty(model: nn.Module, x: torch.Tensor, irrelevant: to
     return ((a * g) ** 2).flatten(1).sum(1).mean()
 
 
+def class_evidence_maps(activations: torch.Tensor, logits: torch.Tensor, *, create_graph: bool = True) -> torch.Tensor:
+    """Signed, unnormalised evidence maps S_c = Σ_k A_k ⊙ ∂z_c/∂A_k for every class c.
+
+    Args:
+        activations: A, a layer's ``B x K x h x w`` output inside the graph of ``logits``.
+        logits: z, ``B x C``.
+        create_graph: keep the graph (loss use: the maps are differentiated again).
+
+    Returns:
+        ``B x C x h x w``. One backward pass per class; sample b's map uses ∂Σ_b' z_b'c/∂A_b, which
+        is ∂z_bc/∂A_b when nothing after the layer mixes samples (no BatchNorm in training mode).
+    """
+    if activations.dim() != 4:
+        raise ValueError(f"Expected activations of shape (B, K, h, w) but got {tuple(activations.shape)}.")
+    if logits.dim() != 2 or logits.shape[0] != activations.shape[0]:
+        raise ValueError(f"Expected logits of shape ({activations.shape[0]}, C) but got {tuple(logits.shape)}.")
+    maps = []
+    for c in range(logits.shape[1]):
+        (g,) = torch.autograd.grad(logits[:, c].sum(), activations, create_graph=create_graph, retain_graph=True)
+        maps.append((activations * g).sum(1))
+    return torch.stack(maps, 1)
+
+
+def cam_background_penalty(
+    activations: torch.Tensor,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    normalize: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Class evidence on the background: Σ_background S_c² for all classes (see :func:`class_evidence_maps`).
+
+    The pixel mask (``B x [1 x] H x W``, True on the foreground) is brought to the layer's ``h x w``
+    grid by max-pooling: a cell is background only where it contains no foreground pixel.
+
+    Args:
+        normalize: True — per sample, the share Σ_c Σ_bg S_c² / Σ_c Σ_all S_c² of the squared evidence
+            that lies on the background (in [0, 1], invariant to the logits' scale), averaged over the
+            batch; False — Σ_bg S_c² averaged over batch and classes (in squared logit units).
+
+    Returns:
+        scalar, differentiable in the parameters and inputs (double backward).
+    """
+    s = class_evidence_maps(activations, logits)
+    m = mask if mask.dim() == 4 else mask[:, None]
+    if m.shape[0] != s.shape[0] or m.shape[1] != 1:
+        raise ValueError(f"Expected `mask` of shape ({s.shape[0]}, [1,] H, W) but got {tuple(mask.shape)}.")
+    background = 1 - F.adaptive_max_pool2d(m.to(s.dtype), tuple(s.shape[-2:]))  # B x 1 x h x w
+    sq = s**2
+    on_bg = (background * sq).sum((2, 3))  # B x C
+    if not normalize:
+        return on_bg.mean()
+    return (on_bg.sum(1) / (sq.sum((1, 2, 3)) + eps)).mean()
+
+
 def guidance_terms(
     model: nn.Module,
     layer: str,
@@ -105,7 +169,8 @@ def guidance_terms(
     """The unweighted loss terms named in ``weights`` for one batch: what ``AttentionGuidance`` adds.
 
     Grad-CAM of ``layer`` is computed once with ``create_graph=True`` and shared by the GAIN terms;
-    ``rrr`` treats everything outside the foreground mask as irrelevant.
+    ``rrr`` treats everything outside the foreground mask as irrelevant; ``cam_background``
+    (``cam_background_raw``) is :func:`cam_background_penalty` of ``layer`` with (without) normalisation.
 
     Returns:
         dict ``{name: scalar}`` for the names in ``weights`` (see :data:`LOSSES`).
@@ -121,4 +186,12 @@ def guidance_terms(
             terms["attention_supervision"] = attention_supervision_loss(cam, batch.mask)
     if "rrr" in weights:
         terms["rrr"] = rrr_input_gradient_penalty(model, batch.x, ~batch.mask)
+    for name in ("cam_background", "cam_background_raw"):
+        if name in weights:
+            check_inputs(batch.x)
+            with torch.enable_grad(), capture_output(get_layer(model, layer), layer) as store:
+                logits = model(batch.x)
+            if store["output"] is None:
+                raise ValueError(f"Expected layer {layer!r} to be called in the forward pass but it was not.")
+            terms[name] = cam_background_penalty(store["output"], logits, batch.mask, normalize=name == "cam_background")
     return terms

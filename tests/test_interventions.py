@@ -20,8 +20,11 @@ from lightning_interp.callbacks import (
 from lightning_interp.callbacks.prune import load_pruned
 from lightning_interp.cam import class_activation_map, grad_cam
 from lightning_interp.data import ShapesDataModule
+from lightning_interp.layers import capture_output
 from lightning_interp.losses import (
     attention_supervision_loss,
+    cam_background_penalty,
+    class_evidence_maps,
     gain_attention_mining_loss,
     guidance_terms,
     rrr_input_gradient_penalty,
@@ -118,6 +121,78 @@ def test_losses_pass_gradcheck():
 
     weight = net.conv.weight.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(mining_in_weight, (weight,), eps=1e-6, atol=1e-5)
+
+
+def _penalty_of(net, layer, inp, mask, normalize):
+    with capture_output(getattr(net, layer), layer) as store:
+        logits = net(inp)
+    return cam_background_penalty(store["output"], logits, mask, normalize=normalize)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cam_background_penalty_passes_gradcheck(normalize):
+    torch.manual_seed(0)
+    net = Tiny().double()
+    x = torch.rand(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(2, 1, 5, 5, dtype=torch.bool)
+    mask[:, :, 1:4, 1:4] = True
+    assert torch.autograd.gradcheck(lambda inp: _penalty_of(net, "act", inp, mask, normalize), (x,), eps=1e-6, atol=1e-5)
+
+    def in_weight(w):  # in the parameters, which is what training uses (double backward)
+        functional = copy.deepcopy(net)
+        del functional.conv.weight
+        functional.conv.weight = w
+        return _penalty_of(functional, "act", x.detach(), mask, normalize)
+
+    weight = net.conv.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(in_weight, (weight,), eps=1e-6, atol=1e-5)
+
+
+def test_class_evidence_maps_sum_to_the_logits_for_global_pooling():
+    # GAP + linear: ∂z_c/∂A_k = W_ck / (h·w), so Σ_cells S_c = z_c − b_c (signed, all classes).
+    torch.manual_seed(0)
+    net = Tiny().double()
+    x = torch.rand(3, 1, 5, 5, dtype=torch.float64)
+    with capture_output(net.act, "act") as store:
+        logits = net(x)
+    s = class_evidence_maps(store["output"], logits)
+    assert s.shape == (3, 2, 5, 5)
+    torch.testing.assert_close(s.sum((2, 3)), logits - net.fc.bias)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cam_background_penalty_equals_explicit_construction(normalize):
+    # One sample and one class at a time, and the background cells found by looping over the pixels.
+    torch.manual_seed(0)
+    model = SimpleCNN(in_channels=3, num_classes=4, width=(4, 8, 8)).double().eval()
+    with torch.no_grad():
+        model.conv2.bias.fill_(0.1)
+    x = torch.randn(5, 3, 16, 16, dtype=torch.float64)
+    mask = torch.rand(5, 1, 16, 16) > 0.93
+    mask[0] = False
+    mask[1, :, 3:9, 5:11] = True
+    with capture_output(model.relu2, "relu2") as store:
+        logits = model(x)
+    ours = cam_background_penalty(store["output"], logits, mask, normalize=normalize)
+    terms = guidance_terms(model, "relu2", default_batch_adapter({"image": x, "label": logits.argmax(1), "mask": mask}),
+                           {"cam_background" if normalize else "cam_background_raw": 1.0})
+    torch.testing.assert_close(next(iter(terms.values())), ours)
+    per_sample = []
+    for b in range(5):
+        bg_sq, all_sq = [], []
+        for c in range(4):
+            with capture_output(model.relu2, "relu2") as store:
+                z = model(x[b : b + 1])
+            (g,) = torch.autograd.grad(z[0, c], store["output"])
+            s = (store["output"][0] * g[0]).sum(0)  # 8 x 8 (relu2 of a 16 x 16 input)
+            h, w = s.shape
+            fh, fw = 16 // h, 16 // w
+            bg = torch.tensor([[not mask[b, 0, i * fh : (i + 1) * fh, j * fw : (j + 1) * fw].any() for j in range(w)]
+                               for i in range(h)], dtype=torch.float64)
+            bg_sq.append((bg * s**2).sum())
+            all_sq.append((s**2).sum())
+        per_sample.append(sum(bg_sq) / (sum(all_sq) + 1e-8) if normalize else sum(bg_sq) / 4)
+    torch.testing.assert_close(ours.detach(), torch.stack(per_sample).mean())
 
 
 class GuidedByHand(ImageClassifier):

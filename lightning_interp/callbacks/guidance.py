@@ -12,10 +12,13 @@ from typing_extensions import override
 
 from ..batch import Batch
 from ..cam import cam_iou, grad_cam
+from ..layers import eager
 from ..losses import LOSSES, guidance_terms
 from .base import InterpCallback
 
 __all__ = ["AttentionGuidance"]
+
+MASK_LOSSES = ("attention_supervision", "rrr", "cam_background", "cam_background_raw")
 
 
 class AttentionGuidance(InterpCallback):
@@ -27,8 +30,9 @@ class AttentionGuidance(InterpCallback):
     output with the loss replaced. ``teardown`` restores the original method.
 
     Terms (see :mod:`lightning_interp.losses`): ``attention_mining`` (GAIN), ``attention_supervision``
-    (GAIN with pixel masks) and ``rrr`` (Right for the Right Reasons, background = outside the
-    mask). Mask terms need batches with foreground masks.
+    (GAIN with pixel masks), ``rrr`` (Right for the Right Reasons, background = outside the
+    mask) and ``cam_background``/``cam_background_raw`` (every class's signed evidence map of
+    ``layer`` kept off the background). Mask terms need batches with foreground masks.
 
     Works with automatic optimisation, gradient accumulation (Lightning scales the returned loss)
     and mixed precision (the terms run under the same autocast as the step). Not supported, refused
@@ -89,9 +93,10 @@ class AttentionGuidance(InterpCallback):
         if out is None:
             raise ValueError("AttentionGuidance needs training_step to return a loss (or a dict with 'loss').")
         batch = self.batch_adapter(raw_batch)
-        if batch.mask is None and any(n in self.weights for n in ("attention_supervision", "rrr")):
-            raise ValueError("Expected batches with foreground masks for 'attention_supervision'/'rrr' but got none.")
-        terms = guidance_terms(pl_module, self.layer, batch, self.weights, sigma=self.sigma, omega=self.omega)
+        if batch.mask is None and any(n in self.weights for n in MASK_LOSSES):
+            raise ValueError(f"Expected batches with foreground masks for {'/'.join(MASK_LOSSES)} but got none.")
+        with eager():  # double backward (RRR) and hooks (CAM) through a compiled forward: run it eagerly
+            terms = guidance_terms(pl_module, self.layer, batch, self.weights, sigma=self.sigma, omega=self.omega)
         extra = sum(self.weights[n] * t for n, t in terms.items())
         for name, term in terms.items():
             pl_module.log(f"{self.log_prefix}/guidance/{name}", term.detach(), on_step=True, on_epoch=True,
