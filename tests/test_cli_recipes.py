@@ -72,6 +72,9 @@ def run_recipe(name, tmp_path, data_root=None):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["fit", "--config", str(path)]) == 0
+    import wandb
+
+    wandb.finish()  # a process runs one recipe; here the next WandbLogger must not reuse this run
     return config
 
 
