@@ -12,8 +12,9 @@ data size, optimiser and epochs:
             (full GAIN_ext) or ``rrr=1`` (Right for the Right Reasons: input gradients of the
             log-probabilities outside the mask penalised) or ``cam_background=10`` (every class's signed,
             unnormalised evidence map S_c = Σ_k A_k ⊙ ∂z_c/∂A_k of ``--layer`` kept off the cells that
-            hold no shape pixel; share of the squared evidence, ``cam_background_raw`` without the
-            normalisation).
+            hold no shape pixel; share of the squared evidence) or ``cam_background_raw=1`` (the same
+            without the normalisation: the one that recovers nearly all the decoy's cost, see
+            experiments/results/decoy.json and decoy_cam_background_sweep.json).
 
 The model is SimpleCNN (with BatchNorm unless ``--no-batch-norm``) behind a fixed input
 standardisation ((x − 0.45) / 0.25) — without both the clean model learns the shapes too slowly
