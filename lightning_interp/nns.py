@@ -48,6 +48,13 @@ DEFAULT_CHUNK_BYTES = 512 * 2**20
 CPU_CHUNK = 4
 
 
+def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Raise ``FloatingPointError`` on NaN/inf in ``tensor`` (a monitor then skips that scan with a warning)."""
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(f"non-finite values (NaN/inf) in {what}")
+    return tensor
+
+
 def check_inputs(x: torch.Tensor, name: str = "x") -> None:
     """Validate a batch for scanning: a floating tensor (B, ...) with B >= 1 and rank >= 2."""
     if not isinstance(x, torch.Tensor):

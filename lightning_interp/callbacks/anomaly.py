@@ -16,16 +16,13 @@ from ..gradients import per_sample_gradient_magnitude
 from ..metrics.anomaly import (
     BACKENDS,
     AnomalyFilters,
-    detect_anomaly_filters,
-    project_filters_2d,
     resolve_min_cluster_size,
+    scan_anomaly_filters,
 )
-from ..metrics.tip import avou
-from ..nns import iter_filter_learning_images, layer_activations, sketch_learning_images
 from ..progress import progress, trainer_shows_progress
 from ..report import write_anomaly_report
 from ..viz import cluster_scatter, display_inputs, image_grid
-from .base import InterpCallback, check_finite, rank_zero_decides
+from .base import InterpCallback, rank_zero_decides
 
 __all__ = ["AnomalyFilterMonitor", "overfit_alarm"]
 
@@ -174,29 +171,12 @@ class AnomalyFilterMonitor(InterpCallback):
 
     # ---- the scan ----------------------------------------------------------------------------
     def detect(self, pl_module: pl.LightningModule, layer: str, x: torch.Tensor) -> AnomalyFilters:
-        """Anomaly filters of one layer on inputs ``x`` (chunked: learning images are projected to
-        2-D per chunk of filters and never all held at once)."""
-        f = check_finite(layer_activations(pl_module, layer, x, rectify=self.rectify), f"activations of {layer}")
-        activation = avou(f)
-        if self.mode == "sketch":
-            features = sketch_learning_images(
-                pl_module, layer, x, num_projections=self.num_projections, seed=self.seed, rectify=self.rectify
-            )  # (B, K, P): random projections of every filter's learning images
-        else:
-            embeddings = [project_filters_2d(li)[0] for _, li in iter_filter_learning_images(
-                pl_module, layer, x, rectify=self.rectify)]
-            features = torch.cat(embeddings, 0).transpose(0, 1)  # (B, K, 2)
-        check_finite(features, f"learning images of {layer}")
-        return detect_anomaly_filters(
-            features,
-            activation,
-            k_max=self.k_max,
-            min_cluster_size=self.min_cluster_size,
-            alpha=self.alpha,
-            beta=self.beta,
-            theta=self.theta,
-            backend=self.backend,
-            seed=self.seed,
+        """Anomaly filters of one layer on inputs ``x`` with this monitor's settings
+        (:func:`~lightning_interp.metrics.anomaly.scan_anomaly_filters`)."""
+        return scan_anomaly_filters(
+            pl_module, layer, x, mode=self.mode, num_projections=self.num_projections, rectify=self.rectify,
+            seed=self.seed, k_max=self.k_max, min_cluster_size=self.min_cluster_size, alpha=self.alpha,
+            beta=self.beta, theta=self.theta, backend=self.backend,
         )
 
     @override

@@ -27,7 +27,7 @@ from typing_extensions import override
 
 from ..batch import Batch, BatchAdapter, default_batch_adapter
 from ..layers import eager, get_layer, list_layers, public_name
-from ..nns import check_inputs
+from ..nns import check_finite, check_inputs
 from ..viz import line_plot
 
 __all__ = ["InterpCallback", "check_finite", "check_probe", "guarded", "log_root", "rank_zero_decides", "select_probe"]
@@ -162,13 +162,6 @@ def guarded(owner: str, strict: bool, failure: str, fn: Callable[[], Any]) -> An
             raise
         rank_zero_warn(f"{owner} {failure}: {type(err).__name__}: {err}.")
         return None
-
-
-def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
-    """Raise ``FloatingPointError`` (the scan is then skipped with a warning) on NaN/inf."""
-    if not torch.isfinite(tensor).all():
-        raise FloatingPointError(f"non-finite values (NaN/inf) in {what}")
-    return tensor
 
 
 def log_root(trainer: pl.Trainer) -> str:

@@ -12,11 +12,11 @@ from typing_extensions import override
 
 from ..batch import Batch
 from ..metrics.aipc import DEFAULT_FRACTIONS, aipc, filter_types, type_masking
-from ..metrics.tip import PROPERTIES, avou, interpretable_properties, sou, spearman
-from ..nns import filter_learning_images, iter_filter_learning_images, layer_activations, sketch_properties
+from ..metrics.tip import PROPERTIES, layer_properties, spearman
+from ..nns import filter_learning_images
 from ..progress import progress, trainer_shows_progress
 from ..viz import heatmap, image_grid
-from .base import InterpCallback, check_finite, guarded
+from .base import InterpCallback, guarded
 
 __all__ = ["TIPMonitor"]
 
@@ -90,23 +90,10 @@ class TIPMonitor(InterpCallback):
         self.last: dict[str, dict[str, torch.Tensor]] = {}
 
     def properties(self, pl_module: pl.LightningModule, layer: str, probe: Batch) -> dict[str, torch.Tensor]:
-        """T^k of every property (and AVoU/SoU) of one layer on the probe: dict of ``K`` tensors."""
-        if self.mode == "sketch":
-            props = sketch_properties(pl_module, layer, probe.x, probe.mask, num_projections=self.num_projections,
-                                      seed=self.seed, rectify=self.rectify)
-            out = {name: value.mean(0) for name, value in props.items()}
-        else:
-            sums: dict[str, list[torch.Tensor]] = {}
-            for _, li in iter_filter_learning_images(pl_module, layer, probe.x, rectify=self.rectify):
-                check_finite(li, f"learning images of {layer}")
-                for name, value in interpretable_properties(li, probe.x, probe.mask).items():
-                    sums.setdefault(name, []).append(value.mean(0))
-            out = {name: torch.cat(parts) for name, parts in sums.items()}
-        f = layer_activations(pl_module, layer, probe.x, rectify=self.rectify)
-        out["avou"] = avou(check_finite(f, f"activations of {layer}"))
-        if probe.y is not None:
-            out["sou"] = sou(pl_module, layer, probe.x, probe.y)
-        return out
+        """T^k of every property (and AVoU/SoU) of one layer on the probe: dict of ``K`` tensors
+        (:func:`~lightning_interp.metrics.tip.layer_properties` with this monitor's settings)."""
+        return layer_properties(pl_module, layer, probe.x, probe.mask, probe.y, mode=self.mode,
+                                num_projections=self.num_projections, seed=self.seed, rectify=self.rectify)
 
     @override
     def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:

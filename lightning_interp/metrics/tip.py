@@ -20,11 +20,19 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 
 from ..layers import get_layer, layer_channels
-from ..nns import check_inputs, scan_mode
+from ..nns import (
+    check_finite,
+    check_inputs,
+    iter_filter_learning_images,
+    layer_activations,
+    scan_mode,
+    sketch_properties,
+)
 
 __all__ = [
     "PROPERTIES",
     "interpretable_properties",
+    "layer_properties",
     "TIPAggregate",
     "avou",
     "sou",
@@ -196,3 +204,48 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.numel() < 2 or torch.all(a == a[0]) or torch.all(b == b[0]):
         return torch.zeros((), dtype=torch.float64, device=a.device)
     return spearman_corrcoef(a, b)
+
+
+def layer_properties(
+    model: nn.Module,
+    layer: str,
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    *,
+    mode: str = "exact",
+    num_projections: int = 64,
+    seed: int = 0,
+    rectify: bool = True,
+) -> dict[str, torch.Tensor]:
+    """T^k of every filter of ``layer`` on inputs ``x``, averaged over the batch: what ``TIPMonitor`` scans.
+
+    ``mode="exact"``: :func:`interpretable_properties` of the filter learning images, chunked over
+    filters (overall, and with a foreground ``mask`` also ``fg_``/``bg_``); ``mode="sketch"``:
+    :func:`lightning_interp.nns.sketch_properties` (T_m, T_c exact from forward-mode products, T_v and
+    T_cor from ``num_projections`` Hutchinson directions). Adds ``avou`` (eq. 5-8) and, with labels
+    ``y``, ``sou`` (eqs. 5-9, 5-10).
+
+    Returns:
+        ``{name: K tensor}``.
+
+    Raises:
+        FloatingPointError: NaN/inf in the learning images or the activations.
+    """
+    if mode == "sketch":
+        props = sketch_properties(model, layer, x, mask, num_projections=num_projections, seed=seed, rectify=rectify)
+        out = {name: value.mean(0) for name, value in props.items()}
+    elif mode == "exact":
+        parts: dict[str, list[torch.Tensor]] = {}
+        for _, li in iter_filter_learning_images(model, layer, x, rectify=rectify):
+            check_finite(li, f"learning images of {layer}")
+            for name, value in interpretable_properties(li, x, mask).items():
+                parts.setdefault(name, []).append(value.mean(0))
+        out = {name: torch.cat(chunks) for name, chunks in parts.items()}
+    else:
+        raise ValueError(f"Expected `mode` to be one of ['exact', 'sketch'] but got {mode!r}.")
+    f = layer_activations(model, layer, x, rectify=rectify)
+    out["avou"] = avou(check_finite(f, f"activations of {layer}"))
+    if y is not None:
+        out["sou"] = sou(model, layer, x, y)
+    return out
