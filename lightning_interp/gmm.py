@@ -3,8 +3,8 @@
 The anomaly detector (DESIGN §4) clusters the 2-D PCA projection of every filter's learning
 images with Gaussian mixtures for K = 2..K_max and keeps the K with the highest
 Calinski-Harabasz index. scikit-learn does one filter and one K per call (about 0.3 s per
-filter for the sweep); here all filters of a layer are fitted together for each K, on any
-device. The algorithm mirrors ``sklearn.mixture.GaussianMixture`` with its defaults
+filter for the sweep); here all filters of a layer are fitted together, one K at a time on the
+CPU and all K at once on a GPU (:func:`gmm_sweep`), on any device. The algorithm mirrors ``sklearn.mixture.GaussianMixture`` with its defaults
 (full covariances, ``reg_covar=1e-6``, ``tol=1e-3``, ``max_iter=100``, k-means
 initialisation with ``random_state=seed``), so scikit-learn is the test oracle. The k-means
 initialisation replays scikit-learn's k-means++ random stream, so both start from the same
@@ -21,6 +21,13 @@ import torch
 __all__ = ["kmeans", "fit_gmm", "calinski_harabasz", "gmm_sweep"]
 
 _LOG_2PI = math.log(2 * math.pi)
+#: Iterations between convergence checks on a GPU (each check is a device sync; on the CPU every
+#: iteration is checked, since a wasted iteration costs real work there).
+_CHECK_EVERY = 8
+
+
+def _check_every(x: torch.Tensor) -> int:
+    return 1 if x.device.type == "cpu" else _CHECK_EVERY
 
 
 def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -45,6 +52,72 @@ def _plusplus_draws(k: int, seed: int) -> tuple[float, np.ndarray]:
     return first, rs.uniform(size=(max(k - 1, 0), trials))
 
 
+def _plusplus_table(ks: torch.Tensor, k_max: int, seed: int) -> tuple[float, torch.Tensor]:
+    """Per-problem k-means++ uniforms, ``(first, P x (k_max − 1) x T)``, for problems of ``ks`` components.
+
+    Problems with fewer trials than the widest pad their rows with copies of the first trial (a
+    duplicate candidate never wins ``argmin`` over the original, so the choice is unchanged).
+    """
+    first = 0.0
+    width = 2 + int(np.log(k_max))
+    table = torch.zeros(ks.shape[0], max(k_max - 1, 0), width, dtype=torch.float64)
+    for k in torch.unique(ks).tolist():
+        first, trials = _plusplus_draws(k, seed)
+        padded = np.concatenate([trials, np.repeat(trials[:, :1], width - trials.shape[1], 1)], 1)
+        table[ks.cpu() == k, : k - 1] = torch.from_numpy(padded)
+    return first, table
+
+
+def _kmeans(x: torch.Tensor, ks: torch.Tensor, k_max: int, seed: int, max_iter: int, tol: float) -> torch.Tensor:
+    """k-means of P problems with ``ks[p]`` clusters each (components ≥ ``ks[p]`` unused) → (P, N) labels."""
+    p, n, _ = x.shape
+    rows = torch.arange(p, device=x.device)
+    first_u, table = _plusplus_table(ks, k_max, seed)
+    table = table.to(dtype=x.dtype, device=x.device)
+    first = min(int(first_u * n), n - 1)  # choice() with uniform weights
+    centres = [x[:, first]]
+    closest = _sq_dist(x, centres[0][:, None]).squeeze(-1)  # (P, N)
+    pot = closest.sum(1)
+    for c in range(1, k_max):
+        growing = ks > c  # problems that still take a centre
+        targets = table[:, c - 1] * pot[:, None]  # (P, T)
+        cand = torch.searchsorted(closest.cumsum(1).contiguous(), targets.contiguous()).clamp_max(n - 1)
+        cand_pts = x[rows[:, None], cand]  # (P, T, D)
+        d = torch.minimum(closest[:, None, :], _sq_dist(cand_pts, x))  # (P, T, N)
+        cand_pot = d.sum(2)
+        best = cand_pot.argmin(1)
+        centres.append(cand_pts[rows, best])
+        closest = torch.where(growing[:, None], d[rows, best], closest)
+        pot = torch.where(growing, cand_pot[rows, best], pot)
+    cen = torch.stack(centres, 1)  # (P, K, D)
+    unused = torch.arange(k_max, device=x.device)[None, :] >= ks[:, None]  # (P, K)
+    padded = bool((ks < k_max).any())
+    check_every = _check_every(x)
+
+    def nearest(cen: torch.Tensor) -> torch.Tensor:
+        d = _sq_dist(x, cen)
+        return (d.masked_fill(unused[:, None, :], torch.inf) if padded else d).argmin(2)
+
+    threshold = tol * x.var(1, unbiased=False).mean(1)
+    labels = nearest(cen)
+    active = torch.ones(p, dtype=torch.bool, device=x.device)
+    for it in range(max_iter):
+        onehot = torch.nn.functional.one_hot(labels, k_max).to(x.dtype)  # (P, N, K)
+        counts = onehot.sum(1)
+        new = torch.bmm(onehot.transpose(1, 2), x) / counts.clamp_min(1)[..., None]
+        new = torch.where((counts[..., None] > 0) & active[:, None, None], new, cen)
+        shift = ((new - cen) ** 2).sum((1, 2))
+        cen = new
+        new_labels = nearest(cen)
+        active = active & ~(new_labels == labels).all(1) & (shift > threshold)
+        labels = new_labels
+        # Finished problems are frozen by `active`, so checking less often (fewer device syncs)
+        # changes nothing but the wasted iterations.
+        if it % check_every == check_every - 1 and not bool(active.any()):
+            break
+    return labels
+
+
 def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, max_iter: int = 300, tol: float = 1e-4) -> torch.Tensor:
     """Batched k-means → (P, N) labels for (P, N, D) points, as ``sklearn.cluster.KMeans(n_init=1)``.
 
@@ -52,41 +125,8 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, max_iter: int = 300, tol: 
     then Lloyd iterations until the labels stop changing or the centre shift falls below
     ``tol`` × the mean per-feature variance.
     """
-    p, n, _ = x.shape
-    rows = torch.arange(p, device=x.device)
-    first_u, trial_u = _plusplus_draws(k, seed)
-    first = min(int(first_u * n), n - 1)  # choice() with uniform weights
-    centres = [x[:, first]]
-    closest = _sq_dist(x, centres[0][:, None]).squeeze(-1)  # (P, N)
-    pot = closest.sum(1)
-    for c in range(1, k):
-        u = torch.as_tensor(trial_u[c - 1], dtype=x.dtype, device=x.device)
-        targets = u[None, :] * pot[:, None]  # (P, T)
-        cand = torch.searchsorted(closest.cumsum(1).contiguous(), targets.contiguous()).clamp_max(n - 1)
-        cand_pts = x[rows[:, None], cand]  # (P, T, D)
-        d = torch.minimum(closest[:, None, :], _sq_dist(cand_pts, x))  # (P, T, N)
-        cand_pot = d.sum(2)
-        best = cand_pot.argmin(1)
-        centres.append(cand_pts[rows, best])
-        closest = d[rows, best]
-        pot = cand_pot[rows, best]
-    cen = torch.stack(centres, 1)  # (P, K, D)
-    threshold = tol * x.var(1, unbiased=False).mean(1)
-    labels = _sq_dist(x, cen).argmin(2)
-    active = torch.ones(p, dtype=torch.bool, device=x.device)
-    for _ in range(max_iter):
-        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # (P, N, K)
-        counts = onehot.sum(1)
-        new = torch.bmm(onehot.transpose(1, 2), x) / counts.clamp_min(1)[..., None]
-        new = torch.where((counts[..., None] > 0) & active[:, None, None], new, cen)
-        shift = ((new - cen) ** 2).sum((1, 2))
-        cen = new
-        new_labels = _sq_dist(x, cen).argmin(2)
-        active = active & ~(new_labels == labels).all(1) & (shift > threshold)
-        labels = new_labels
-        if not bool(active.any()):
-            break
-    return labels
+    ks = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
+    return _kmeans(x, ks, k, seed, max_iter, tol)
 
 
 def _m_step(x: torch.Tensor, resp: torch.Tensor, reg_covar: float):
@@ -112,6 +152,42 @@ def _log_prob(x: torch.Tensor, weights, means, cov) -> torch.Tensor:
     return (torch.log(weights) - 0.5 * torch.log(det) - _LOG_2PI)[:, None] - 0.5 * maha
 
 
+def _fit_gmm(
+    x: torch.Tensor, ks: torch.Tensor, k_max: int, seed: int, max_iter: int, tol: float, reg_covar: float
+) -> torch.Tensor:
+    """EM for P problems with ``ks[p]`` components each (the others get log-weight −∞) → (P, N) labels."""
+    unused = (torch.arange(k_max, device=x.device)[None, :] >= ks[:, None])[:, None, :]  # (P, 1, K)
+    padded = bool((ks < k_max).any())
+    check_every = _check_every(x)
+
+    def log_prob(weights, means, cov) -> torch.Tensor:
+        logp = _log_prob(x, weights, means, cov)
+        return logp.masked_fill(unused, -torch.inf) if padded else logp
+
+    init = _kmeans(x, ks, k_max, seed, 300, 1e-4)
+    resp = torch.nn.functional.one_hot(init, k_max).to(x.dtype)
+    weights, means, cov = _m_step(x, resp, reg_covar)
+    lower = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
+    active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    for it in range(max_iter):
+        logp = log_prob(weights, means, cov)
+        norm = torch.logsumexp(logp, 2, keepdim=True)
+        resp_new = (logp - norm).exp()
+        new_lower = norm.squeeze(-1).mean(1)
+        # Converged problems keep their parameters; the others take another M-step.
+        resp = torch.where(active[:, None, None], resp_new, resp)
+        w2, m2, c2 = _m_step(x, resp, reg_covar)
+        act = active[:, None]
+        weights = torch.where(act, w2, weights)
+        means = torch.where(act[..., None], m2, means)
+        cov = tuple(torch.where(act, new, old) for new, old in zip(c2, cov, strict=False))
+        active = active & ((new_lower - lower).abs() >= tol)
+        lower = torch.where(active, new_lower, lower)
+        if it % check_every == check_every - 1 and not bool(active.any()):
+            break
+    return log_prob(weights, means, cov).argmax(2)
+
+
 def fit_gmm(
     x: torch.Tensor,
     k: int,
@@ -130,28 +206,8 @@ def fit_gmm(
     """
     if x.dim() != 3 or x.shape[-1] != 2:
         raise ValueError(f"Expected `x` of shape (P, N, 2) but got {tuple(x.shape)}.")
-    init = kmeans(x, k, seed=seed)
-    resp = torch.nn.functional.one_hot(init, k).to(x.dtype)
-    weights, means, cov = _m_step(x, resp, reg_covar)
-    lower = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
-    active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    for _ in range(max_iter):
-        logp = _log_prob(x, weights, means, cov)
-        norm = torch.logsumexp(logp, 2, keepdim=True)
-        resp_new = (logp - norm).exp()
-        new_lower = norm.squeeze(-1).mean(1)
-        # Converged problems keep their parameters; the others take another M-step.
-        resp = torch.where(active[:, None, None], resp_new, resp)
-        w2, m2, c2 = _m_step(x, resp, reg_covar)
-        act = active[:, None]
-        weights = torch.where(act, w2, weights)
-        means = torch.where(act[..., None], m2, means)
-        cov = tuple(torch.where(act, new, old) for new, old in zip(c2, cov, strict=False))
-        active = active & ((new_lower - lower).abs() >= tol)
-        lower = torch.where(active, new_lower, lower)
-        if not bool(active.any()):
-            break
-    return _log_prob(x, weights, means, cov).argmax(2)
+    ks = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
+    return _fit_gmm(x, ks, k, seed, max_iter, tol, reg_covar)
 
 
 def calinski_harabasz(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -180,21 +236,38 @@ def calinski_harabasz(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
 
 
 def gmm_sweep(
-    x: torch.Tensor, k_max: int = 10, *, seed: int = 0
+    x: torch.Tensor, k_max: int = 10, *, seed: int = 0, all_k_at_once: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each of P 2-D problems, fit GMMs with K = 2..k_max and keep the highest CH index.
 
     Ties keep the larger K (thesis algorithm 6.1 updates on ``CH >= max``).
 
+    Args:
+        x: ``P x N x 2`` points.
+        all_k_at_once: fit every K as one batch of P·(k_max − 1) problems padded to k_max
+            components (one pass of kernels instead of k_max − 1: what a GPU wants, where the
+            sweep is bound by kernel launches), or one K at a time (fewer operations: what a CPU
+            wants). ``None``: at once on CUDA, one at a time elsewhere. Both give the same labels.
+
     Returns:
         ``(labels P x N, num_clusters P, ch_index P)``.
     """
-    best_ch = torch.full((x.shape[0],), -1.0, dtype=x.dtype, device=x.device)
-    best_k = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    p = x.shape[0]
+    if all_k_at_once is None:
+        all_k_at_once = x.device.type == "cuda"
+    ks = range(2, k_max + 1)
+    if all_k_at_once:
+        problems = torch.arange(2, k_max + 1, device=x.device).repeat_interleave(p)
+        xs = x.repeat(k_max - 1, 1, 1)
+        labels_all = _fit_gmm(xs, problems, k_max, seed, 100, 1e-3, 1e-6).view(k_max - 1, p, -1)
+        ch_all = calinski_harabasz(xs, labels_all.flatten(0, 1), k_max).view(k_max - 1, p)
+        results = ((labels_all[i], ch_all[i]) for i in range(k_max - 1))
+    else:
+        results = ((labels, calinski_harabasz(x, labels, k)) for k in ks for labels in [fit_gmm(x, k, seed=seed)])
+    best_ch = torch.full((p,), -1.0, dtype=x.dtype, device=x.device)
+    best_k = torch.zeros(p, dtype=torch.long, device=x.device)
     best_labels = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
-    for k in range(2, k_max + 1):
-        labels = fit_gmm(x, k, seed=seed)
-        ch = calinski_harabasz(x, labels, k)
+    for k, (labels, ch) in zip(ks, results, strict=True):
         better = ch >= best_ch
         best_ch = torch.where(better, ch, best_ch)
         best_k = torch.where(better, torch.full_like(best_k, k), best_k)

@@ -80,6 +80,20 @@ def test_batched_backend_agrees_with_sklearn(seed):
     torch.testing.assert_close(fast.ch_index, ref.ch_index, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sweep_all_k_at_once_equals_one_k_at_a_time(seed):
+    # The GPU path (every K padded to k_max components in one batch) against the per-K path that
+    # test_batched_backend_agrees_with_sklearn checks against scikit-learn: same labels, K, CH.
+    gen = torch.Generator().manual_seed(seed)
+    n = [30, 61, 97][seed]
+    blobs = torch.randn(12, n, 2, generator=gen, dtype=torch.float64) * torch.rand(12, 1, 2, generator=gen, dtype=torch.float64)
+    blobs[:6, : n // 5] += 6.0  # planted outlier groups in half of the problems
+    per_k = gmm_sweep(blobs, 8, seed=seed, all_k_at_once=False)
+    at_once = gmm_sweep(blobs, 8, seed=seed, all_k_at_once=True)
+    assert torch.equal(per_k[0], at_once[0]) and torch.equal(per_k[1], at_once[1])
+    torch.testing.assert_close(per_k[2], at_once[2], rtol=1e-12, atol=0)
+
+
 def test_ch_index_matches_sklearn_on_same_labels():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(7, 40, 2, generator=gen, dtype=torch.float64)
