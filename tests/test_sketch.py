@@ -44,6 +44,22 @@ def test_sketch_projections_equal_projected_exact_images(make, layer, rectify, s
 
 
 @pytest.mark.parametrize("make,layer,rectify,shape", CASES)
+def test_vmap_and_dual_forward_modes_agree(make, layer, rectify, shape):
+    # The vmapped torch.func.jvp (default) against the replicated-batch forward_ad path it replaced.
+    from lightning_interp.nns import _elementwise_eval_batchnorm, _jvp_projections, scan_mode
+
+    model = make().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    tangents = torch.randn(shape[0], 5, *shape[1:], dtype=torch.float64)
+    with scan_mode(model), torch.no_grad(), _elementwise_eval_batchnorm(model):
+        got = _jvp_projections(model, layer, x, tangents, rectify, 2, impl="vmap")
+        ref = _jvp_projections(model, layer, x, tangents, rectify, 5, impl="dual")
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match=r"\['vmap', 'dual'\]"):
+        _jvp_projections(model, layer, x, tangents, rectify, 2, impl="loop")
+
+
+@pytest.mark.parametrize("make,layer,rectify,shape", CASES)
 def test_sketch_mean_and_covariance_are_exact(make, layer, rectify, shape):
     model = make().eval()
     x = torch.randn(*shape, dtype=torch.float64)
