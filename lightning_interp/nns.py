@@ -20,6 +20,7 @@ inside ``torch.no_grad()`` and ``torch.inference_mode()`` blocks (Lightning's va
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -440,10 +441,21 @@ def _jvp_projections(
         t = tangents[:, start : start + chunk]  # (B, n, ...)
         n = t.shape[1]
         if impl == "vmap":
-            f, jv = torch.func.vmap(lambda v: torch.func.jvp(layer_output, (x,), (v,)), out_dims=(None, 1))(
-                t.transpose(0, 1)
-            )  # f (B, K, ...), jv (B, n, K, ...)
-        elif impl == "dual":
+            try:
+                f, jv = torch.func.vmap(lambda v: torch.func.jvp(layer_output, (x,), (v,)), out_dims=(None, 1))(
+                    t.transpose(0, 1)
+                )  # f (B, K, ...), jv (B, n, K, ...)
+            except RuntimeError as err:
+                if "vmap" not in str(err):
+                    raise
+                # An op without a batching rule (e.g. a channels_last clone inside the model).
+                warnings.warn(
+                    f"sketch mode: torch.func.vmap cannot run this model ({err}); using the slower "
+                    "replicated-batch forward-mode path instead.",
+                    stacklevel=2,
+                )
+                impl = "dual"
+        if impl == "dual":
             from torch.autograd import forward_ad as fwAD
 
             primal = x.unsqueeze(1).expand_as(t).reshape(b * n, *x.shape[1:])
@@ -454,7 +466,7 @@ def _jvp_projections(
                     f"The output of layer {layer!r} does not depend on the input, so it has no learning image."
                 )
             f, jv = f.reshape(b, n, *f.shape[1:])[:, 0], jv.reshape(b, n, *jv.shape[1:])
-        else:
+        elif impl != "vmap":
             raise ValueError(f"Expected `impl` to be one of ['vmap', 'dual'] but got {impl!r}.")
         if rectify:
             jv = jv * (f > 0).unsqueeze(1)

@@ -93,3 +93,23 @@ def test_monitors_run_in_sketch_mode(tmp_path, digits):
     assert "interp/tip/model.relu3/fg_covariance" in tip.history[0]
     with pytest.raises(ValueError, match="mode"):
         AnomalyFilterMonitor("model.relu3", mode="fast")
+
+
+class _ChannelsLastInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = SimpleCNN(in_channels=3, width=(4, 8, 8)).double().to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+
+def test_ops_vmap_cannot_batch_fall_back_to_forward_ad():
+    # A channels_last clone has no vmap batching rule: the replicated-batch path takes over, same values.
+    torch.manual_seed(0)
+    model = _ChannelsLastInside().eval()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    exact = filter_learning_images(model, "net.relu3", x, rectify=True)
+    with pytest.warns(UserWarning, match="replicated-batch"):
+        proj, r = sketch_learning_images(model, "net.relu3", x, num_projections=5, rectify=True, return_directions=True)
+    torch.testing.assert_close(proj, torch.einsum("bk...,p...->bkp", exact, r), atol=1e-6, rtol=1e-6)
