@@ -95,11 +95,14 @@ def runs(tmp_path_factory):
     (ckpt,) = glob.glob(str(root / "whole" / "ckpt" / "epoch=0-*.ckpt"))
     trainer, resumed = fit(root / "resumed", 2, ckpt_path=ckpt)
     assert trainer.current_epoch == 2
-    return progress(whole), progress(resumed)
+    # Resumed from the last epoch's checkpoint: no epoch left, only the fit-end analyses run.
+    (last,) = glob.glob(str(root / "whole" / "ckpt" / "epoch=1-*.ckpt"))
+    _, after_end = fit(root / "after_end", 2, ckpt_path=last)
+    return progress(whole), progress(resumed), progress(after_end)
 
 
 def test_resumed_run_continues_every_monitor_history(runs):
-    expected, got = runs
+    expected, got, _ = runs
     assert [h["epoch"] for h in got["AnomalyFilterMonitor.history"]] == [0, 1]
     assert got["FilterMasking.history"][1]["num_masked"] > 0, "epoch 0's flags (restored) are masked at epoch 1"
     # Exact: CPU kernels are deterministic here and the resumed run repeats the same operations
@@ -110,8 +113,16 @@ def test_resumed_run_continues_every_monitor_history(runs):
 
 
 def test_resumed_interp_report_curves(runs):
-    expected, got = runs
+    expected, got, _ = runs
     if not any(key in expected for key in KNOWN_GAPS):
         pytest.skip("InterpReport is not exported")
     for key in KNOWN_GAPS:
         assert got[key] == expected[key], key
+
+
+def test_resumed_after_the_last_scan_still_runs_the_fit_end_analyses(runs):
+    # TIPMonitor's fit-end AIPC needs the last scan's T^k, which the checkpoint must carry.
+    expected, _, after_end = runs
+    fit_end = expected["TIPMonitor.history"][-1]
+    assert any("aipc_area" in key for key in fit_end), fit_end
+    assert after_end["TIPMonitor.history"] == expected["TIPMonitor.history"]

@@ -178,9 +178,13 @@ class TIPMonitor(InterpCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "warned_no_mask": self._warned_no_mask}
+        # `last` (the latest T^k per layer) feeds the fit-end AIPC: a run resumed after its final
+        # scan must still have it.
+        last = {layer: {name: v.detach().cpu() for name, v in t.items()} for layer, t in self.last.items()}
+        return {**super().state_dict(), "warned_no_mask": self._warned_no_mask, "last": last}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._warned_no_mask = bool(state_dict.get("warned_no_mask", False))
+        self.last = {layer: dict(t) for layer, t in state_dict.get("last", {}).items()}
