@@ -135,8 +135,8 @@ def _select_filters(filters: Sequence[int] | torch.Tensor | None, num_filters: i
 def _chunk_bytes(device: torch.device) -> int:
     """Memory budget of one chunk of products on ``device``, in bytes.
 
-    On an H100, chunks of 512 MB held sketch mode to 2 directions at a time and cost it 3×
-    (``benchmarks/sketch.py``): a GPU gets up to ``GPU_CHUNK_BYTES``, bounded by its free memory.
+    On an H100, chunks of 512 MB held sketch mode to 2 directions at a time and cost it 2.5×
+    (``benchmarks/chunks.py``): a GPU gets up to ``GPU_CHUNK_BYTES``, bounded by its free memory.
     """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -190,7 +190,7 @@ def iter_filter_learning_images(
                 last = start + n >= idx.numel()
                 if f.device.type == "cuda":
                     # One plain VJP per filter: on an H100 this beats vmapped (`is_grads_batched`)
-                    # VJPs at every chunk size (2.2 s vs 2.6-3.3 s for ResNet-18's 512 layer4 filters
+                    # VJPs at every chunk size (2.1 s vs 2.6-3.5 s for ResNet-18's 512 layer4 filters
                     # on 256 images), since the batched backward rules cost more than the launches.
                     grads = torch.stack([
                         torch.autograd.grad(f, xl, cot[i], retain_graph=not (last and i == len(chunk) - 1))[0]
