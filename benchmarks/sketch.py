@@ -36,17 +36,15 @@ import time
 import torch
 from torch.nn import functional as F
 
-from lightning_interp.metrics.anomaly import detect_anomaly_filters, project_filters_2d, scan_anomaly_filters
+from lightning_interp.metrics.anomaly import anomaly_features, detect_anomaly_filters, scan_anomaly_filters
 from lightning_interp.metrics.tip import avou
 from lightning_interp.models import SimpleCNN, resnet18_cifar
 from lightning_interp.nns import (
     _elementwise_eval_batchnorm,
     _jvp_projections,
-    iter_filter_learning_images,
     layer_activations,
     rademacher_directions,
     scan_mode,
-    sketch_learning_images,
 )
 
 CASES = {
@@ -111,11 +109,6 @@ def timed(fn, device, repeats: int):
     return statistics.median(times), out
 
 
-def exact_features(model, layer, x):
-    parts = [project_filters_2d(li)[0] for _, li in iter_filter_learning_images(model, layer, x, rectify=True)]
-    return torch.cat(parts, 0).transpose(0, 1)
-
-
 def dual_features(model, layer, x, p):
     r = rademacher_directions(p, x.shape[1:], seed=0, device=x.device, dtype=x.dtype)
     with scan_mode(model), torch.no_grad(), _elementwise_eval_batchnorm(model):
@@ -156,7 +149,7 @@ def run_case(name, data, device, args) -> list[dict]:
         saved[label] = {f: getattr(result, f).cpu() for f in ("anomaly", "num_clusters", "ch_index", "imbalanced", "high_ch")}
         return r
 
-    t_img_exact, feats = timed(lambda: exact_features(model, layer, x), device, args.repeats)
+    t_img_exact, feats = timed(lambda: anomaly_features(model, layer, x, mode="exact"), device, args.repeats)
     t_scan_exact, exact = timed(lambda: scan_anomaly_filters(model, layer, x, mode="exact", **CRITERIA), device, args.repeats)
     t_gmm, _ = timed(lambda: detect_anomaly_filters(feats, act, **CRITERIA), device, args.repeats)
     row("exact", t_img_exact, t_scan_exact, exact, exact)
@@ -169,7 +162,7 @@ def run_case(name, data, device, args) -> list[dict]:
         row("exact, TF32 off", None, None, scan_anomaly_filters(model, layer, x, mode="exact", **CRITERIA), exact)
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
     for p in args.projections:
-        t_img, _ = timed(lambda p=p: sketch_learning_images(model, layer, x, num_projections=p, rectify=True), device, args.repeats)
+        t_img, _ = timed(lambda p=p: anomaly_features(model, layer, x, mode="sketch", num_projections=p), device, args.repeats)
         t_scan, sk = timed(
             lambda p=p: scan_anomaly_filters(model, layer, x, mode="sketch", num_projections=p, **CRITERIA), device, args.repeats
         )

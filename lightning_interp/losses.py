@@ -149,7 +149,11 @@ def cam_background_penalty(
     Returns:
         scalar, differentiable in the parameters and inputs (double backward).
     """
-    s = class_evidence_maps(activations, logits)
+    return _background_evidence(class_evidence_maps(activations, logits), mask, normalize, eps)
+
+
+def _background_evidence(s: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float = 1e-8) -> torch.Tensor:
+    """:func:`cam_background_penalty` from evidence maps ``s`` (``B x C x h x w``) already computed."""
     m = mask if mask.dim() == 4 else mask[:, None]
     if m.shape[0] != s.shape[0] or m.shape[1] != 1:
         raise ValueError(f"Expected `mask` of shape ({s.shape[0]}, [1,] H, W) but got {tuple(mask.shape)}.")
@@ -190,12 +194,14 @@ def guidance_terms(
             terms["attention_supervision"] = attention_supervision_loss(cam, batch.mask)
     if "rrr" in weights:
         terms["rrr"] = rrr_input_gradient_penalty(model, batch.x, ~batch.mask)
-    for name in ("cam_background", "cam_background_raw"):
-        if name in weights:
-            check_inputs(batch.x)
-            with torch.enable_grad(), capture_output(get_layer(model, layer), layer) as store:
-                logits = model(batch.x)
-            if store["output"] is None:
-                raise ValueError(f"Expected layer {layer!r} to be called in the forward pass but it was not.")
-            terms[name] = cam_background_penalty(store["output"], logits, batch.mask, normalize=name == "cam_background")
+    background = [name for name in ("cam_background", "cam_background_raw") if name in weights]
+    if background:  # one forward and one set of evidence maps for both variants
+        check_inputs(batch.x)
+        with torch.enable_grad(), capture_output(get_layer(model, layer), layer) as store:
+            logits = model(batch.x)
+        if store["output"] is None:
+            raise ValueError(f"Expected layer {layer!r} to be called in the forward pass but it was not.")
+        evidence = class_evidence_maps(store["output"], logits)
+        for name in background:
+            terms[name] = _background_evidence(evidence, batch.mask, normalize=name == "cam_background")
     return terms

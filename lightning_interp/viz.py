@@ -62,6 +62,16 @@ def image_grid(columns: Sequence[torch.Tensor], min_side: int = 96, pad: int = 2
     return (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def _pyplot():
+    """``matplotlib.pyplot`` on the headless Agg backend (unless the user chose one), imported lazily."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _render(fig) -> np.ndarray:
     """A matplotlib figure as an ``H x W x 3`` uint8 array."""
     fig.tight_layout()
@@ -81,10 +91,7 @@ def cluster_scatter(
         embeddings: per panel a ``B x 2`` tensor; labels: ``B`` cluster ids; outliers: ``B``
             bool, drawn as crosses.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     n = len(embeddings)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
@@ -105,10 +112,7 @@ def line_plot(
     xs: Sequence[float], series: dict[str, Sequence[float]], title: str, xlabel: str, ylabel: str
 ) -> np.ndarray:
     """A small line plot (one line per series) as an ``H x W x 3`` uint8 image."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.4))
     try:
@@ -139,11 +143,9 @@ def anomaly_timeline(
         losses: per curve name (e.g. ``"train/loss"``), ``(epoch, value)`` pairs.
         wt_epoch: the best-validation epoch, drawn as a vertical line.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     try:

@@ -23,9 +23,13 @@ __all__ = ["InterpReport", "report_sections"]
 Curves = dict[str, list[tuple[int, float]]]
 
 
+def _names(key: str, word: str) -> bool:
+    """Whether the metric's last path component contains ``word`` (``val/loss`` names "loss")."""
+    return word in key.rsplit("/", 1)[-1]
+
+
 def _is_curve(key: str) -> bool:
-    base = key.rsplit("/", 1)[-1]
-    return not key.startswith("interp/") and not key.endswith("_step") and ("loss" in base or "acc" in base)
+    return not key.startswith("interp/") and not key.endswith("_step") and (_names(key, "loss") or _names(key, "acc"))
 
 
 def _anomaly_section(cb: AnomalyFilterMonitor, curves: Curves) -> tuple[Section, np.ndarray | None]:
@@ -44,7 +48,7 @@ def _anomaly_section(cb: AnomalyFilterMonitor, curves: Curves) -> tuple[Section,
             layer: [h.get(f"{cb.log_prefix}/anomaly/{layer}/count") for h in cb.history if "fit_end" not in h]
             for layer in cb.layers
         }
-        losses = {k: v for k, v in curves.items() if "loss" in k.rsplit("/", 1)[-1]}
+        losses = {k: v for k, v in curves.items() if _names(k, "loss")}
         if not losses:  # no InterpReport curves (e.g. `lightning-interp scan`): the monitor's own
             losses = {"val/loss": [(e["epoch"], e["val_loss"]) for e in cb.val_history if "val_loss" in e]}
         timeline = anomaly_timeline(epochs, counts, losses, wt_epoch=s["wt_epoch"])
@@ -103,8 +107,8 @@ def report_sections(callbacks: Sequence[Callback], curves: Curves | None = None)
             section.tables.append(table)
         sections.append(section)
     if curves:
-        groups = {"loss": {k: v for k, v in curves.items() if "loss" in k.rsplit("/", 1)[-1]},
-                  "accuracy": {k: v for k, v in curves.items() if "acc" in k.rsplit("/", 1)[-1]}}
+        groups = {"loss": {k: v for k, v in curves.items() if _names(k, "loss")},
+                  "accuracy": {k: v for k, v in curves.items() if _names(k, "acc")}}
         figures = []
         for name, group in groups.items():
             if group:

@@ -34,6 +34,7 @@ from .tip import avou
 
 __all__ = [
     "AnomalyFilters",
+    "anomaly_features",
     "detect_anomaly_filters",
     "project_filters_2d",
     "resolve_min_cluster_size",
@@ -288,6 +289,35 @@ def detect_anomaly_filters(
     )
 
 
+def anomaly_features(
+    model: nn.Module,
+    layer: str,
+    x: torch.Tensor,
+    *,
+    mode: str = "exact",
+    num_projections: int = 64,
+    rectify: bool = True,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The per-filter features :func:`scan_anomaly_filters` clusters, ``B x K x F``.
+
+    ``mode="exact"`` — the filter learning images projected to 2-D by a per-filter PCA
+    (:func:`project_filters_2d`, F = 2), chunked so all K images are never held at once;
+    ``mode="sketch"`` — ``num_projections`` random projections of every filter's learning images
+    (:func:`lightning_interp.nns.sketch_learning_images`, F = P).
+
+    Raises:
+        FloatingPointError: NaN/inf in the learning images.
+    """
+    if mode == "sketch":
+        features = sketch_learning_images(model, layer, x, num_projections=num_projections, seed=seed, rectify=rectify)
+    elif mode == "exact":
+        embeddings = [project_filters_2d(li)[0] for _, li in iter_filter_learning_images(model, layer, x, rectify=rectify)]
+        features = torch.cat(embeddings, 0).transpose(0, 1)  # (B, K, 2)
+    else:
+        raise ValueError(f"Expected `mode` to be one of ['exact', 'sketch'] but got {mode!r}.")
+    return check_finite(features, f"learning images of {layer}")
+
 
 def scan_anomaly_filters(
     model: nn.Module,
@@ -302,10 +332,7 @@ def scan_anomaly_filters(
 ) -> AnomalyFilters:
     """Anomaly filters of ``layer`` on inputs ``x`` (``B x C x H x W``): what ``AnomalyFilterMonitor`` scans.
 
-    Features per filter: ``mode="exact"`` — the filter learning images projected to 2-D by a
-    per-filter PCA (:func:`project_filters_2d`), chunked so all K images are never held at once;
-    ``mode="sketch"`` — ``num_projections`` random projections of every filter's learning images
-    (:func:`lightning_interp.nns.sketch_learning_images`). Activations (AVoU) and features then go to
+    The activations (AVoU) and :func:`anomaly_features` (exact or sketch) go to
     :func:`detect_anomaly_filters` with ``criteria`` (``k_max``, ``min_cluster_size``, ``alpha``,
     ``beta``, ``theta``, ``backend``) and ``seed``.
 
@@ -313,12 +340,5 @@ def scan_anomaly_filters(
         FloatingPointError: NaN/inf in the activations or the learning images.
     """
     f = check_finite(layer_activations(model, layer, x, rectify=rectify), f"activations of {layer}")
-    if mode == "sketch":
-        features = sketch_learning_images(model, layer, x, num_projections=num_projections, seed=seed, rectify=rectify)
-    elif mode == "exact":
-        embeddings = [project_filters_2d(li)[0] for _, li in iter_filter_learning_images(model, layer, x, rectify=rectify)]
-        features = torch.cat(embeddings, 0).transpose(0, 1)  # (B, K, 2)
-    else:
-        raise ValueError(f"Expected `mode` to be one of ['exact', 'sketch'] but got {mode!r}.")
-    check_finite(features, f"learning images of {layer}")
+    features = anomaly_features(model, layer, x, mode=mode, num_projections=num_projections, rectify=rectify, seed=seed)
     return detect_anomaly_filters(features, avou(f), seed=seed, **criteria)
