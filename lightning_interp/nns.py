@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .layers import capture_output, get_layer
+from .memory import CPU_CHUNK_BYTES, GPU_CHUNK_BYTES, scan_budget  # noqa: F401  (re-exported)
 
 __all__ = [
     "filter_learning_images",
@@ -43,10 +44,8 @@ __all__ = [
     "rademacher_directions",
 ]
 
-#: Default memory budget of one chunk of batched vector-Jacobian products, in bytes.
-DEFAULT_CHUNK_BYTES = 512 * 2**20
-#: On a GPU: at most this, and at most a quarter of the free device memory (``_chunk_bytes``).
-GPU_CHUNK_BYTES = 4 * 2**30
+#: Kept for callers of earlier versions; the budgets live in :mod:`lightning_interp.memory`.
+DEFAULT_CHUNK_BYTES = CPU_CHUNK_BYTES
 #: Default VJPs per chunk on the CPU (measured, see ``_auto_chunk``).
 CPU_CHUNK = 4
 
@@ -133,15 +132,14 @@ def _select_filters(filters: Sequence[int] | torch.Tensor | None, num_filters: i
 
 
 def _chunk_bytes(device: torch.device) -> int:
-    """Memory budget of one chunk of products on ``device``, in bytes.
+    """Memory budget of one chunk of products on ``device``, in bytes
+    (:func:`lightning_interp.memory.scan_budget`: a share of the free device memory on a GPU, of the
+    available RAM on the CPU).
 
     On an H100, chunks of 512 MB held sketch mode to 2 directions at a time and cost it 2.5×
     (``benchmarks/chunks.py``): a GPU gets up to ``GPU_CHUNK_BYTES``, bounded by its free memory.
     """
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(min(GPU_CHUNK_BYTES, free // 4))
-    return DEFAULT_CHUNK_BYTES
+    return scan_budget(device)
 
 
 def _auto_chunk(f: torch.Tensor, x: torch.Tensor, requested: int | None) -> int:
