@@ -4,16 +4,19 @@
     lightning-interp validate|test|predict --config ... --ckpt_path ...
     lightning-interp scan CHECKPOINT --layers model.relu3 --datamodule DigitsDataModule [--monitors anomaly tip]
     lightning-interp prune CHECKPOINT --report REPORT.json --out PRUNED.pt [--datamodule digits]
+        [--model_class my_pkg.MyModule --model_attr net]
 
 ``fit``/``validate``/``test``/``predict`` are Lightning's own :class:`~lightning.pytorch.cli.LightningCLI`
 subcommands: the model, the datamodule, the trainer and every callback (the monitors included,
 under ``trainer.callbacks``) are configured from YAML and flags the way Lightning users know
 (``class_path``/``init_args``, ``--print_config``). ``scan`` runs monitors once on a trained
-checkpoint and writes the same reports as a training run, without training. ``prune`` loads an
-:class:`~lightning_interp.models.ImageClassifier` checkpoint (trained with ``arch=...`` so it can be
-rebuilt), removes the filters an anomaly report flags with Torch-Pruning and saves the smaller
-network whole (:func:`~lightning_interp.callbacks.prune.load_pruned`); with a datamodule it prints
-validation accuracy before and after.
+checkpoint and writes the same reports as a training run, without training. ``prune`` loads a
+checkpoint of ``--model_class`` (default :class:`~lightning_interp.models.ImageClassifier`, trained with
+``arch=...`` so it can be rebuilt; your own class must rebuild its network in ``__init__`` from its
+saved hyperparameters), takes the network at ``--model_attr`` (default ``model``), removes the filters
+an anomaly report flags with Torch-Pruning and saves the smaller network whole
+(:func:`~lightning_interp.callbacks.prune.load_pruned`). It prints parameters, MACs and CPU latency
+before and after, and with a datamodule validation accuracy.
 
 ``--datamodule`` takes a LightningDataModule class (``DigitsDataModule``, a dotted path) with its
 arguments as ``--datamodule.<arg> value``, or the short names ``digits``, ``shapes``, ``imagefolder``.
@@ -104,6 +107,8 @@ def _parser(command: str):
         parser.add_argument("--out", type=str, required=True, help="where to save the pruned network (whole, torch.save)")
         parser.add_argument("--input_shape", "--input-shape", type=str | None, default=None,
                             help="example input shape without a datamodule, e.g. 1,3,32,32")
+        parser.add_argument("--model_attr", "--model-attr", type=str, default="model",
+                            help="attribute of the LightningModule holding the network to prune (e.g. net)")
     return parser
 
 
@@ -171,8 +176,12 @@ def prune_command(cfg, parser) -> dict:
     from .report import read_anomaly_report
 
     module = _load_module(cfg.model_class, cfg.checkpoint)
-    net = module.model
-    filters = read_anomaly_report(cfg.report, strip_prefix="model.")
+    net = getattr(module, cfg.model_attr, None)
+    if not isinstance(net, torch.nn.Module):
+        choices = [name for name, _ in module.named_children()]
+        raise SystemExit(f"error: --model_attr {cfg.model_attr!r} is not an nn.Module attribute of "
+                         f"{type(module).__name__}; its nn.Module attributes: {choices}")
+    filters = read_anomaly_report(cfg.report, strip_prefix=f"{cfg.model_attr}.")
     if not filters:
         raise SystemExit(f"error: the report {cfg.report} flags no filters; nothing to prune")
     data = _instantiate_datamodule(parser, cfg)
@@ -183,7 +192,10 @@ def prune_command(cfg, parser) -> dict:
         example = torch.randn(*[int(s) for s in cfg.input_shape.split(",")])
     else:
         raise SystemExit("error: give --datamodule or --input-shape (e.g. 1,3,32,32) to trace the model")
-    pruned, summary = prune_filters(net, filters, example)
+    try:
+        pruned, summary = prune_filters(net.cpu(), filters, example.cpu())
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
     result = summary.as_dict()
     if data is not None:
         loader = data.val_dataloader()

@@ -11,8 +11,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from ..batch import default_batch_adapter
+from ..layers import public_name
 from ..metrics.aipc import accuracy
-from ..pruning import prune_filters
+from ..pruning import check_prunable, prune_filters
 from ..report import read_anomaly_report
 from .anomaly import AnomalyFilterMonitor
 from .base import guarded, log_root
@@ -45,8 +47,15 @@ class PruneFlaggedFilters(Callback):
         out_path: where to save (``<log dir>/pruned.pt`` when None); see :func:`load_pruned`.
         evaluate: measure validation accuracy before/after (``interp/prune/val_acc_before``/``_after``).
 
-    Logs ``interp/prune/params_before``/``_after`` and ``macs_before``/``_after``. Runs on rank
-    zero only; a failure warns (unless ``strict=True``) and never loses the trained model.
+    Logs ``interp/prune/params_before``/``_after``, ``macs_before``/``_after`` and
+    ``latency_ms_before``/``_after`` (median of timed forwards of two probe samples on the model's
+    device). Runs on rank zero only; a failure warns (unless ``strict=True``) and never loses the
+    trained model.
+
+    Checked before the first training step: ``model_attr`` names an ``nn.Module`` attribute of the
+    LightningModule, and every layer the monitor watches is inside it and can be pruned (a conv,
+    linear or norm layer, a block that owns its output channels, or an elementwise activation or
+    pooling after one; :func:`~lightning_interp.pruning.prune_target`).
     """
 
     def __init__(
@@ -72,6 +81,61 @@ class PruneFlaggedFilters(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.log_root = log_root(trainer)  # collective under DDP: every rank resolves it here
+        if stage == "fit":
+            self.check_targets(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Traced now that an example batch exists: blocks whose output channels no inner layer owns.
+        self.check_targets(pl_module, self._example(trainer, pl_module))
+
+    def network(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        """The network to prune, ``pl_module.<model_attr>``; a ``ValueError`` naming the valid choices otherwise."""
+        net = getattr(pl_module, self.model_attr, None)
+        if not isinstance(net, torch.nn.Module):
+            choices = [name for name, _ in pl_module.named_children()]
+            hint = f"; pass `model_attr={choices[0]!r}`" if len(choices) == 1 else ""
+            raise ValueError(
+                f"Expected `model_attr={self.model_attr!r}` to name the network to prune, an nn.Module attribute of "
+                f"{type(pl_module).__name__}, but `pl_module.{self.model_attr}` is "
+                f"{type(net).__name__ if net is not None else 'missing'}. Its nn.Module attributes: {choices}{hint}."
+            )
+        return net
+
+    def _watched_layers(self) -> list[str]:
+        if self.monitor is not None:
+            return list(self.monitor.layers)
+        if self.report is not None and os.path.isfile(self.report):
+            return list(read_anomaly_report(self.report, strip_prefix=""))
+        return []
+
+    def check_targets(self, pl_module: pl.LightningModule, example: torch.Tensor | None = None) -> None:
+        """Refuse, before training, a missing network or watched layers that cannot be pruned."""
+        net = self.network(pl_module)
+        prefix = f"{self.model_attr}."
+        layers = [public_name(layer) for layer in self._watched_layers()]
+        outside = [layer for layer in layers if not layer.startswith(prefix)]
+        if outside:
+            raise ValueError(
+                f"Expected the layers to prune to be inside `pl_module.{self.model_attr}` (names starting with "
+                f"{prefix!r}) but got {outside}; pass the `model_attr=` that holds them."
+            )
+        try:
+            check_prunable(net, [layer[len(prefix):] for layer in layers], example)
+        except ValueError as err:
+            raise ValueError(f"PruneFlaggedFilters cannot prune the watched layers (names inside "
+                             f"`pl_module.{self.model_attr}`): {err}") from err
+
+    def _example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
+        if self.monitor is not None and self.monitor.probe is not None:
+            return self.monitor.probe.x[:2].to(pl_module.device)
+        adapter = self.monitor.batch_adapter if self.monitor is not None else default_batch_adapter
+        loader = trainer.train_dataloader
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        elif isinstance(loader, dict):
+            loader = next(iter(loader.values()))
+        return adapter(next(iter(loader))).x[:2].to(pl_module.device)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -82,19 +146,12 @@ class PruneFlaggedFilters(Callback):
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         path = self.report or self.monitor.resolve_report_path(trainer)
-        net = getattr(pl_module, self.model_attr, None)
-        if not isinstance(net, torch.nn.Module):
-            raise ValueError(f"Expected `pl_module.{self.model_attr}` to be the network to prune.")
+        net = self.network(pl_module)
         filters = read_anomaly_report(path, strip_prefix=f"{self.model_attr}.")
         if not filters:
             rank_zero_info("PruneFlaggedFilters: the report flags no filters; nothing to prune.")
             return
-        if self.monitor is not None and self.monitor.probe is not None:
-            example = self.monitor.probe.x[:2].to(pl_module.device)
-        else:
-            from ..batch import default_batch_adapter
-
-            example = default_batch_adapter(next(iter(trainer.train_dataloader))).x[:2].to(pl_module.device)
+        example = self._example(trainer, pl_module)
         pruned, summary = prune_filters(net, filters, example)
         result = summary.as_dict()
         loader = None

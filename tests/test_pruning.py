@@ -1,0 +1,69 @@
+"""Pruning follows real networks: every elementwise activation passes through, blocks map to the
+layer that owns their output channels (or are refused), latency is measured before and after."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from lightning_interp.masking import FilterMask
+from lightning_interp.pruning import (
+    check_prunable,
+    is_pass_through,
+    measure_latency,
+    prune_filters,
+    prune_target,
+)
+
+torch.set_num_threads(1)
+
+ACTIVATIONS = [nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Mish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+               nn.ReLU6, nn.Softplus, nn.Hardtanh, nn.Tanh, nn.Sigmoid]
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: a.__name__)
+def test_masking_then_pruning_through_any_elementwise_activation(act):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), act(), nn.Conv2d(8, 8, 3, padding=1), act(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert prune_target(net, "2") == "0" and prune_target(net, "4") == "3"
+    # The filters of an activation are the conv's channels: a masked channel still passes act(0),
+    # so the equality holds for the conv's output; pruning the conv removes the same channel.
+    with FilterMask(net, {"3": [1, 5]}), torch.no_grad():
+        masked = net(x)
+    pruned, summary = prune_filters(net, {"4": [1, 5]}, x)
+    if act()(torch.zeros(1)).abs().item() < 1e-6:  # act(0) = 0: the outputs agree exactly
+        torch.testing.assert_close(pruned(x), masked, atol=1e-5, rtol=1e-5)
+    assert summary.channels["3"] == (8, 6) and pruned(x).shape == (2, 4)
+
+
+def test_channel_mixing_modules_are_not_pass_through():
+    assert not is_pass_through(nn.Softmax(dim=1)) and not is_pass_through(nn.Flatten())
+    assert is_pass_through(nn.Hardswish()) and is_pass_through(nn.Dropout2d()) and is_pass_through(nn.MaxPool2d(2))
+
+
+def test_blocks_map_to_the_layer_that_owns_their_output_channels():
+    x = torch.rand(2, 3, 32, 32)
+    mobilenet = torchvision.models.mobilenet_v3_small(weights=None, num_classes=4).eval()
+    assert prune_target(mobilenet, "features.1", x) == "features.1.block.2.1"  # InvertedResidual: project BN
+    assert prune_target(mobilenet, "features.0.2", x) == "features.0.0"  # Hardswish after the stem conv
+    pruned, summary = prune_filters(mobilenet, {"features.4": [0, 3]}, x)  # a residual InvertedResidual
+    assert pruned(x).shape == (2, 4) and summary.params_after < summary.params_before
+    resnet = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    assert prune_target(resnet, "layer2.0", x) == "layer2.0.downsample.1"
+    densenet = torchvision.models.densenet121(weights=None, num_classes=4).eval()
+    with pytest.raises(ValueError, match=r"block 'features.denseblock1'.*concatenates.*e.g. 'features.denseblock1"):
+        check_prunable(densenet, ["features.denseblock1"], x)
+    assert check_prunable(densenet, ["features.transition1"], x) == {"features.transition1": "features.transition1.conv"}
+
+
+def test_latency_is_measured_before_and_after():
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 4))
+    x = torch.rand(2, 3, 8, 8)
+    assert measure_latency(net, x, repeats=3) > 0
+    _, summary = prune_filters(net, {"1": [0, 1, 2]}, x)
+    d = summary.as_dict()
+    assert d["latency_ms_before"] > 0 and d["latency_ms_after"] > 0 and d["latency_device"] == "cpu"
+    _, quiet = prune_filters(net, {"1": [0]}, x, latency=False)
+    assert "latency_ms_before" not in quiet.as_dict()
