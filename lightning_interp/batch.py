@@ -58,6 +58,15 @@ def default_batch_adapter(batch: Any) -> Batch:
         y = next((batch[k] for k in _Y_KEYS if k in batch), None)
         return Batch(x, y, _as_mask(batch.get("mask")))
     if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3 and isinstance(batch[0], torch.Tensor):
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch]
+        if batch[0].dim() < 2 and any(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in batch[1:]):
+            # e.g. `[y, mask, x]`: the first element looks like labels, a later one like the inputs.
+            raise ValueError(
+                f"Expected a batch `(x, y)` or `(x, y, mask)` with the inputs first but got elements of shapes "
+                f"{shapes}: the first looks like labels. Pass `batch_adapter=` to the callback, e.g. "
+                "`batch_adapter=lambda b: Batch(x=b[2], y=b[0], mask=b[1] > 0.5)` "
+                "(from lightning_interp.batch import Batch)."
+            )
         x = batch[0]
         y = batch[1] if len(batch) > 1 else None
         mask = _as_mask(batch[2]) if len(batch) > 2 else None

@@ -10,8 +10,10 @@ files, rank zero only), fault isolation (a failing scan warns and training goes 
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,7 +32,10 @@ from ..layers import eager, get_layer, list_layers, public_name
 from ..nns import check_finite, check_inputs
 from ..viz import line_plot
 
-__all__ = ["InterpCallback", "check_finite", "check_probe", "guarded", "log_root", "rank_zero_decides", "select_probe"]
+__all__ = [
+    "InterpCallback", "check_finite", "check_probe", "dry_forward", "guarded", "log_root", "rank_zero_decides",
+    "select_probe", "warn_missing_keys",
+]
 
 ProbeSource = Dataset | DataLoader | Batch | tuple | None
 
@@ -169,6 +174,78 @@ def log_root(trainer: pl.Trainer) -> str:
     return trainer.log_dir or trainer.default_root_dir
 
 
+def warn_missing_keys(trainer: pl.Trainer, keys: dict[str, str], owner: Any) -> list[str]:
+    """Warn, once per ``owner``, about metric keys a callback reads that the module never logged.
+
+    Call it after a real validation epoch (it does nothing while Lightning sanity-checks): the keys
+    in ``keys`` (``{argument: key}``, e.g. ``{"val_acc_key": "val/acc"}``) that are missing from
+    ``trainer.callback_metrics`` are named with the argument that sets them, the closest logged
+    key and every key that was logged, so a module logging ``val_acc`` sees at once that
+    ``val_acc_key="val_acc"`` is the fix.
+
+    Args:
+        owner: the callback (or a name); the warning names ``type(owner).__name__`` for objects.
+
+    Returns:
+        the arguments whose keys are missing (empty when all are there or when already checked).
+    """
+    if trainer.sanity_checking or getattr(owner, "_checked_metric_keys", False):
+        return []
+    logged = sorted(k for k in trainer.callback_metrics if not k.startswith("interp/"))
+    missing = {arg: key for arg, key in keys.items() if key not in trainer.callback_metrics}
+    try:
+        owner._checked_metric_keys = True
+    except AttributeError:  # a str owner: no memory of having warned
+        pass
+    if not missing:
+        return []
+    name = owner if isinstance(owner, str) else type(owner).__name__
+    fixes = []
+    for arg, key in missing.items():
+        close = difflib.get_close_matches(key, logged, n=1, cutoff=0.3)
+        fixes.append(f"`{arg}={key!r}`" + (f" (did you mean `{arg}={close[0]!r}`?)" if close else ""))
+    rank_zero_warn(
+        f"{name} reads metrics the module did not log: {', '.join(fixes)}. Logged after validation: "
+        f"{logged}. Pass the key your `validation_step` logs with `self.log(...)`; until then the values that "
+        "depend on it (best-validation epoch, alarms) stay empty."
+    )
+    return list(missing)
+
+
+def dry_forward(model: torch.nn.Module, x: torch.Tensor, layers: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+    """One forward of ``x`` in eval mode without gradients, recording what ``layers`` output.
+
+    Returns:
+        ``(output, layer_outputs)``: the model's output and, per layer, the shape of its tensor output
+        (a ``torch.Size``), the type name of a non-tensor output, ``None`` when the layer was not
+        called, or ``"called N times"`` when it was called more than once.
+    """
+    records: dict[str, list[Any]] = {layer: [] for layer in layers}
+    handles = []
+
+    def make_hook(layer: str):
+        def hook(module, args, output):
+            records[layer].append(output.shape if isinstance(output, torch.Tensor) else type(output).__name__)
+
+        return hook
+
+    was_training = model.training
+    try:
+        for layer in layers:
+            handles.append(get_layer(model, layer).register_forward_hook(make_hook(layer)))
+        model.eval()
+        with torch.no_grad(), eager():
+            output = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    outputs = {
+        layer: (None if not r else r[0] if len(r) == 1 else f"called {len(r)} times") for layer, r in records.items()
+    }
+    return output, outputs
+
+
 def send_image(trainer: pl.Trainer, key: str, image: np.ndarray, caption: str = "") -> bool:
     """Send one ``H x W x 3`` uint8 picture to every W&B/TensorBoard logger; False when none takes images."""
     shown = False
@@ -195,10 +272,17 @@ class InterpCallback(Callback):
         seed: seed of the probe selection.
         batch_adapter: callable turning a collated batch into a :class:`Batch`.
         strict: re-raise exceptions from a scan instead of warning (never loses the run by default).
+        log_prefix: prefix of every key this instance logs. When None: ``"interp"``, or, when the
+            trainer holds several callbacks of this class, ``"interp/<layers>"`` (decided at setup), so
+            two instances never log the same keys nor write the same files.
     """
 
     #: Prefix of every scalar this callback logs (``interp/<what>/<layer>/<name>``).
     log_prefix = "interp"
+    #: The monitor draws learning images as pictures and needs image inputs ``B x C x H x W``.
+    needs_image_inputs = True
+    #: The monitor computes losses or accuracies from ``pl_module(x)``, which must return logits.
+    needs_logits = True
 
     def __init__(
         self,
@@ -211,6 +295,7 @@ class InterpCallback(Callback):
         seed: int = 0,
         batch_adapter: BatchAdapter | None = None,
         strict: bool = False,
+        log_prefix: str | None = None,
     ):
         super().__init__()
         layers = [layers] if isinstance(layers, str) else list(layers)
@@ -232,8 +317,13 @@ class InterpCallback(Callback):
         self.probe_source = probe
         self.every_n_epochs = every_n_epochs
         self.seed = seed
+        if log_prefix is not None and (not isinstance(log_prefix, str) or not log_prefix.strip("/")):
+            raise ValueError(f"Expected `log_prefix` to be a non-empty str or None but got {log_prefix!r}.")
         self.batch_adapter = batch_adapter or default_batch_adapter
         self.strict = strict
+        self._explicit_prefix = log_prefix is not None
+        if log_prefix is not None:
+            self.log_prefix = log_prefix.strip("/")
         self.probe: Batch | None = None
         self.probe_indices: list[int] | None = None
         self.history: list[dict[str, float]] = []
@@ -259,6 +349,48 @@ class InterpCallback(Callback):
         for layer in self.layers:
             get_layer(pl_module, layer)
         self.check_layers(pl_module)
+        self._separate_from_peers(trainer)
+
+    def _own_prefix(self, peers: Sequence[InterpCallback]) -> str:
+        """The log prefix this instance uses among ``peers`` (instances of its class in one trainer):
+        explicit, else the class's, suffixed by its layers when it has peers — and by the rest of its
+        ``state_key_fields`` (e.g. ``mode``) when a peer watches the same layers."""
+        if self._explicit_prefix:
+            return self.log_prefix
+        base = type(self).log_prefix
+        others = [cb for cb in peers if cb is not self]
+        if not others:
+            return base
+        tag = "+".join(public_name(layer) for layer in self.layers)
+        if any(list(cb.layers) == list(self.layers) for cb in others):
+            extra = [str(v) for k, v in self.state_key_fields().items() if k != "layers"]
+            tag = "+".join([tag, *extra])
+        return f"{base}/{tag}"
+
+    def _separate_from_peers(self, trainer: pl.Trainer) -> None:
+        """Several instances of this class in one trainer: give each its own log prefix (and report file), or
+        refuse naming the fix when two would still log the same keys."""
+        peers = [cb for cb in trainer.callbacks if type(cb) is type(self)]
+        if len(peers) < 2:
+            return
+        mine = self._own_prefix(peers)
+        twins = [cb for cb in peers if cb is not self and cb._own_prefix(peers) == mine]
+        if twins:
+            raise ValueError(
+                f"Expected the {len(peers)} {type(self).__name__} callbacks to log under different prefixes but two "
+                f"would log {mine!r} (layers {self.layers}); pass `log_prefix=` to one of them, e.g. "
+                f"`{type(self).__name__}(..., log_prefix='interp/{type(self).__name__.lower()}2')`."
+            )
+        self.log_prefix = mine
+        if getattr(self, "report_path", "") is None and hasattr(self, "resolve_report_path"):
+            base, ext = os.path.splitext(self.resolve_report_path(trainer))
+            self.report_path = f"{base}_{re.sub(r'[^A-Za-z0-9_.+-]+', '_', mine)}{ext}"
+        paths = [getattr(cb, "report_path", None) for cb in peers]
+        if getattr(self, "report_path", None) is not None and paths.count(self.report_path) > 1:
+            raise ValueError(
+                f"Expected the {type(self).__name__} callbacks to write different reports but two write "
+                f"{self.report_path!r}; give each its own `report_path=` (or leave it None for one per instance)."
+            )
 
     def check_layers(self, pl_module: pl.LightningModule) -> None:
         """Subclass hook: refuse layers the monitor cannot use (raise ``ValueError``)."""
@@ -268,24 +400,73 @@ class InterpCallback(Callback):
         if self.probe is None:
             # Decided on rank zero: a val split or an iterable dataset may differ between ranks.
             self.probe, self.probe_indices = rank_zero_decides(trainer, lambda: self._build_probe(trainer))
+        # An explicit `probe=` sets the size: reports and settings state what was scanned.
+        self.probe_size = len(self.probe)
         self.check_layer_outputs(pl_module, self.probe)
 
     def check_layer_outputs(self, pl_module: pl.LightningModule, probe: Batch) -> None:
-        """Refuse, before the first step, layers whose output has no filters to scan: one forward of
-        two probe samples must give each layer a single ``B x K x ...`` tensor output."""
-        try:
-            valid = list_layers(pl_module, probe.x[:2].to(pl_module.device))
-        except Exception:  # the model rejects the probe: the scans will say so (a warning, or strict raises)
-            return
-        bad = [layer for layer in self.layers if public_name(layer) not in valid]
-        if bad:
+        """Refuse, before the first step, what the scans could not use, from one forward of two probe
+        samples (:func:`dry_forward`): inputs that are not images (``needs_image_inputs``), a model that
+        does not return logits (``needs_logits``), layers without a single ``B x K x ...`` tensor output."""
+        x = probe.x[:2].to(pl_module.device)
+        name = type(self).__name__
+        if self.needs_image_inputs and x.dim() != 4:
             raise ValueError(
-                f"Expected `layers` to output one (B, K, ...) tensor per forward pass (K filters) but {bad} "
-                "do not (never called, called more than once, or an output without a channel dimension). "
+                f"Expected image inputs (B, C, H, W) for {name} but the probe holds inputs of shape "
+                f"{tuple(probe.x.shape)}: its learning images are drawn as pictures. For vector inputs call "
+                "`lightning_interp.nns.filter_learning_images` / `layer_activations` yourself; if your batches hold "
+                "the image elsewhere, pass `batch_adapter=`."
+            )
+        try:
+            output, outputs = dry_forward(pl_module, x, self.layers)
+        except Exception as err:
+            hint = (
+                f"{name}: a forward pass of two probe samples (inputs {tuple(x.shape)}) failed before training: "
+                f"{type(err).__name__}: {err}. If the batches are not `(x, y[, mask])` or dicts with "
+                "'image'/'input', pass `batch_adapter=` (a callable returning lightning_interp.batch.Batch)."
+            )
+            if self.strict:
+                err.add_note(hint)
+                raise
+            # A probe the model rejects costs this monitor its scans, never the user's run (house rule 3).
+            rank_zero_warn(f"{hint} Its scans will be skipped; training goes on (`strict=True` raises).")
+            return
+        if self.needs_logits and not isinstance(output, torch.Tensor):
+            what = f"a dict with keys {sorted(map(str, output))}" if isinstance(output, dict) else type(output).__name__
+            raise ValueError(
+                f"Expected {type(pl_module).__name__}.forward to return logits (a Tensor of shape (B, classes)) for "
+                f"{name}, which computes losses and accuracies from `pl_module(x)`, but got {what}. Return the logits "
+                "from `forward` (build dicts in `training_step`), or give the monitors a module whose forward does, "
+                "e.g. a LightningModule subclass with `def forward(self, x): return super().forward(x)['logits']`."
+            )
+        bad = {layer: out for layer, out in outputs.items()
+               if not (isinstance(out, torch.Size) and len(out) >= 2)}
+        if bad:
+            try:
+                valid = list_layers(pl_module, x)
+            except Exception:
+                valid = list_layers(pl_module)
+            got = ", ".join(
+                f"{layer!r}: {'never called' if out is None else out if isinstance(out, str) else 'shape ' + str(tuple(out))}"
+                for layer, out in bad.items()
+            )
+            raise ValueError(
+                f"Expected `layers` to output one (B, K, ...) tensor per forward pass (K filters) but {list(bad)} "
+                f"do not ({got}). "
                 f"Layers that do: {', '.join(repr(n) for n in list(valid)[:12])}"
                 f"{', ...' if len(valid) > 12 else ''}; `lightning_interp.layers.list_layers(model, example_inputs)` "
                 "lists them all."
             )
+        self.check_dry_run(pl_module, probe, outputs)
+
+    def check_dry_run(self, pl_module: pl.LightningModule, probe: Batch, outputs: dict[str, torch.Size]) -> None:
+        """Subclass hook after the dry forward: refuse what this monitor cannot use (``outputs``: layer shapes)."""
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        keys = {arg: getattr(self, arg) for arg in ("val_acc_key", "val_loss_key") if isinstance(getattr(self, arg, None), str)}
+        if keys:
+            warn_missing_keys(trainer, keys, self)
 
     def _build_probe(self, trainer: pl.Trainer) -> tuple[Batch, list[int] | None]:
         probe, indices = self._select_probe(trainer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,13 +13,20 @@ from typing_extensions import override
 
 from ..batch import Batch
 from ..cam import cam_iou, grad_cam
-from ..layers import eager
+from ..layers import eager, get_layer, public_name
 from ..losses import LOSSES, guidance_terms
 from .base import InterpCallback
 
 __all__ = ["AttentionGuidance"]
 
 MASK_LOSSES = ("attention_supervision", "rrr", "cam_background", "cam_background_raw")
+
+#: How to give foreground masks, quoted by every message about missing masks.
+HOW_TO_GIVE_MASKS = (
+    "Give foreground masks in the batches: `(x, y, mask)` tuples, dicts with a 'mask' entry, or any layout with "
+    "`batch_adapter=` returning lightning_interp.batch.Batch(x, y, mask) (mask: B x 1 x H x W, True = foreground); "
+    "your `training_step` receives the batch unchanged, so unpack the third element there too"
+)
 
 
 class AttentionGuidance(InterpCallback):
@@ -94,7 +102,9 @@ class AttentionGuidance(InterpCallback):
             raise ValueError("AttentionGuidance needs training_step to return a loss (or a dict with 'loss').")
         batch = self.batch_adapter(raw_batch)
         if batch.mask is None and any(n in self.weights for n in MASK_LOSSES):
-            raise ValueError(f"Expected batches with foreground masks for {'/'.join(MASK_LOSSES)} but got none.")
+            raise ValueError(
+                f"Expected batches with foreground masks for {'/'.join(MASK_LOSSES)} but got none. {HOW_TO_GIVE_MASKS}."
+            )
         with eager():  # double backward (RRR) and hooks (CAM) through a compiled forward: run it eagerly
             terms = guidance_terms(pl_module, self.layer, batch, self.weights, sigma=self.sigma, omega=self.omega)
         extra = sum(self.weights[n] * t for n, t in terms.items())
@@ -106,6 +116,43 @@ class AttentionGuidance(InterpCallback):
         if isinstance(out, Mapping) and "loss" in out:
             return {**out, "loss": out["loss"] + extra}
         raise ValueError(f"Expected training_step to return a tensor or a dict with 'loss' but got {type(out).__name__}.")
+
+    @override
+    def check_dry_run(self, pl_module: pl.LightningModule, probe: Batch, outputs: dict) -> None:
+        """Before the first step: a spatial map at ``layer``, masks and labels where the terms need them,
+        and one dry run of the terms' double backward on two probe samples."""
+        shape = outputs[self.layer]
+        x = probe.x[:2].to(pl_module.device)
+        if len(shape) != 4 or shape[2] * shape[3] < 2:
+            candidates = _spatial_layers(pl_module, x)
+            raise ValueError(
+                f"Expected `layer` {self.layer!r} to output a spatial map (B, K, H, W) with H x W >= 2 but it outputs "
+                f"{tuple(shape)} for inputs {tuple(x.shape)}: a 1x1 (or flat) map makes the CAM constant, so every "
+                f"attention term and the CAM IoU would be 0. Choose an earlier layer, e.g. "
+                f"{', '.join(repr(n) for n in candidates[-4:])}, or use larger inputs."
+            )
+        needs_mask = [n for n in self.weights if n in MASK_LOSSES]
+        if needs_mask and probe.mask is None:
+            raise ValueError(f"Expected training batches with foreground masks for {needs_mask} but found none. "
+                             f"{HOW_TO_GIVE_MASKS}.")
+        if probe.y is None and any(n in self.weights for n in ("attention_mining", "attention_supervision")):
+            raise ValueError("Expected labelled training batches for the CAM terms but found no labels; pass "
+                             "`batch_adapter=` if your batches hold them in another place.")
+        sample = Batch(x, None if probe.y is None else probe.y[:2].to(pl_module.device),
+                       None if probe.mask is None else probe.mask[:2].to(pl_module.device))
+        was_training = pl_module.training
+        pl_module.eval()  # the dry run must not move BatchNorm running statistics
+        try:
+            with torch.enable_grad(), eager():
+                terms = guidance_terms(pl_module, self.layer, sample, self.weights, sigma=self.sigma, omega=self.omega)
+                params = [p for p in pl_module.parameters() if p.requires_grad]
+                total = sum(terms.values())
+                if isinstance(total, torch.Tensor) and total.requires_grad and params:
+                    torch.autograd.grad(total, params, allow_unused=True)
+        except RuntimeError as err:
+            raise ValueError(_double_backward_message(pl_module, self.layer, self.weights, err)) from err
+        finally:
+            pl_module.train(was_training)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -127,3 +174,48 @@ class AttentionGuidance(InterpCallback):
             pl_module.train(was_training)
         return {f"{self.log_prefix}/guidance/cam_iou": cam_iou(cam, probe.mask).item()}
 
+
+
+def _spatial_layers(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """Module paths (forward order) whose single output is a ``B x K x H x W`` map with H x W >= 2."""
+    shapes: dict[str, list] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(
+                lambda m, a, out, name=name: shapes.setdefault(name, []).append(
+                    out.shape if isinstance(out, torch.Tensor) else None)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), eager():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return [public_name(n) for n, s in shapes.items()
+            if len(s) == 1 and s[0] is not None and len(s[0]) == 4 and s[0][2] * s[0][3] >= 2]
+
+
+def _double_backward_message(model: torch.nn.Module, layer: str, weights: Mapping[str, float], err: Exception) -> str:
+    """Explain a failed double backward: which module type lacks a second derivative, and what to do."""
+    text = str(err)
+    found = re.search(r"derivative for (?:aten::)?(\w+) is not implemented", text)
+    if not found:
+        return (f"AttentionGuidance: a dry run of its loss terms on two probe samples failed before training: "
+                f"{type(err).__name__}: {text}")
+    op = found.group(1)
+    stem = re.sub(r"(_backward)+$", "", op).replace("_", "").lower()
+    names = [n for n, m in model.named_modules() if n and stem and stem in type(m).__name__.lower()]
+    kinds = sorted({type(get_layer(model, n)).__name__ for n in names}) or [op]
+    if "rrr" in weights:
+        where = ("the `rrr` term differentiates twice through the whole network: drop it, or replace those "
+                 "modules with twice-differentiable ones (e.g. nn.Sigmoid / nn.SiLU)")
+    else:
+        where = (f"the CAM terms differentiate twice through every module after `layer` ({layer!r}): choose a layer "
+                 f"after the last of them ({public_name(names[-1]) if names else op}), or replace them with "
+                 "twice-differentiable modules (e.g. nn.Hardsigmoid -> nn.Sigmoid)")
+    return (f"AttentionGuidance cannot train through {'/'.join(kinds)} modules "
+            f"({', '.join(repr(public_name(n)) for n in names[:4])}{', ...' if len(names) > 4 else ''}): PyTorch has no "
+            f"second derivative for {op}, which the attention terms need; {where}.")

@@ -47,6 +47,9 @@ class LearningImageLogger(InterpCallback):
         ...                      logger=WandbLogger(offline=True))
     """
 
+    #: Learning images need no logits: a model returning a dict is fine here.
+    needs_logits = False
+
     def __init__(
         self,
         layers: str | Sequence[str],

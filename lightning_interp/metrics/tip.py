@@ -12,6 +12,7 @@ mean |w ⊙ ∂loss/∂w| (eqs. 5-9, 5-10).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -148,12 +149,19 @@ def avou(activations: torch.Tensor) -> torch.Tensor:
 
 def weight_layer_for(model: nn.Module, layer: str) -> str:
     """The module whose weights make the filters of ``layer``: itself when it has a weight with
-    one row per channel, otherwise the nearest module before it (in ``named_modules`` order)
-    that declares the same channel count (the conv of a conv → BN → ReLU chain)."""
+    one row per channel; for a block (a module with children, e.g. torchvision's ``InvertedResidual``
+    or ``BasicBlock``) the last conv or linear layer inside it, which makes the block's output
+    channels; otherwise the nearest module before it (in ``named_modules`` order) that declares the
+    same channel count (the conv of a conv → BN → ReLU chain)."""
     module = get_layer(model, layer)
     if getattr(module, "weight", None) is not None and layer_channels(module) is not None:
         if not isinstance(module, nn.modules.batchnorm._NormBase):
             return layer
+    if list(module.children()):
+        inner = [name for name, m in module.named_modules()
+                 if name and isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+        if inner:
+            return f"{layer}.{inner[-1]}"
     names = [n for n, _ in model.named_modules()]
     channels = layer_channels(module)
     candidates = []
@@ -247,5 +255,12 @@ def layer_properties(
     f = layer_activations(model, layer, x, rectify=rectify)
     out["avou"] = avou(check_finite(f, f"activations of {layer}"))
     if y is not None:
-        out["sou"] = sou(model, layer, x, y)
+        saliency = sou(model, layer, x, y)
+        if saliency.shape == out["avou"].shape:
+            out["sou"] = saliency
+        else:  # an optional side metric: a layer whose filters no single weight makes (e.g. a concatenation)
+            warnings.warn(
+                f"SoU of {layer!r} skipped: the weights of {weight_layer_for(model, layer)!r} make "
+                f"{saliency.shape[0]} filters but the layer outputs {out['avou'].shape[0]}.", stacklevel=2,
+            )
     return out
