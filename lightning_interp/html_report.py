@@ -36,9 +36,12 @@ class Figure:
 
 @dataclass
 class Table:
+    """A table; more than ``collapse_after`` rows are folded into a ``<details>`` element (click to open)."""
+
     title: str
     columns: list[str]
     rows: list[list[Any]]
+    collapse_after: int | None = 15
 
 
 @dataclass
@@ -60,6 +63,7 @@ figcaption { font-size: .85em; color: #444; max-width: 640px; }
 table { border-collapse: collapse; margin: .5em 0 1.5em; font-size: .85em; }
 th, td { border: 1px solid #ccc; padding: .2em .6em; text-align: right; }
 th { background: #f3f3f3; }
+details > summary { cursor: pointer; font-weight: 600; margin: .8em 0 .3em; }
 """
 
 _SCRIPT = """
@@ -68,6 +72,23 @@ window.addEventListener("load", function () {
   var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
   document.body.setAttribute("data-figures-loaded", String(ok));
   document.body.setAttribute("data-figures-total", String(imgs.length));
+  // Layout checks a headless browser can read from the DOM: figures that overlap each other, and
+  // the shape each figure is drawn with (data-rendered="W x H" on the <img>).
+  var boxes = Array.prototype.slice.call(document.querySelectorAll("figure")).map(function (f) {
+    return f.getBoundingClientRect();
+  });
+  var overlaps = 0;
+  for (var a = 0; a < boxes.length; a++) {
+    for (var b = a + 1; b < boxes.length; b++) {
+      var p = boxes[a], q = boxes[b];
+      if (p.left < q.right - 1 && q.left < p.right - 1 && p.top < q.bottom - 1 && q.top < p.bottom - 1) overlaps++;
+    }
+  }
+  document.body.setAttribute("data-figures-overlapping", String(overlaps));
+  imgs.forEach(function (i) {
+    var r = i.getBoundingClientRect();
+    i.setAttribute("data-rendered", Math.round(r.width) + "x" + Math.round(r.height));
+  });
 });
 """
 
@@ -133,12 +154,16 @@ def write_html_report(
                 )
             parts.append("</div>")
         for table in section.tables:
-            parts.append(f"<h3>{html.escape(table.title)}</h3><table><thead><tr>")
+            folded = table.collapse_after is not None and len(table.rows) > table.collapse_after
+            if folded:
+                parts.append(f"<details><summary>{html.escape(table.title)} ({len(table.rows)} rows)</summary><table><thead><tr>")
+            else:
+                parts.append(f"<h3>{html.escape(table.title)}</h3><table><thead><tr>")
             parts.extend(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
             parts.append("</tr></thead><tbody>")
             for row in table.rows:
                 parts.append("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>")
-            parts.append("</tbody></table>")
+            parts.append("</tbody></table>" + ("</details>" if folded else ""))
         parts.append("</section>")
     parts.append(f"<script>{_SCRIPT}</script></body></html>")
     path = os.path.join(directory, "index.html")

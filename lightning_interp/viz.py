@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-__all__ = ["heatmap", "display_inputs", "image_grid", "cluster_scatter", "line_plot", "anomaly_timeline"]
+__all__ = [
+    "heatmap", "display_inputs", "image_grid", "labelled_image_grid", "cluster_scatter", "line_plot", "anomaly_timeline",
+]
 
 
 def heatmap(images: torch.Tensor, cmap: str = "jet", symmetric: bool = True) -> torch.Tensor:
@@ -62,6 +64,60 @@ def image_grid(columns: Sequence[torch.Tensor], min_side: int = 96, pad: int = 2
     return (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def labelled_image_grid(images: torch.Tensor, captions: Sequence[str], ncols: int = 8, thumb: int = 64) -> np.ndarray:
+    """A wide grid of thumbnails with a short caption under each, as an ``H x W x 3`` uint8 array.
+
+    Made for outlier samples (``"given: cat / pred: dog / filters 3,17"``): up to ``ncols`` thumbnails
+    per row, rows added as needed, so 16 samples read as two rows rather than one tall column.
+
+    Args:
+        images: ``N x C x H x W`` inputs (shown with :func:`display_inputs`: min-max per image, grey
+            unless C = 3) or ``N x 3 x H x W`` pictures in [0, 1].
+        captions: one short caption per image (wrapped at ``" / "`` to fit under the thumbnail).
+        ncols: thumbnails per row (fewer when N is smaller).
+        thumb: thumbnail side in pixels.
+
+    Returns:
+        ``H x W x 3`` uint8 array, wider than tall whenever ``N >= 2``.
+
+    Example:
+        >>> grid = labelled_image_grid(torch.rand(5, 3, 32, 32), [f"given: {i} / pred: {i}" for i in range(5)])
+        >>> grid.shape[1] > grid.shape[0]
+        True
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"Expected `images` of shape (N, C, H, W) but got {got}.")
+    n = images.shape[0]
+    if len(captions) != n:
+        raise ValueError(f"Expected one caption per image ({n}) but got {len(captions)}.")
+    if n == 0:
+        raise ValueError("Expected at least one image but got none.")
+    if not isinstance(ncols, int) or ncols < 1 or not isinstance(thumb, int) or thumb < 8:
+        raise ValueError(f"Expected `ncols` >= 1 and `thumb` >= 8 (ints) but got ncols={ncols!r}, thumb={thumb!r}.")
+    pics = display_inputs(images).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) in [0, 1]
+    plt = _pyplot()
+    cols = min(ncols, n)
+    rows = -(-n // cols)
+    lines = max(1 + str(c).count(" / ") for c in captions)
+    dpi, pad, cap = 100, 4, lines * 10 + 4  # pixels; 6 pt text is about 10 px a line at 100 dpi
+    width, height = cols * (thumb + pad) + pad, rows * (thumb + cap + pad) + pad
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    try:
+        for i in range(n):
+            r, c = divmod(i, cols)
+            left, top = pad + c * (thumb + pad), pad + r * (thumb + cap + pad)
+            ax = fig.add_axes((left / width, 1 - (top + thumb) / height, thumb / width, thumb / height))
+            ax.imshow(pics[i], interpolation="nearest", aspect="auto")
+            ax.axis("off")
+            fig.text((left + thumb / 2) / width, 1 - (top + thumb + 2) / height, str(captions[i]).replace(" / ", "\n"),
+                     ha="center", va="top", fontsize=6, linespacing=1.1)
+        fig.canvas.draw()
+        return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    finally:
+        plt.close(fig)
+
+
 def _pyplot():
     """``matplotlib.pyplot`` on the headless Agg backend (unless the user chose one), imported lazily."""
     import matplotlib
@@ -77,6 +133,16 @@ def _render(fig) -> np.ndarray:
     fig.tight_layout()
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def legend_below(ax, handles: Sequence | None = None, names: Sequence[str] | None = None, fontsize: int = 7):
+    """Put the legend of ``ax`` under the plot area (below the x label), never over the curves."""
+    if handles is None:
+        handles, names = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    return ax.legend(handles, names, fontsize=fontsize, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                     ncol=min(3, len(handles)), frameon=False)
 
 
 def cluster_scatter(
@@ -123,7 +189,7 @@ def line_plot(
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if len(series) > 1:
-            ax.legend(fontsize=7)
+            legend_below(ax)
         return _render(fig)
     finally:
         plt.close(fig)
@@ -147,7 +213,7 @@ def anomaly_timeline(
 
     plt = _pyplot()
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     try:
         for layer, ys in counts.items():
             pts = [(e, y) for e, y in zip(epochs, ys) if y is not None]
@@ -172,7 +238,7 @@ def anomaly_timeline(
             handles.append(ax.lines[-1])
             names.append(f"best val acc (WT), epoch {wt_epoch}")
         if handles:
-            ax.legend(handles, names, fontsize=7, loc="upper left")
+            legend_below(ax, handles, names)
         ax.set_title("Anomaly filters vs loss", fontsize=10)
         return _render(fig)
     finally:

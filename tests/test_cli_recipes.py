@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -158,6 +159,18 @@ def test_html_report_renders_its_figures_in_headless_chromium(tmp_path):
     assert f'data-figures-loaded="{total}"' in dom and f'data-figures-total="{total}"' in dom
     for key in ("training/loss", "interp/anomaly/timeline", "interp/nns/model.relu3/learning_images"):
         assert f'alt="{key}"' in dom
+    # Layout from the DOM (html_report's load script): no figure covers another, every figure is drawn
+    # with a real size, and the timeline (legend below its plot area) is wider than tall.
+    assert 'data-figures-overlapping="0"' in dom
+    rendered = re.findall(r'alt="([^"]+)"[^>]*data-rendered="(\d+x\d+)"', dom)
+    assert len(rendered) == total, "the load script did not record every figure's rendered size"
+    sizes = {key: tuple(map(int, size.split("x"))) for key, size in rendered}
+    assert all(w > 0 and h > 0 for w, h in sizes.values()), sizes
+    width, height = sizes["interp/anomaly/timeline"]
+    assert width > height, f"the timeline is drawn {width}x{height}"
+    if "interp/anomaly/outlier_samples" in sizes:  # a labelled grid, not a one-thumbnail column
+        width, height = sizes["interp/anomaly/outlier_samples"]
+        assert width >= height, f"the outlier samples are drawn {width}x{height}"
     shot = tmp_path / "page.png"
     subprocess.run([browser, *flags, "--window-size=1280,2000", f"--screenshot={shot}", page.as_uri()],
                    capture_output=True, timeout=120, check=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from ..html_report import Figure, Section, Table, write_html_report
 from ..viz import anomaly_timeline, line_plot
 from .anomaly import AnomalyFilterMonitor
 from .base import InterpCallback, guarded, log_root, send_image
+from .prune import PruneFlaggedFilters
 
 __all__ = ["InterpReport", "report_sections"]
 
@@ -71,6 +73,64 @@ def _anomaly_section(cb: AnomalyFilterMonitor, curves: Curves) -> tuple[Section,
     return section, timeline
 
 
+def _split(key: str) -> str:
+    """Which data a logged curve comes from, from its name: ``"training"``, ``"validation"``, ``"test"`` or ``""``."""
+    parts = [p for p in re.split(r"[/_.\-]+", key.lower()) if p]
+    for split, words in (("validation", ("val", "valid", "validation")), ("training", ("train", "training")),
+                         ("test", ("test",))):
+        if any(p in words for p in parts):
+            return split
+    return ""
+
+
+def _curve_figure(name: str, group: Curves) -> Figure:
+    """One panel per quantity (loss, accuracy) with every split it was logged for, each series labelled
+    with its split (``"validation: val_acc"``) and the title naming only the splits that are there."""
+    epochs = sorted({e for pts in group.values() for e, _ in pts})
+    series = {}
+    for key in sorted(group, key=lambda k: ("training", "validation", "test", "").index(_split(k))):
+        split = _split(key)
+        series[f"{split}: {key}" if split else key] = [dict(group[key]).get(e, float("nan")) for e in epochs]
+    splits = sorted({_split(k) for k in group} - {""}, key=("training", "validation", "test").index)
+    title = f"{name.capitalize()} ({', '.join(splits)})" if splits else name.capitalize()
+    ylabel = next(iter(series)) if len(series) == 1 else name  # one series: its label names the key and split
+    return Figure(f"training/{name}", line_plot(epochs, series, title, "epoch", ylabel), title)
+
+
+def _prune_section(cb: PruneFlaggedFilters) -> Section | None:
+    s = cb.summary
+    if not s:
+        return None
+    section = Section("Pruning (flagged filters removed)")
+    removed = sum(len(v) for v in s.get("pruned", {}).values())
+    section.paragraphs.append(
+        f"{removed} filters removed from `{cb.model_attr}`; the smaller network is saved whole at {cb.saved_to} "
+        "(lightning_interp.callbacks.prune.load_pruned)."
+    )
+    rows = [["parameters", s["params_before"], s["params_after"]], ["MACs", s["macs_before"], s["macs_after"]]]
+    if s.get("latency_ms_before") is not None:
+        rows.append([f"latency, ms (median, batch of {s.get('latency_batch')}, {s.get('latency_device')})",
+                     s["latency_ms_before"], s["latency_ms_after"]])
+    if "val_acc_before" in s:
+        rows.append(["validation accuracy", s["val_acc_before"], s["val_acc_after"]])
+    section.tables.append(Table("Before and after", ["", "before", "after"], rows))
+    section.tables.append(Table("Channels per pruned layer", ["layer", "before", "after", "removed filters"],
+                                [[layer, *s["channels"].get(layer, ["?", "?"]), str(idx)]
+                                 for layer, idx in s.get("pruned", {}).items()]))
+    return section
+
+
+def _skipped_notes(cb: InterpCallback) -> list[str]:
+    """Why a monitor has less to show: it ran without foreground masks."""
+    if not getattr(cb, "_warned_no_mask", False):
+        return []
+    how = ("Give masks as `(x, y, mask)` batches, dicts with a 'mask' entry, or with `batch_adapter=` "
+           "(README, \"Your own LightningModule\").")
+    if type(cb).__name__ == "FeatureQuantityMonitor":
+        return [f"Feature quantity was skipped: the probe has no foreground masks. {how}"]
+    return [f"Foreground/background properties and filter types were skipped: the probe has no foreground masks. {how}"]
+
+
 def _scalars_table(cb: InterpCallback) -> Table | None:
     scans = [h for h in cb.history if "fit_end" not in h]
     rows = []
@@ -98,8 +158,13 @@ def report_sections(callbacks: Sequence[Callback], curves: Curves | None = None)
             if timeline is not None:
                 new[f"{cb.log_prefix}/anomaly/timeline"] = timeline
         elif isinstance(cb, InterpCallback):
-            section = Section(f"{type(cb).__name__} ({', '.join(cb.layers)})")
+            section = Section(f"{type(cb).__name__} ({', '.join(cb.layers)})", paragraphs=_skipped_notes(cb))
             section.figures.extend(Figure(k, img, cap) for k, (img, cap, _) in cb.figures.items())
+        elif isinstance(cb, PruneFlaggedFilters):
+            pruning = _prune_section(cb)
+            if pruning is not None:
+                sections.append(pruning)
+            continue
         else:
             continue
         table = _scalars_table(cb)
@@ -109,13 +174,7 @@ def report_sections(callbacks: Sequence[Callback], curves: Curves | None = None)
     if curves:
         groups = {"loss": {k: v for k, v in curves.items() if _names(k, "loss")},
                   "accuracy": {k: v for k, v in curves.items() if _names(k, "acc")}}
-        figures = []
-        for name, group in groups.items():
-            if group:
-                epochs = sorted({e for pts in group.values() for e, _ in pts})
-                series = {k: [dict(v).get(e, float("nan")) for e in epochs] for k, v in group.items()}
-                image = line_plot(epochs, series, f"Training {name}", "epoch", name)
-                figures.append(Figure(f"training/{name}", image, ""))
+        figures = [_curve_figure(name, group) for name, group in groups.items() if group]
         sections.insert(0, Section("Training curves", figures=figures))
     return sections, new
 
