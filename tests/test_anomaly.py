@@ -143,3 +143,31 @@ def test_bad_arguments():
         detect_anomaly_filters(feats, torch.ones(3), min_cluster_size=5)
     with pytest.raises(ValueError, match="NaN"):
         detect_anomaly_filters(feats * float("nan"), act, min_cluster_size=5)
+
+
+def test_median_reference_is_robust_to_one_huge_ch():
+    """Criterion 2 against the layer's mean CH (thesis) vs its median: one filter with a huge CH
+    lifts the mean above every other imbalanced filter, not the median."""
+    from lightning_interp.metrics.anomaly import apply_criteria, cluster_filters
+
+    kinds = ["planted", "planted", "planted", "balanced", "balanced", "noise"]
+    feats = layer(kinds, b=64, d=12, seed=3)
+    feats[:, 0] = planted(64, 12, torch.Generator().manual_seed(9), far=1e4)  # huge CH for filter 0
+    clusters = cluster_filters(feats, k_max=6)
+    act = torch.ones(len(kinds))
+    ch = clusters.ch_index
+    thesis = apply_criteria(clusters, act, min_cluster_size=6, ch_reference="mean")
+    robust = apply_criteria(clusters, act, min_cluster_size=6, ch_reference="median")
+    # The criteria written out (thesis 6.2.5) on the same clustering.
+    sizes = torch.stack([torch.bincount(lab, minlength=6) for lab in clusters.labels])
+    outl = ((sizes > 0) & (sizes <= 6)).sum(1)
+    imb = outl.double() > 0.2 * clusters.num_clusters.double()
+    assert thesis.anomaly.tolist() == (imb & (ch > ch.mean())).tolist()
+    assert robust.anomaly.tolist() == (imb & (ch > ch.median())).tolist()
+    assert thesis.flagged == [0]  # the mean is dominated by filter 0
+    assert set(robust.flagged) >= {0, 1, 2}
+    # detect_anomaly_filters is cluster_filters + apply_criteria.
+    direct = detect_anomaly_filters(feats, act, min_cluster_size=6, k_max=6, ch_reference="median")
+    assert direct.anomaly.tolist() == robust.anomaly.tolist()
+    with pytest.raises(ValueError, match="ch_reference"):
+        apply_criteria(clusters, act, min_cluster_size=6, ch_reference="max")

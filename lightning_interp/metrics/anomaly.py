@@ -34,7 +34,10 @@ from .tip import avou
 
 __all__ = [
     "AnomalyFilters",
+    "FilterClusters",
     "anomaly_features",
+    "apply_criteria",
+    "cluster_filters",
     "detect_anomaly_filters",
     "project_filters_2d",
     "resolve_min_cluster_size",
@@ -186,41 +189,41 @@ def _embed_sklearn(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return emb, degenerate
 
 
-def detect_anomaly_filters(
-    features: torch.Tensor,
-    activations: torch.Tensor,
-    *,
-    k_max: int = 10,
-    min_cluster_size: int | float,
-    alpha: float = 0.2,
-    beta: float = 1.0,
-    theta: float = 0.1,
-    backend: str = "auto",
-    seed: int = 0,
-) -> AnomalyFilters:
-    """Flag anomaly filters of one layer (DESIGN §4, thesis algorithm 6.1).
+CH_REFERENCES = ("mean", "median")
+
+
+@dataclass(frozen=True)
+class FilterClusters:
+    """Per-filter clustering of one layer (K filters, B samples): thesis algorithm 6.1 before its criteria.
+
+    Attributes:
+        labels: ``K x B`` long, cluster of every sample.
+        num_clusters: ``K`` long, the K of the mixture with the highest CH index (1 if degenerate).
+        ch_index: ``K`` float, CH index of the chosen clustering (0 if degenerate).
+        embedding: ``K x B x 2``, the normalised 2-D PCA projection that was clustered.
+        k_max: the largest K tried.
+    """
+
+    labels: torch.Tensor
+    num_clusters: torch.Tensor
+    ch_index: torch.Tensor
+    embedding: torch.Tensor
+    k_max: int
+
+    @property
+    def cluster_sizes(self) -> torch.Tensor:
+        """``K x k_max`` long, points per component (component order, 0 if unused)."""
+        return torch.nn.functional.one_hot(self.labels, self.k_max).sum(1)
+
+
+def cluster_filters(
+    features: torch.Tensor, *, k_max: int = 10, backend: str = "auto", seed: int = 0
+) -> FilterClusters:
+    """Per-filter 2-D PCA and GMM sweep K = 2..k_max by Calinski-Harabasz (thesis algorithm 6.1).
 
     Args:
-        features: ``B x K x ...`` — learning images ``B x K x C x H x W`` or any per-filter
-            projection of them; flattened per filter.
-        activations: ``K`` mean activation of each filter on the same samples (AVoU, eq. 5-8).
-        k_max: largest number of mixture components tried (K = 2..k_max).
-        min_cluster_size: λ, an int (samples) or a float in (0, 1) (fraction of B). Thesis
-            table 6-1: 50 for small CNNs, 10 for AlexNet/ResNet-18/VGG-16.
-        alpha, beta, theta: the thresholds of criteria 1-3 (thesis: 0.2, 1, 0.1).
-        backend: ``"batched"`` (all filters × all K as tensors on ``features``' device),
-            ``"sklearn"`` (``GaussianMixture`` + ``calinski_harabasz_score`` per filter, the
-            reference) or ``"auto"`` (batched).
-        seed: seed of the mixture initialisation.
-
-    Returns:
-        :class:`AnomalyFilters` with tensors on ``features``' device.
-
-    Example:
-        >>> L = filter_learning_images(model, "relu3", probe_x)        # B x K x C x H x W
-        >>> act = layer_activations(model, "relu3", probe_x).mean((0, 2, 3))
-        >>> result = detect_anomaly_filters(L, act, min_cluster_size=0.1)
-        >>> result.flagged
+        features: ``B x K x ...`` — learning images or any per-filter projection of them.
+        k_max, backend, seed: see :func:`detect_anomaly_filters`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"Expected `backend` to be one of {list(BACKENDS)} but got {backend!r}.")
@@ -228,13 +231,7 @@ def detect_anomaly_filters(
         raise ValueError(
             f"Expected `features` of shape (B, K, ...) but got {getattr(features, 'shape', type(features).__name__)}."
         )
-    b, k_filters = features.shape[:2]
-    activations = torch.as_tensor(activations, device=features.device).flatten()
-    if activations.numel() != k_filters:
-        raise ValueError(
-            f"Expected `activations` of shape ({k_filters},), one per filter of `features`, but got "
-            f"{tuple(activations.shape)}."
-        )
+    b = features.shape[0]
     if not isinstance(k_max, int) or k_max < 2:
         raise ValueError(f"Expected `k_max` to be an int >= 2 but got {k_max!r}.")
     if b < 3 or k_max > b - 1:
@@ -242,13 +239,8 @@ def detect_anomaly_filters(
             f"Expected more samples than `k_max` + 1 (clustering {b} samples into up to {k_max} clusters); "
             "use a larger probe or a smaller `k_max`."
         )
-    lam = resolve_min_cluster_size(min_cluster_size, b)
-    for name, value in (("alpha", alpha), ("beta", beta), ("theta", theta)):
-        if not float(value) >= 0:
-            raise ValueError(f"Expected `{name}` >= 0 but got {value}.")
-    if not torch.isfinite(features).all() or not torch.isfinite(activations).all():
-        raise ValueError("Expected finite `features` and `activations` but got NaN or inf.")
-
+    if not torch.isfinite(features).all():
+        raise ValueError("Expected finite `features` but got NaN or inf.")
     device = features.device
     if backend == "sklearn":
         emb_np, deg_np = _embed_sklearn(features)
@@ -263,12 +255,52 @@ def detect_anomaly_filters(
         labels = torch.where(degenerate[:, None], torch.zeros_like(labels), labels)
         num_clusters = torch.where(degenerate, torch.ones_like(num_clusters), num_clusters)
         ch = torch.where(degenerate, torch.zeros_like(ch), ch)
+    return FilterClusters(labels=labels, num_clusters=num_clusters, ch_index=ch, embedding=embedding, k_max=k_max)
 
-    sizes = torch.nn.functional.one_hot(labels, k_max).sum(1)  # (K, k_max)
+
+def apply_criteria(
+    clusters: FilterClusters,
+    activations: torch.Tensor,
+    *,
+    min_cluster_size: int | float,
+    alpha: float = 0.2,
+    beta: float = 1.0,
+    theta: float = 0.1,
+    ch_reference: str = "mean",
+) -> AnomalyFilters:
+    """The three anomaly criteria (thesis 6.2.5) on a clustering from :func:`cluster_filters`.
+
+    Args:
+        clusters: the layer's :class:`FilterClusters`.
+        activations: ``K`` mean activation of each filter (AVoU, eq. 5-8).
+        min_cluster_size, alpha, beta, theta: λ, α, β, θ (thesis table 6-1).
+        ch_reference: the layer reference of criterion 2: ``"mean"`` (the thesis: CH > β × the
+            layer's mean CH) or ``"median"`` (CH > β × the layer's median CH; one filter with a huge
+            CH cannot lift the reference above every other filter — a deviation from the thesis,
+            measured in ``experiments/overfitting_signals.py``).
+    """
+    if ch_reference not in CH_REFERENCES:
+        raise ValueError(f"Expected `ch_reference` to be one of {list(CH_REFERENCES)} but got {ch_reference!r}.")
+    k_filters, b = clusters.labels.shape
+    activations = torch.as_tensor(activations, device=clusters.labels.device).flatten()
+    if activations.numel() != k_filters:
+        raise ValueError(
+            f"Expected `activations` of shape ({k_filters},), one per filter of `features`, but got "
+            f"{tuple(activations.shape)}."
+        )
+    if not torch.isfinite(activations).all():
+        raise ValueError("Expected finite `features` and `activations` but got NaN or inf.")
+    lam = resolve_min_cluster_size(min_cluster_size, b)
+    for name, value in (("alpha", alpha), ("beta", beta), ("theta", theta)):
+        if not float(value) >= 0:
+            raise ValueError(f"Expected `{name}` >= 0 but got {value}.")
+    labels, num_clusters, ch = clusters.labels, clusters.num_clusters, clusters.ch_index
+    sizes = clusters.cluster_sizes  # (K, k_max)
     outlier_component = (sizes > 0) & (sizes <= lam)
     outlier_clusters = outlier_component.sum(1)
     imbalanced = outlier_clusters.double() > alpha * num_clusters.double()
-    high_ch = ch > beta * ch.mean()
+    reference = ch.mean() if ch_reference == "mean" else ch.double().median()
+    high_ch = ch > beta * reference
     act = activations.double()
     active = act >= theta * act.mean()
     anomaly = imbalanced & high_ch & active
@@ -283,9 +315,67 @@ def detect_anomaly_filters(
         high_ch=high_ch,
         active=active,
         labels=labels,
-        embedding=embedding,
+        embedding=clusters.embedding,
         outlier_samples=in_outlier & anomaly[:, None],
         min_cluster_size=lam,
+    )
+
+
+def detect_anomaly_filters(
+    features: torch.Tensor,
+    activations: torch.Tensor,
+    *,
+    k_max: int = 10,
+    min_cluster_size: int | float,
+    alpha: float = 0.2,
+    beta: float = 1.0,
+    theta: float = 0.1,
+    ch_reference: str = "mean",
+    backend: str = "auto",
+    seed: int = 0,
+) -> AnomalyFilters:
+    """Flag anomaly filters of one layer (DESIGN §4, thesis algorithm 6.1).
+
+    :func:`cluster_filters` then :func:`apply_criteria`.
+
+    Args:
+        features: ``B x K x ...`` — learning images ``B x K x C x H x W`` or any per-filter
+            projection of them; flattened per filter.
+        activations: ``K`` mean activation of each filter on the same samples (AVoU, eq. 5-8).
+        k_max: largest number of mixture components tried (K = 2..k_max).
+        min_cluster_size: λ, an int (samples) or a float in (0, 1) (fraction of B). Thesis
+            table 6-1: 50 for small CNNs, 10 for AlexNet/ResNet-18/VGG-16.
+        alpha, beta, theta: the thresholds of criteria 1-3 (thesis: 0.2, 1, 0.1).
+        ch_reference: criterion 2's layer reference, ``"mean"`` (thesis) or ``"median"``.
+        backend: ``"batched"`` (all filters × all K as tensors on ``features``' device),
+            ``"sklearn"`` (``GaussianMixture`` + ``calinski_harabasz_score`` per filter, the
+            reference) or ``"auto"`` (batched).
+        seed: seed of the mixture initialisation.
+
+    Returns:
+        :class:`AnomalyFilters` with tensors on ``features``' device.
+
+    Example:
+        >>> L = filter_learning_images(model, "relu3", probe_x)        # B x K x C x H x W
+        >>> act = layer_activations(model, "relu3", probe_x).mean((0, 2, 3))
+        >>> result = detect_anomaly_filters(L, act, min_cluster_size=0.1)
+        >>> result.flagged
+    """
+    if ch_reference not in CH_REFERENCES:
+        raise ValueError(f"Expected `ch_reference` to be one of {list(CH_REFERENCES)} but got {ch_reference!r}.")
+    if isinstance(features, torch.Tensor) and features.dim() >= 2:
+        # The cheap checks of the criteria before the sweep, so bad settings fail fast.
+        k_filters = features.shape[1]
+        if torch.as_tensor(activations).numel() != k_filters:
+            raise ValueError(
+                f"Expected `activations` of shape ({k_filters},), one per filter of `features`, but got "
+                f"{tuple(torch.as_tensor(activations).shape)}."
+            )
+        resolve_min_cluster_size(min_cluster_size, features.shape[0])
+    clusters = cluster_filters(features, k_max=k_max, backend=backend, seed=seed)
+    return apply_criteria(
+        clusters, activations, min_cluster_size=min_cluster_size, alpha=alpha, beta=beta, theta=theta,
+        ch_reference=ch_reference,
     )
 
 
