@@ -1,0 +1,159 @@
+"""Overfitting signals and alarms: the bookkeeping behind ``AnomalyFilterMonitor``'s alarm and the
+overfitting-signal benchmark (``experiments/overfitting_signals.py``).
+
+Plain functions over per-epoch series (lists or 1-D arrays, one value per scanned epoch):
+
+* :func:`onset_epoch` — the epoch after which a held-out loss stays above its minimum;
+* :func:`rise_alarm` — the first epoch a signal rises a margin over its running minimum and stays
+  there (the alarm rule the monitor uses, for the validation loss or the anomaly count);
+* :func:`spearman` — Spearman rank correlation with average ranks for ties (SciPy's definition);
+* :func:`precision_at_k` — share of true positives among the k highest scores;
+* :func:`activation_divergence` — per-filter standardised difference between a filter's mean
+  activation on training samples and on held-out samples (no labels needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["activation_divergence", "onset_epoch", "precision_at_k", "rise_alarm", "spearman"]
+
+
+def _as_array(values: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def onset_epoch(epochs: Sequence[int], loss: Sequence[float], *, min_rise: float = 0.0) -> int | None:
+    """The overfitting onset: the epoch of the held-out loss' minimum, after which it stays above it.
+
+    Args:
+        epochs: ``E`` epoch numbers, increasing.
+        loss: ``E`` held-out losses at those epochs.
+        min_rise: the run counts as overfitting only when its last loss exceeds the minimum by this
+            relative margin (e.g. 0.05); otherwise None.
+
+    Returns:
+        The epoch of the last minimum (every later loss is above it), or None when the minimum is
+        the last epoch (the loss never rose) or the final rise is below ``min_rise``.
+    """
+    v = _as_array(loss)
+    if len(v) != len(epochs):
+        raise ValueError(f"Expected as many losses as epochs but got {len(v)} and {len(epochs)}.")
+    if len(v) == 0 or np.isnan(v).all():
+        return None
+    best = np.nanmin(v)
+    last_min = int(np.flatnonzero(v == best)[-1])
+    if last_min == len(v) - 1 or v[-1] <= best * (1 + min_rise):
+        return None
+    return int(epochs[last_min])
+
+
+def rise_alarm(
+    values: Sequence[float],
+    *,
+    rel: float = 0.05,
+    margin: float = 0.0,
+    patience: int = 1,
+    min_index: int = 0,
+) -> int | None:
+    """Index of the first scan at which the alarm fires, or None.
+
+    The alarm fires at scan ``i >= min_index`` once ``values`` has been above its running minimum
+    ``m`` (over scans ``0..i``) by more than ``max(rel·|m|, margin)`` for ``patience`` consecutive
+    scans ending at ``i``. ``rel=0.05, patience=1`` on the validation loss is the usual "5 % over
+    its best" rule. For a signal that falls as the model overfits, pass its negation.
+
+    Args:
+        values: ``E`` signal values, one per scan (None/NaN scans never count as above).
+        rel: relative margin over the running minimum.
+        margin: absolute margin (for signals whose minimum can be 0, such as a count).
+        patience: consecutive scans above the margin.
+        min_index: earliest scan at which the alarm may fire.
+    """
+    if patience < 1:
+        raise ValueError(f"Expected `patience` >= 1 but got {patience}.")
+    if rel < 0 or margin < 0:
+        raise ValueError(f"Expected `rel` and `margin` >= 0 but got {rel} and {margin}.")
+    v = _as_array(values)
+    run = 0
+    low = np.inf
+    for i, x in enumerate(v):
+        if np.isnan(x):
+            run = 0
+            continue
+        low = min(low, x)
+        run = run + 1 if x - low > max(rel * abs(low), margin) else 0
+        if run >= patience and i >= min_index:
+            return i
+    return None
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    order = np.argsort(v, kind="mergesort")
+    ranks = np.empty(len(v))
+    ranks[order] = np.arange(len(v), dtype=np.float64)
+    # average ranks of ties
+    sorted_v = v[order]
+    start = 0
+    for i in range(1, len(v) + 1):
+        if i == len(v) or sorted_v[i] != sorted_v[start]:
+            ranks[order[start:i]] = (start + i - 1) / 2
+            start = i
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation of two series (average ranks for ties; pairs with a NaN dropped).
+
+    NaN when fewer than 3 pairs remain or either series is constant.
+    """
+    x, y = _as_array(a), _as_array(b)
+    if len(x) != len(y):
+        raise ValueError(f"Expected series of equal length but got {len(x)} and {len(y)}.")
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = _ranks(x), _ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def precision_at_k(scores: Sequence[float], positives: Sequence[bool], k: int) -> float:
+    """Share of ``positives`` among the ``k`` highest ``scores`` (ties broken by index, stable)."""
+    s, pos = _as_array(scores), np.asarray(positives, dtype=bool)
+    if len(s) != len(pos):
+        raise ValueError(f"Expected as many scores as labels but got {len(s)} and {len(pos)}.")
+    if not 1 <= k <= len(s):
+        raise ValueError(f"Expected `k` in [1, {len(s)}] but got {k}.")
+    top = np.argsort(-s, kind="stable")[:k]
+    return float(pos[top].mean())
+
+
+def activation_divergence(train_activations: torch.Tensor, heldout_activations: torch.Tensor) -> torch.Tensor:
+    """Per-filter divergence between training and held-out samples, ``K``.
+
+    |μ_train − μ_heldout| / σ_pooled of each filter's spatially averaged activation, a
+    standardised mean difference (Cohen's d). A filter that responds differently to the samples
+    the model was trained on than to unseen samples of the same distribution is memorising; the
+    held-out samples need no labels. A constant filter has divergence 0.
+
+    Args:
+        train_activations: ``B1 x K x ...`` layer outputs on training samples.
+        heldout_activations: ``B2 x K x ...`` layer outputs on held-out samples.
+    """
+    a = train_activations.flatten(2).mean(2).double() if train_activations.dim() > 2 else train_activations.double()
+    b = heldout_activations.flatten(2).mean(2).double() if heldout_activations.dim() > 2 else heldout_activations.double()
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"Expected the same filters in both sets but got {a.shape[1]} and {b.shape[1]}.")
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError("Expected at least 2 samples in each set.")
+    pooled = ((a.var(0) * (a.shape[0] - 1) + b.var(0) * (b.shape[0] - 1)) / (a.shape[0] + b.shape[0] - 2)).sqrt()
+    d = (a.mean(0) - b.mean(0)).abs()
+    return torch.where(pooled > 0, d / pooled.clamp_min(1e-300), torch.zeros_like(d))

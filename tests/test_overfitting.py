@@ -1,0 +1,88 @@
+"""lightning_interp.overfitting: the benchmark's bookkeeping and the alarm rule, against hand-computed
+values and independent constructions (SciPy, NumPy)."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from lightning_interp.overfitting import (
+    activation_divergence,
+    onset_epoch,
+    precision_at_k,
+    rise_alarm,
+    spearman,
+)
+
+# A tiny synthetic run: test loss falls to its minimum at epoch 4, then rises and stays above.
+EPOCHS = [1, 2, 3, 4, 5, 6, 7, 8]
+TEST_LOSS = [2.0, 1.5, 1.2, 1.0, 1.1, 1.05, 1.3, 1.6]
+VAL_LOSS = [2.1, 1.6, 1.25, 1.02, 1.04, 1.08, 1.35, 1.7]
+COUNT = [5, 4, 6, 5, 5, 9, 10, 12]
+
+
+def test_onset_is_the_last_minimum_after_which_the_loss_stays_above():
+    assert onset_epoch(EPOCHS, TEST_LOSS) == 4
+    # A later tie with the minimum moves the onset to the tie.
+    assert onset_epoch(EPOCHS, [2.0, 1.0, 1.2, 1.0, 1.1, 1.2, 1.3, 1.4]) == 4
+    # Never rises: no onset; a final rise smaller than min_rise: no onset.
+    assert onset_epoch(EPOCHS, [8, 7, 6, 5, 4, 3, 2, 1]) is None
+    assert onset_epoch(EPOCHS, [2.0, 1.0, 1.01, 1.02, 1.01, 1.02, 1.03, 1.04], min_rise=0.05) is None
+    assert onset_epoch(EPOCHS, [2.0, 1.0, 1.01, 1.02, 1.01, 1.02, 1.03, 1.06], min_rise=0.05) == 2
+
+
+def test_rise_alarm_hand_computed():
+    # val loss: running min 1.02 at index 3; 5 % over it = 1.071: index 5 (1.08) is the first above.
+    assert rise_alarm(VAL_LOSS, rel=0.05) == 5
+    # patience 2: indices 5 and 6 both above -> fires at 6.
+    assert rise_alarm(VAL_LOSS, rel=0.05, patience=2) == 6
+    # count: running min 4 (index 1); margin 2 -> first value > 6 is index 5 (9).
+    assert rise_alarm(COUNT, margin=2.0, rel=0.0) == 5
+    # relative 20 % of 4 = 0.8 -> index 2 (6 > 4.8) fires, unless min_index forbids it.
+    assert rise_alarm(COUNT, rel=0.2) == 2
+    assert rise_alarm(COUNT, rel=0.2, min_index=3) == 3  # 5 > 4.8 as well
+    assert rise_alarm(COUNT, rel=0.5, min_index=3) == 5  # 5 <= 6 until the 9
+    # A None scan breaks the run of consecutive scans.
+    assert rise_alarm([1.0, 2.0, None, 2.0, 2.0], rel=0.5, patience=2) == 4
+    assert rise_alarm([3.0, 2.0, 1.0], rel=0.05) is None
+    with pytest.raises(ValueError, match="patience"):
+        rise_alarm(COUNT, patience=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_spearman_matches_scipy_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 6, 20).astype(float)  # many ties
+    b = rng.normal(size=20)
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
+    assert spearman(VAL_LOSS, TEST_LOSS) == pytest.approx(spearmanr(VAL_LOSS, TEST_LOSS).statistic)
+    # Hand-computed: a monotone transform has correlation 1, its reverse -1.
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 400]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(spearman([1, 1, 1, 1], [1, 2, 3, 4]))
+    # NaN pairs are dropped.
+    assert spearman([1, 2, np.nan, 3, 4], [1, 2, 9, 3, 4]) == pytest.approx(1.0)
+
+
+def test_precision_at_k():
+    scores = [0.9, 0.1, 0.8, 0.3, 0.7]
+    positives = [True, False, False, True, True]
+    assert precision_at_k(scores, positives, 1) == 1.0
+    assert precision_at_k(scores, positives, 3) == pytest.approx(2 / 3)  # 0.9, 0.8, 0.7
+    assert precision_at_k(scores, positives, 5) == pytest.approx(3 / 5)
+    with pytest.raises(ValueError, match="k"):
+        precision_at_k(scores, positives, 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_activation_divergence_is_cohens_d(seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(30, 5, 4, 4, generator=gen) + torch.arange(5.0).view(1, 5, 1, 1)
+    b = torch.randn(40, 5, 4, 4, generator=gen)
+    d = activation_divergence(a, b)
+    ma, mb = a.mean((2, 3)).double().numpy(), b.mean((2, 3)).double().numpy()
+    pooled = np.sqrt((ma.var(0, ddof=1) * 29 + mb.var(0, ddof=1) * 39) / 68)
+    np.testing.assert_allclose(d.numpy(), np.abs(ma.mean(0) - mb.mean(0)) / pooled, rtol=1e-10)
+    # A constant filter diverges by 0; more shift, more divergence.
+    assert activation_divergence(torch.ones(5, 2), torch.ones(6, 2)).tolist() == [0.0, 0.0]
+    assert d[4] > d[1]
