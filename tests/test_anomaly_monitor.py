@@ -120,3 +120,50 @@ def test_bad_configuration_is_refused_early():
         monitor(probe_size=5)
     with pytest.raises(ValueError, match="backend"):
         monitor(backend="cuda")
+
+
+def test_alarm_rules_on_a_hand_computed_history():
+    from lightning_interp.callbacks import AnomalyFilterMonitor
+
+    epochs = [0, 1, 2, 3, 4, 5]  # 0-based: epoch 2 is the third trained epoch
+    counts = [5, 4, 4, 5, 7, 9]
+    losses = [1.0, 0.8, 0.7, 0.72, 0.75, 0.9]
+    val = AnomalyFilterMonitor(["model.relu3"], alarm="val_loss")  # 5 % over 0.7 = 0.735
+    assert [val.alarm_fired(epochs[: i + 1], counts[: i + 1], losses[: i + 1]) for i in range(6)] == [
+        False, False, False, False, True, True]
+    count = AnomalyFilterMonitor(["model.relu3"], alarm="count", alarm_rel=0.0, alarm_margin=2.0)  # > 4 + 2
+    assert [count.alarm_fired(epochs[: i + 1], counts[: i + 1], losses[: i + 1]) for i in range(6)] == [
+        False, False, False, False, True, True]
+    # Never before `alarm_min_epoch` epochs, even when the rule holds earlier.
+    early = AnomalyFilterMonitor(["model.relu3"], alarm="count", alarm_rel=0.1, alarm_min_epoch=5)
+    assert not early.alarm_fired(epochs[:4], counts[:4], losses[:4])
+    assert early.alarm_fired(epochs[:5], counts[:5], losses[:5])
+    both = AnomalyFilterMonitor(["model.relu3"], alarm="count_and_val_loss", alarm_patience=2)
+    assert both.alarm_fired(epochs, counts, losses)
+    with pytest.raises(ValueError, match="alarm"):
+        AnomalyFilterMonitor(["model.relu3"], alarm="loss")
+    with pytest.raises(ValueError, match="ch_reference"):
+        AnomalyFilterMonitor(["model.relu3"], ch_reference="max")
+
+
+def test_outlier_captions_name_label_prediction_and_filters():
+    from lightning_interp.batch import Batch
+    from lightning_interp.metrics.anomaly import detect_anomaly_filters
+
+    gen = torch.Generator().manual_seed(0)
+    b = 40
+    feats = torch.randn(b, 3, 6, generator=gen, dtype=torch.float64) * 0.3
+    feats[:3, 0] += 10.0  # samples 0-2: a small far group for filter 0
+    feats[3:5, 0] -= 10.0
+    res = detect_anomaly_filters(feats, torch.ones(3), min_cluster_size=5, k_max=4, beta=0.0)
+    assert res.sample_is_outlier[:5].all()
+    module = classifier()
+    x = torch.randn(b, 1, 16, 16, generator=gen)
+    y = torch.arange(b) % 10
+    mon = monitor(num_outlier_images=4)
+    idx, captions = mon.outlier_captions(module, {"model.relu3": res}, Batch(x=x, y=y))
+    assert len(idx) == 4 and set(idx.tolist()) <= set(res.sample_is_outlier.nonzero().flatten().tolist())
+    with torch.no_grad():
+        pred = module.eval()(x[idx]).argmax(1)
+    for i, p, text in zip(idx.tolist(), pred.tolist(), captions):
+        assert text.startswith(f"given: {int(y[i])} / pred: {p} / filters relu3:0")

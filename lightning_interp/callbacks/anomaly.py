@@ -15,21 +15,27 @@ from ..batch import Batch
 from ..gradients import per_sample_gradient_magnitude
 from ..metrics.anomaly import (
     BACKENDS,
+    CH_REFERENCES,
     AnomalyFilters,
     resolve_min_cluster_size,
     scan_anomaly_filters,
 )
+from ..overfitting import rise_alarm
 from ..progress import progress, trainer_shows_progress
 from ..report import write_anomaly_report
-from ..viz import cluster_scatter, display_inputs, image_grid
+from ..nns import scan_mode
+from ..viz import cluster_scatter, labelled_image_grid
 from .base import InterpCallback, rank_zero_decides
 
-__all__ = ["AnomalyFilterMonitor", "overfit_alarm"]
+__all__ = ["ALARMS", "AnomalyFilterMonitor", "overfit_alarm"]
+
+#: Alarm rules of :class:`AnomalyFilterMonitor` (``alarm=``).
+ALARMS = ("val_loss", "count", "count_and_val_loss")
 
 
 def overfit_alarm(counts: Sequence[float], val_losses: Sequence[float | None], patience: int = 2) -> bool:
-    """True when, over the last ``patience + 1`` scans, the anomaly count never fell and rose
-    overall while the validation loss rose overall."""
+    """The ``"count_and_val_loss"`` rule: True when, over the last ``patience + 1`` scans, the anomaly
+    count never fell and rose overall while the validation loss rose overall."""
     if len(counts) < patience + 1:
         return False
     c = list(counts[-(patience + 1) :])
@@ -49,8 +55,8 @@ class AnomalyFilterMonitor(InterpCallback):
 
     * ``interp/anomaly/<layer>/count`` and ``interp/anomaly/count`` (all layers) — monitorable by
       ``EarlyStopping``/``ModelCheckpoint`` (``mode="min"``);
-    * ``interp/anomaly/overfit_alarm`` — 1 when the count kept rising over the last
-      ``alarm_patience + 1`` scans while the validation loss rose;
+    * ``interp/anomaly/overfit_alarm`` — 0 until the ``alarm`` rule fires, then 1 for the rest of
+      the run (``EarlyStopping(monitor=..., mode="max", stopping_threshold=0.5)`` stops on it);
     * ``interp/anomaly/outlier_grad`` and ``interp/anomaly/normal_grad`` — mean per-sample
       gradient magnitude of outlier vs normal probe samples (thesis table 6-3);
     * a table of the flagged filters with their criteria, a scatter plot of the clusters of the
@@ -69,6 +75,9 @@ class AnomalyFilterMonitor(InterpCallback):
         min_cluster_size: λ: int (samples) or fraction of the probe (default 0.1 ≈ the thesis' 50
             of 512 for small CNNs; use 10 / 0.02 for ResNet-18-sized models).
         k_max, alpha, beta, theta: see :func:`detect_anomaly_filters` (thesis table 6-1).
+        ch_reference: criterion 2's layer reference: ``"mean"`` (the thesis) or ``"median"``
+            (robust to one filter with a huge CH index; see
+            :func:`~lightning_interp.metrics.anomaly.apply_criteria`).
         rectify: scan ReLU(layer output) (the thesis' conv layer); default True.
         mode: ``"exact"`` (one backward pass per filter) or ``"sketch"`` (``num_projections``
             random projections of all filters' learning images from forward-mode products).
@@ -77,9 +86,23 @@ class AnomalyFilterMonitor(InterpCallback):
             README, "Sketch vs exact"; ``benchmarks/sketch.py``.
         backend: GMM backend, ``"auto"``, ``"batched"`` or ``"sklearn"``.
         val_acc_key, val_loss_key: ``trainer.callback_metrics`` keys of validation accuracy and loss.
-        alarm_patience: scans over which the alarm looks for a rising count.
+        alarm: the overfitting alarm's rule (:func:`~lightning_interp.overfitting.rise_alarm`):
+            ``"val_loss"`` — the validation loss (``val_loss_key``) rose more than ``alarm_rel`` over
+            its best for ``alarm_patience`` consecutive scans; ``"count"`` — the anomaly count rose
+            more than ``max(alarm_rel · its running minimum, alarm_margin)`` for ``alarm_patience``
+            scans (training probe only: no validation labels); ``"count_and_val_loss"`` — the count
+            never fell and rose over the last ``alarm_patience + 1`` scans while the validation loss
+            rose (the rule before the benchmark). ``experiments/overfitting_signals.py`` measured
+            which fires on time (README, "Is the signal any good?").
+        alarm_rel, alarm_margin: the rise over the running minimum that counts (relative, absolute).
+        alarm_patience: consecutive scans the rise must last.
+        alarm_min_epoch: the alarm never fires before this many epochs have been trained.
         report_path: JSON report path; ``<log dir>/anomaly_report.json`` when None.
-        num_scatter: flagged filters drawn per layer; num_outlier_images: outlier samples shown.
+        num_scatter: flagged filters drawn per layer; num_outlier_images: outlier samples shown, as a
+            grid captioned with each sample's given label, predicted class and the filters that flag it.
+        outlier_gradients: compute the outlier vs normal per-sample gradient magnitudes (table 6-3)
+            at every scan; within the scan memory budget, but one backward pass per probe sample
+            on a large model — turn off to save the time.
         **kwargs: :class:`~lightning_interp.callbacks.base.InterpCallback` options.
     """
 
@@ -98,10 +121,16 @@ class AnomalyFilterMonitor(InterpCallback):
         backend: str = "auto",
         val_acc_key: str = "val/acc",
         val_loss_key: str = "val/loss",
-        alarm_patience: int = 2,
+        ch_reference: str = "mean",
+        alarm: str = "val_loss",
+        alarm_rel: float = 0.05,
+        alarm_margin: float = 0.0,
+        alarm_patience: int = 1,
+        alarm_min_epoch: int = 3,
         report_path: str | None = None,
         num_scatter: int = 4,
         num_outlier_images: int = 16,
+        outlier_gradients: bool = True,
         mode: str = "exact",
         num_projections: int = 64,
         **kwargs,
@@ -125,6 +154,16 @@ class AnomalyFilterMonitor(InterpCallback):
                 raise ValueError(f"Expected `{name}` >= 0 but got {value}.")
         if not isinstance(alarm_patience, int) or alarm_patience < 1:
             raise ValueError(f"Expected `alarm_patience` to be a positive int but got {alarm_patience!r}.")
+        if alarm not in ALARMS:
+            raise ValueError(f"Expected `alarm` to be one of {list(ALARMS)} but got {alarm!r}.")
+        if ch_reference not in CH_REFERENCES:
+            raise ValueError(f"Expected `ch_reference` to be one of {list(CH_REFERENCES)} but got {ch_reference!r}.")
+        for name, value in (("alarm_rel", alarm_rel), ("alarm_margin", alarm_margin), ("alarm_min_epoch", alarm_min_epoch)):
+            if not float(value) >= 0:
+                raise ValueError(f"Expected `{name}` >= 0 but got {value}.")
+        self.ch_reference = ch_reference
+        self.alarm = alarm
+        self.alarm_rel, self.alarm_margin, self.alarm_min_epoch = alarm_rel, alarm_margin, alarm_min_epoch
         self.min_cluster_size = min_cluster_size
         self.k_max = k_max
         self.alpha, self.beta, self.theta = alpha, beta, theta
@@ -136,6 +175,7 @@ class AnomalyFilterMonitor(InterpCallback):
         self.report_path = report_path
         self.num_scatter = num_scatter
         self.num_outlier_images = num_outlier_images
+        self.outlier_gradients = outlier_gradients
         # Run progress (state_dict): validation curve, flags of the last scan.
         self.val_history: list[dict[str, float]] = []
         self.flagged: dict[str, list[dict[str, Any]]] = {}
@@ -171,6 +211,17 @@ class AnomalyFilterMonitor(InterpCallback):
         scored = [e for e in self.val_history if "val_acc" in e]
         return max(scored, key=lambda e: e["val_acc"])["epoch"] if scored else None
 
+    @override
+    def check_dry_run(self, pl_module: pl.LightningModule, probe: Batch, outputs: dict[str, torch.Size]) -> None:
+        # `__init__` checked the default probe size; a given `probe=` is checked here, before the first step.
+        n = len(probe.x)
+        if n <= self.k_max + 1:
+            raise ValueError(
+                f"AnomalyFilterMonitor needs more probe samples than `k_max` + 1 = {self.k_max + 1} but the probe "
+                f"has {n}; give a larger `probe=`/`probe_size` or a smaller `k_max`."
+            )
+        resolve_min_cluster_size(self.min_cluster_size, n)
+
     # ---- the scan ----------------------------------------------------------------------------
     def detect(self, pl_module: pl.LightningModule, layer: str, x: torch.Tensor) -> AnomalyFilters:
         """Anomaly filters of one layer on inputs ``x`` with this monitor's settings
@@ -178,7 +229,7 @@ class AnomalyFilterMonitor(InterpCallback):
         return scan_anomaly_filters(
             pl_module, layer, x, mode=self.mode, num_projections=self.num_projections, rectify=self.rectify,
             seed=self.seed, k_max=self.k_max, min_cluster_size=self.min_cluster_size, alpha=self.alpha,
-            beta=self.beta, theta=self.theta, backend=self.backend,
+            beta=self.beta, theta=self.theta, backend=self.backend, ch_reference=self.ch_reference,
         )
 
     @override
@@ -196,11 +247,12 @@ class AnomalyFilterMonitor(InterpCallback):
         scalars[f"{self.log_prefix}/anomaly/count"] = total
 
         counts = [h[f"{self.log_prefix}/anomaly/count"] for h in self.history] + [total]
-        losses = [self._val_at(h["epoch"], "val_loss") for h in self.history] + [self._val_at(epoch, "val_loss")]
-        scalars[f"{self.log_prefix}/anomaly/overfit_alarm"] = float(overfit_alarm(counts, losses, self.alarm_patience))
+        epochs = [h["epoch"] for h in self.history] + [epoch]
+        losses = [self._val_at(e, "val_loss") for e in epochs]
+        scalars[f"{self.log_prefix}/anomaly/overfit_alarm"] = float(self.alarm_fired(epochs, counts, losses))
 
         outliers = torch.stack([r.sample_is_outlier for r in results.values()]).any(0)
-        if probe.y is not None and outliers.any() and not outliers.all():
+        if self.outlier_gradients and probe.y is not None and outliers.any() and not outliers.all():
             grads = per_sample_gradient_magnitude(pl_module, probe.x, probe.y)
             scalars[f"{self.log_prefix}/anomaly/outlier_grad"] = grads[outliers].mean().item()
             scalars[f"{self.log_prefix}/anomaly/normal_grad"] = grads[~outliers].mean().item()
@@ -209,6 +261,18 @@ class AnomalyFilterMonitor(InterpCallback):
         self.last_result = results
         self._log_pictures(trainer, results, probe, outliers)
         return scalars
+
+    def alarm_fired(self, epochs: Sequence[int], counts: Sequence[float], val_losses: Sequence[float | None]) -> bool:
+        """Whether the ``alarm`` rule has fired by the last of these scans (0-based ``epochs``)."""
+        if self.alarm == "count_and_val_loss":
+            return any(
+                overfit_alarm(counts[: i + 1], val_losses[: i + 1], self.alarm_patience)
+                for i, e in enumerate(epochs) if e + 1 >= self.alarm_min_epoch
+            )
+        series = val_losses if self.alarm == "val_loss" else counts
+        first = next((i for i, e in enumerate(epochs) if e + 1 >= self.alarm_min_epoch), len(epochs))
+        return rise_alarm(series, rel=self.alarm_rel, margin=self.alarm_margin, patience=self.alarm_patience,
+                          min_index=first) is not None
 
     @override
     def decisions(self) -> dict[str, Any]:
@@ -255,21 +319,61 @@ class AnomalyFilterMonitor(InterpCallback):
             self.log_image(trainer, f"{self.log_prefix}/anomaly/{layer}/clusters", image,
                            f"epoch {trainer.current_epoch}: most anomalous filters (x = outlier clusters)")
         if self.num_outlier_images > 0 and outliers.any():
-            idx = outliers.nonzero().flatten()[: self.num_outlier_images]
-            grid = image_grid([display_inputs(probe.x[idx])], min_side=64)
+            idx, captions = self.outlier_captions(trainer.lightning_module, results, probe)
+            grid = labelled_image_grid(probe.x[idx].float().cpu(), captions)
             self.log_image(trainer, f"{self.log_prefix}/anomaly/outlier_samples", grid,
-                           f"epoch {trainer.current_epoch}: {int(outliers.sum())} outlier samples")
+                           f"epoch {trainer.current_epoch}: {int(outliers.sum())} outlier samples "
+                           f"(given label / predicted class / flagging filters)")
+
+    def outlier_captions(
+        self, pl_module: pl.LightningModule, results: dict[str, AnomalyFilters], probe: Batch
+    ) -> tuple[torch.Tensor, list[str]]:
+        """The outlier samples to show (those flagged by the most filters first, up to
+        ``num_outlier_images``) and a caption each: given label, predicted class, flagging filters."""
+        flags = torch.cat([r.outlier_samples for r in results.values()], 0)  # (sum K, B)
+        names = [(layer.split(".")[-1], k) for layer, r in results.items() for k in range(r.anomaly.numel())]
+        votes = flags.sum(0)
+        order = torch.argsort(-votes.cpu(), stable=True)
+        idx = order[: min(self.num_outlier_images, int((votes > 0).sum()))]
+        pred = None
+        try:
+            with scan_mode(pl_module), torch.no_grad():
+                out = pl_module(probe.x[idx].to(pl_module.device))
+            if isinstance(out, torch.Tensor) and out.dim() == 2:
+                pred = out.argmax(1).tolist()
+        except Exception as err:  # a caption must never cost the scan
+            rank_zero_warn(f"AnomalyFilterMonitor: no predicted class in the outlier captions ({err}).")
+        classes = getattr(getattr(pl_module.trainer, "datamodule", None), "classes", None) if pl_module._trainer else None
+
+        def label(c: int) -> str:
+            return str(classes[c]) if classes is not None and 0 <= c < len(classes) else str(c)
+
+        captions = []
+        for j, i in enumerate(idx.tolist()):
+            who = [f"{layer}:{k}" for (layer, k), f in zip(names, flags[:, i].tolist()) if f]
+            parts = [f"given: {label(int(probe.y[i]))}" if probe.y is not None else "given: ?"]
+            parts.append(f"pred: {label(pred[j])}" if pred is not None else "pred: ?")
+            parts.append("filters " + ",".join(who[:4]) + ("…" if len(who) > 4 else ""))
+            captions.append(" / ".join(parts))
+        return idx, captions
 
     # ---- fit end and the report ----------------------------------------------------------------
     def _count_at(self, epoch: int | None) -> float | None:
         key = f"{self.log_prefix}/anomaly/count"
         return next((h[key] for h in self.history if h["epoch"] == epoch and key in h), None)
 
+    @property
+    def alarm_epoch(self) -> int | None:
+        """The first scanned epoch (0-based) at which the overfitting alarm was on, None if never."""
+        key = f"{self.log_prefix}/anomaly/overfit_alarm"
+        return next((h["epoch"] for h in self.history if h.get(key)), None)
+
     def summary(self) -> dict[str, Any]:
-        """WT/final epochs and anomaly counts (thesis table 6-2)."""
+        """WT/final epochs and anomaly counts (thesis table 6-2), the alarm's epoch."""
         wt = self.wt_epoch
         final = self.history[-1]["epoch"] if self.history else None
         return {
+            "alarm_epoch": self.alarm_epoch,
             "wt_epoch": wt,
             "wt_count": self._count_at(wt),
             "final_epoch": final,
@@ -299,7 +403,9 @@ class AnomalyFilterMonitor(InterpCallback):
             **self.summary(),
             "settings": {
                 "min_cluster_size": self.min_cluster_size, "k_max": self.k_max, "alpha": self.alpha,
-                "beta": self.beta, "theta": self.theta, "rectify": self.rectify, "probe_size": self.probe_size,
+                "beta": self.beta, "theta": self.theta, "ch_reference": self.ch_reference, "alarm": self.alarm,
+                "alarm_rel": self.alarm_rel, "alarm_margin": self.alarm_margin, "alarm_patience": self.alarm_patience,
+                "alarm_min_epoch": self.alarm_min_epoch, "rectify": self.rectify, "probe_size": self.probe_size,
                 "mode": self.mode, "num_projections": self.num_projections if self.mode == "sketch" else None,
             },
             "layers": {
@@ -335,9 +441,11 @@ class AnomalyFilterMonitor(InterpCallback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             self._write_report(trainer)
+            alarm = (f"the overfitting alarm ({self.alarm}) fired at epoch {summary['alarm_epoch']}"
+                     if summary["alarm_epoch"] is not None else f"the overfitting alarm ({self.alarm}) never fired")
             rank_zero_info(
                 f"AnomalyFilterMonitor: WT epoch {summary['wt_epoch']} had {summary['wt_count']} anomaly filters, "
-                f"the final epoch {summary['final_epoch']} has {summary['final_count']}; report: "
+                f"the final epoch {summary['final_epoch']} has {summary['final_count']}; {alarm}; report: "
                 f"{self.resolve_report_path(trainer)}"
             )
 
