@@ -4,8 +4,9 @@ For each (model, data) pair the model is trained until it overfits (label noise 
 embedded data; plain training on CIFAR-10) with `AnomalyFilterMonitor` watching its conv
 layers every epoch. WT = the epoch with the best validation accuracy, OF = the last epoch.
 
-* Table 6-2: anomaly filters at WT and at OF (monitor history; thesis exp. 1 settings
-  λ = 0.1·probe ≈ 50 of 512, α = 0.2, β = 1, θ = 0.1).
+* Table 6-2: anomaly filters at WT and at OF (monitor history; λ = 0.1·probe, α = 0.2, β = 1,
+  θ = 0.1 — not the thesis' exp. 1, whose λ = 50 is an absolute count;
+  ``experiments/overfitting_signals.py`` runs tables 6-2..6-5 at the thesis' settings).
 * Table 6-3: mean per-sample gradient magnitude of outlier vs normal probe samples on the WT
   and OF models (exp. 2 setting λ = 5).
 * Table 6-5: validation-accuracy change when one anomaly filter of the OF model is masked,

@@ -8,6 +8,8 @@ Plain functions over per-epoch series (lists or 1-D arrays, one value per scanne
   there (the alarm rule the monitor uses, for the validation loss or the anomaly count);
 * :func:`spearman` — Spearman rank correlation with average ranks for ties (SciPy's definition);
 * :func:`precision_at_k` — share of true positives among the k highest scores;
+* :func:`hard_sample_loss` — the mean loss of the hardest fraction of a training probe, which
+  falls once the model starts memorising labels it could not learn (noisy ones);
 * :func:`activation_divergence` — per-filter standardised difference between a filter's mean
   activation on training samples and on held-out samples (no labels needed).
 """
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["activation_divergence", "onset_epoch", "precision_at_k", "rise_alarm", "spearman"]
+__all__ = ["activation_divergence", "hard_sample_loss", "onset_epoch", "precision_at_k", "rise_alarm", "spearman"]
 
 
 def _as_array(values: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -157,3 +159,23 @@ def activation_divergence(train_activations: torch.Tensor, heldout_activations: 
     pooled = ((a.var(0) * (a.shape[0] - 1) + b.var(0) * (b.shape[0] - 1)) / (a.shape[0] + b.shape[0] - 2)).sqrt()
     d = (a.mean(0) - b.mean(0)).abs()
     return torch.where(pooled > 0, d / pooled.clamp_min(1e-300), torch.zeros_like(d))
+
+
+def hard_sample_loss(per_sample_loss: torch.Tensor, fraction: float = 0.2) -> float:
+    """Mean of the ``fraction`` highest per-sample losses (given labels) of a training probe.
+
+    Under label noise the wrongly labelled samples are the hardest: their loss first rises while
+    the model learns the true classes, then falls once it memorises them — the memorisation that
+    makes the held-out loss rise. Training labels only; no held-out data.
+
+    Args:
+        per_sample_loss: ``B`` losses.
+        fraction: share of the probe in (0, 1]; at least one sample.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"Expected `fraction` in (0, 1] but got {fraction}.")
+    loss = torch.as_tensor(per_sample_loss).detach().flatten().double()
+    if loss.numel() == 0:
+        raise ValueError("Expected at least one per-sample loss.")
+    k = max(1, int(fraction * loss.numel()))
+    return float(loss.topk(k).values.mean())

@@ -86,3 +86,14 @@ def test_activation_divergence_is_cohens_d(seed):
     # A constant filter diverges by 0; more shift, more divergence.
     assert activation_divergence(torch.ones(5, 2), torch.ones(6, 2)).tolist() == [0.0, 0.0]
     assert d[4] > d[1]
+
+
+def test_hard_sample_loss_is_the_mean_of_the_top_fraction():
+    from lightning_interp.overfitting import hard_sample_loss
+
+    loss = torch.tensor([0.1, 3.0, 0.5, 2.0, 0.2, 1.0, 0.3, 0.4, 0.6, 0.7])
+    assert hard_sample_loss(loss, 0.2) == pytest.approx((3.0 + 2.0) / 2)
+    assert hard_sample_loss(loss, 1.0) == pytest.approx(float(loss.double().mean()))
+    assert hard_sample_loss(loss, 0.01) == pytest.approx(3.0)  # at least one sample
+    with pytest.raises(ValueError, match="fraction"):
+        hard_sample_loss(loss, 0.0)
