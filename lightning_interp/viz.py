@@ -200,6 +200,7 @@ def anomaly_timeline(
     counts: dict[str, Sequence[float | None]],
     losses: dict[str, Sequence[tuple[int, float]]],
     wt_epoch: int | None = None,
+    alarm_epoch: int | None = None,
 ) -> np.ndarray:
     """Anomaly filters per layer vs epoch (left axis) against loss curves (right axis), as an
     ``H x W x 3`` uint8 image (the thesis' fig. 6-3 view of overfitting).
@@ -208,6 +209,7 @@ def anomaly_timeline(
         epochs: scanned epochs; counts: per layer, one count per scanned epoch (None = not scanned).
         losses: per curve name (e.g. ``"train/loss"``), ``(epoch, value)`` pairs.
         wt_epoch: the best-validation epoch, drawn as a vertical line.
+        alarm_epoch: the epoch the overfitting alarm fired, drawn as a red vertical line.
     """
     import matplotlib.ticker
 
@@ -237,6 +239,10 @@ def anomaly_timeline(
             ax.axvline(wt_epoch, color="green", alpha=0.5, linewidth=1)
             handles.append(ax.lines[-1])
             names.append(f"best val acc (WT), epoch {wt_epoch}")
+        if alarm_epoch is not None:
+            ax.axvline(alarm_epoch, color="red", alpha=0.7, linewidth=1.5, linestyle="--")
+            handles.append(ax.lines[-1])
+            names.append(f"overfitting alarm, epoch {alarm_epoch}")
         if handles:
             legend_below(ax, handles, names)
         ax.set_title("Anomaly filters vs loss", fontsize=10)

@@ -128,14 +128,19 @@ def test_alarm_rules_on_a_hand_computed_history():
     epochs = [0, 1, 2, 3, 4, 5]  # 0-based: epoch 2 is the third trained epoch
     counts = [5, 4, 4, 5, 7, 9]
     losses = [1.0, 0.8, 0.7, 0.72, 0.75, 0.9]
-    val = AnomalyFilterMonitor(["model.relu3"], alarm="val_loss")  # 5 % over 0.7 = 0.735
+    val = AnomalyFilterMonitor(["model.relu3"], alarm="val_loss", alarm_rel=0.05, alarm_patience=1)  # > 0.735
     assert [val.alarm_fired(epochs[: i + 1], counts[: i + 1], losses[: i + 1]) for i in range(6)] == [
         False, False, False, False, True, True]
-    count = AnomalyFilterMonitor(["model.relu3"], alarm="count", alarm_rel=0.0, alarm_margin=2.0)  # > 4 + 2
+    count = AnomalyFilterMonitor(["model.relu3"], alarm="count", alarm_rel=0.0, alarm_margin=2.0,
+                                 alarm_patience=1)  # > 4 + 2
+    # The default: 1 % over the best (0.707) for 2 scans: epochs 3 (0.72) and 4 (0.75).
+    default = AnomalyFilterMonitor(["model.relu3"])
+    assert [default.alarm_fired(epochs[: i + 1], counts[: i + 1], losses[: i + 1]) for i in range(6)] == [
+        False, False, False, False, True, True]
     assert [count.alarm_fired(epochs[: i + 1], counts[: i + 1], losses[: i + 1]) for i in range(6)] == [
         False, False, False, False, True, True]
     # Never before `alarm_min_epoch` epochs, even when the rule holds earlier.
-    early = AnomalyFilterMonitor(["model.relu3"], alarm="count", alarm_rel=0.1, alarm_min_epoch=5)
+    early = AnomalyFilterMonitor(["model.relu3"], alarm="count", alarm_rel=0.1, alarm_patience=1, alarm_min_epoch=5)
     assert not early.alarm_fired(epochs[:4], counts[:4], losses[:4])
     assert early.alarm_fired(epochs[:5], counts[:5], losses[:5])
     both = AnomalyFilterMonitor(["model.relu3"], alarm="count_and_val_loss", alarm_patience=2)

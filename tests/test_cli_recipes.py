@@ -95,6 +95,7 @@ def test_recipe_runs_and_writes_its_reports(name, tmp_path):
         report = json.loads((tmp_path / "anomaly_report.json").read_text())
         assert [h["epoch"] for h in report["history"]] == list(range(config["trainer"]["max_epochs"]))
         assert "interp/anomaly/timeline" in html
+        assert "Overfitting alarm (rule " in html
         read_anomaly_report(str(tmp_path / "anomaly_report.json"))
     if "LearningImageLogger" in callbacks:
         assert "learning_images" in html

@@ -43,6 +43,12 @@ def _anomaly_section(cb: AnomalyFilterMonitor, curves: Curves) -> tuple[Section,
         f"Best validation accuracy (WT) at epoch {s['wt_epoch']} with {s['wt_count']} anomaly filters; "
         f"the last scan (epoch {s['final_epoch']}) has {s['final_count']}."
     )
+    val = [(e["epoch"], e["val_loss"]) for e in cb.val_history if "val_loss" in e]
+    best_loss = f" (validation loss lowest at epoch {min(val, key=lambda p: p[1])[0]})" if val else ""
+    section.paragraphs.append(
+        f"Overfitting alarm (rule {cb.alarm}): fired at epoch {s['alarm_epoch']}{best_loss}."
+        if s["alarm_epoch"] is not None else f"Overfitting alarm (rule {cb.alarm}): did not fire{best_loss}."
+    )
     timeline = None
     if cb.history:
         epochs = [h["epoch"] for h in cb.history if "fit_end" not in h]
@@ -53,7 +59,7 @@ def _anomaly_section(cb: AnomalyFilterMonitor, curves: Curves) -> tuple[Section,
         losses = {k: v for k, v in curves.items() if _names(k, "loss")}
         if not losses:  # no InterpReport curves (e.g. `lightning-interp scan`): the monitor's own
             losses = {"val/loss": [(e["epoch"], e["val_loss"]) for e in cb.val_history if "val_loss" in e]}
-        timeline = anomaly_timeline(epochs, counts, losses, wt_epoch=s["wt_epoch"])
+        timeline = anomaly_timeline(epochs, counts, losses, wt_epoch=s["wt_epoch"], alarm_epoch=s["alarm_epoch"])
         section.figures.append(Figure(f"{cb.log_prefix}/anomaly/timeline", timeline,
                                       "anomaly filters per layer per scan, against the loss curves"))
     section.figures.extend(Figure(k, img, cap) for k, (img, cap, _) in cb.figures.items())
