@@ -171,4 +171,4 @@ def test_outlier_captions_name_label_prediction_and_filters():
     with torch.no_grad():
         pred = module.eval()(x[idx]).argmax(1)
     for i, p, text in zip(idx.tolist(), pred.tolist(), captions):
-        assert text.startswith(f"given: {int(y[i])} / pred: {p} / filters relu3:0")
+        assert text.startswith(f"given: {int(y[i])} / pred: {p} / f: 0")

@@ -322,10 +322,10 @@ class AnomalyFilterMonitor(InterpCallback):
                            f"epoch {trainer.current_epoch}: most anomalous filters (x = outlier clusters)")
         if self.num_outlier_images > 0 and outliers.any():
             idx, captions = self.outlier_captions(trainer.lightning_module, results, probe)
-            grid = labelled_image_grid(probe.x[idx].float().cpu(), captions)
+            grid = labelled_image_grid(probe.x[idx].float().cpu(), captions, thumb=96)
             self.log_image(trainer, f"{self.log_prefix}/anomaly/outlier_samples", grid,
                            f"epoch {trainer.current_epoch}: {int(outliers.sum())} outlier samples "
-                           f"(given label / predicted class / flagging filters)")
+                           f"(given label / predicted class / f: flagging filters)")
 
     def outlier_captions(
         self, pl_module: pl.LightningModule, results: dict[str, AnomalyFilters], probe: Batch
@@ -333,7 +333,9 @@ class AnomalyFilterMonitor(InterpCallback):
         """The outlier samples to show (those flagged by the most filters first, up to
         ``num_outlier_images``) and a caption each: given label, predicted class, flagging filters."""
         flags = torch.cat([r.outlier_samples for r in results.values()], 0)  # (sum K, B)
-        names = [(layer.split(".")[-1], k) for layer, r in results.items() for k in range(r.anomaly.numel())]
+        one_layer = len(results) == 1
+        names = [str(k) if one_layer else f"{layer.split('.')[-1]}:{k}"
+                 for layer, r in results.items() for k in range(r.anomaly.numel())]
         votes = flags.sum(0)
         order = torch.argsort(-votes.cpu(), stable=True)
         idx = order[: min(self.num_outlier_images, int((votes > 0).sum()))]
@@ -352,10 +354,10 @@ class AnomalyFilterMonitor(InterpCallback):
 
         captions = []
         for j, i in enumerate(idx.tolist()):
-            who = [f"{layer}:{k}" for (layer, k), f in zip(names, flags[:, i].tolist()) if f]
+            who = [name for name, f in zip(names, flags[:, i].tolist()) if f]
             parts = [f"given: {label(int(probe.y[i]))}" if probe.y is not None else "given: ?"]
             parts.append(f"pred: {label(pred[j])}" if pred is not None else "pred: ?")
-            parts.append("filters " + ",".join(who[:4]) + ("…" if len(who) > 4 else ""))
+            parts.append("f: " + ",".join(who[:3]) + (f" +{len(who) - 3}" if len(who) > 3 else ""))
             captions.append(" / ".join(parts))
         return idx, captions
 
