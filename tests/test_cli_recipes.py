@@ -61,7 +61,7 @@ def shrink(config: dict, tmp_path, data_root: str | None = None) -> dict:
         if name == "TIPMonitor":
             args.update(every_n_epochs=1, aipc_fractions=[0.0, 0.5], aipc_max_batches=1, top_filters=2)
         if name == "LearningImageLogger":
-            args.update(num_images=2, max_filters=2 if big else 8)
+            args.update(num_images=2, max_filters=2 if big else 8, every_n_epochs=1)
         if name == "FeatureQuantityMonitor":
             args.update(top_neurons=2, eval_max_batches=1)
     return config
