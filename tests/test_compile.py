@@ -8,6 +8,8 @@ the hook and double-backward limits are the real ones) without inductor's code g
 takes about 20 s per graph on this CPU.
 """
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -89,5 +91,31 @@ def test_every_callback_with_a_compiled_model(tmp_path, how, recwarn):
     assert made[PruneFlaggedFilters].summary is not None, "filters were flagged and pruned"
 
 
+class RecordMetrics(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
 def test_rrr_guidance_with_a_compiled_network(tmp_path):
-    fit_compiled(tmp_path, "network", {AttentionGuidance: {"weights": {"rrr": 0.1}}}, max_epochs=1)
+    record = RecordMetrics()
+    fit_compiled(tmp_path, "network", {AttentionGuidance: {"weights": {"rrr": 0.1}}}, max_epochs=1, extra=[record])
+    # The double backward through the compiled network ran and its penalty was added and logged.
+    term = record.metrics.get("interp/guidance/rrr_epoch", record.metrics.get("interp/guidance/rrr"))
+    assert term is not None, sorted(record.metrics)
+    assert math.isfinite(term) and term > 0
+
+
+def test_filter_masking_restores_the_dynamo_setting_it_changes():
+    from lightning_interp.callbacks import FilterMasking
+
+    before = torch._dynamo.config.skip_nnmodule_hook_guards
+    try:
+        torch._dynamo.config.skip_nnmodule_hook_guards = True
+        module = ImageClassifier(torch.compile(SimpleCNN(in_channels=3, num_classes=4, width=(4, 8, 8)), backend="aot_eager"))
+        cb = FilterMasking(filters={"model.relu3": [0]})
+        cb.setup(None, module, "fit")
+        assert torch._dynamo.config.skip_nnmodule_hook_guards is False  # masks must apply to compiled code
+        cb.teardown(None, module, "fit")
+        assert torch._dynamo.config.skip_nnmodule_hook_guards is True
+    finally:
+        torch._dynamo.config.skip_nnmodule_hook_guards = before

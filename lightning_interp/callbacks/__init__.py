@@ -1,12 +1,12 @@
 """Lightning callbacks: they schedule, gather and log; the mathematics lives in ``lightning_interp``."""
 
 from .anomaly import AnomalyFilterMonitor
-from .base import InterpCallback, select_probe
+from .base import InterpCallback, rank_zero_decides, select_probe  # noqa: F401 (select_probe: importable, not exported)
 from .fq import FeatureQuantityMonitor
 from .guidance import AttentionGuidance
 from .learning_images import LearningImageLogger
 from .masking import FilterMasking
-from .prune import PruneFlaggedFilters
+from .prune import PruneFlaggedFilters, load_pruned
 from .report import InterpReport
 from .tip import TIPMonitor
 
@@ -20,5 +20,6 @@ __all__ = [
     "LearningImageLogger",
     "PruneFlaggedFilters",
     "TIPMonitor",
-    "select_probe",
+    "load_pruned",
+    "rank_zero_decides",
 ]

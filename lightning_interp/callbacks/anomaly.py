@@ -182,7 +182,6 @@ class AnomalyFilterMonitor(InterpCallback):
         self.val_history: list[dict[str, float]] = []
         self.flagged: dict[str, list[dict[str, Any]]] = {}
         self.num_filters: dict[str, int] = {}
-        self.last_result: dict[str, AnomalyFilters] = {}
 
     # ---- validation curve --------------------------------------------------------------------
     @override
@@ -260,7 +259,6 @@ class AnomalyFilterMonitor(InterpCallback):
             scalars[f"{self.log_prefix}/anomaly/normal_grad"] = grads[~outliers].mean().item()
 
         self.flagged = flagged
-        self.last_result = results
         self._log_pictures(trainer, results, probe, outliers)
         return scalars
 

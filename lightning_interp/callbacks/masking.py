@@ -114,7 +114,8 @@ class FilterMasking(Callback):
         if _is_compiled(pl_module) and torch._dynamo.config.skip_nnmodule_hook_guards:
             # Dynamo skips forward hooks added after compilation unless it guards on them: the
             # masks would silently not apply to the compiled training steps. Guarding costs one
-            # recompilation whenever the masks change.
+            # recompilation whenever the masks change. Restored at teardown.
+            self._saved_hook_guards = torch._dynamo.config.skip_nnmodule_hook_guards
             torch._dynamo.config.skip_nnmodule_hook_guards = False
             rank_zero_info("FilterMasking: compiled model; set torch._dynamo.config.skip_nnmodule_hook_guards "
                            "= False so that the masks apply to compiled code (it recompiles when they change).")
@@ -182,6 +183,10 @@ class FilterMasking(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove()
+        saved = getattr(self, "_saved_hook_guards", None)
+        if saved is not None:  # the global dynamo setting changed at setup goes back as it was
+            torch._dynamo.config.skip_nnmodule_hook_guards = saved
+            self._saved_hook_guards = None
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -1,5 +1,38 @@
-"""Quantities computed from learning images, usable without a Trainer."""
+"""Quantities computed from learning images, usable without a Trainer (the names the README imports)."""
 
-from .anomaly import AnomalyFilters, detect_anomaly_filters, project_filters_2d
+from .aipc import aipc, filter_types, type_masking
+from .anomaly import (
+    AnomalyFilters,
+    FilterClusters,
+    anomaly_features,
+    apply_criteria,
+    cluster_filters,
+    detect_anomaly_filters,
+    project_filters_2d,
+    scan_anomaly_filters,
+)
+from .fq import feature_quantity, fq_diversity, neuron_feature_quantity
+from .tip import TIPAggregate, avou, interpretable_properties, layer_properties, sou, spearman
 
-__all__ = ["AnomalyFilters", "detect_anomaly_filters", "project_filters_2d"]
+__all__ = [
+    "AnomalyFilters",
+    "FilterClusters",
+    "TIPAggregate",
+    "aipc",
+    "anomaly_features",
+    "apply_criteria",
+    "avou",
+    "cluster_filters",
+    "detect_anomaly_filters",
+    "feature_quantity",
+    "filter_types",
+    "fq_diversity",
+    "interpretable_properties",
+    "layer_properties",
+    "neuron_feature_quantity",
+    "project_filters_2d",
+    "scan_anomaly_filters",
+    "sou",
+    "spearman",
+    "type_masking",
+]
