@@ -172,3 +172,17 @@ def test_outlier_captions_name_label_prediction_and_filters():
         pred = module.eval()(x[idx]).argmax(1)
     for i, p, text in zip(idx.tolist(), pred.tolist(), captions):
         assert text.startswith(f"given: {int(y[i])} / pred: {p} / f: 0")
+
+
+def test_probe_losses_are_the_per_sample_cross_entropy():
+    from lightning_interp.batch import Batch
+
+    module = classifier()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 1, 16, 16, generator=gen), torch.arange(12) % 10
+    loss, pred = AnomalyFilterMonitor.probe_losses(module, Batch(x=x, y=y))
+    with torch.no_grad():
+        logits = module.eval()(x)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+    assert pred.tolist() == logits.argmax(1).tolist()
+    assert AnomalyFilterMonitor.probe_losses(module, Batch(x=x)) is None  # no labels

@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch.nn import functional as F
 from typing_extensions import override
 
 from ..batch import Batch
@@ -21,7 +22,7 @@ from ..metrics.anomaly import (
     scan_anomaly_filters,
 )
 from ..nns import scan_mode
-from ..overfitting import rise_alarm
+from ..overfitting import hard_sample_loss, rise_alarm
 from ..progress import progress, trainer_shows_progress
 from ..report import write_anomaly_report
 from ..viz import cluster_scatter, labelled_image_grid
@@ -46,6 +47,17 @@ def overfit_alarm(counts: Sequence[float], val_losses: Sequence[float | None], p
     return rising and v[-1] > v[0]
 
 
+def _class_names(pl_module: pl.LightningModule):
+    """``class index -> name`` from the datamodule's ``classes`` when it has them, else the index."""
+    dm = getattr(pl_module.trainer, "datamodule", None) if pl_module._trainer is not None else None
+    classes = getattr(dm, "classes", None)
+
+    def name(c: int) -> str:
+        return str(classes[c]) if classes is not None and 0 <= c < len(classes) else str(c)
+
+    return name
+
+
 class AnomalyFilterMonitor(InterpCallback):
     """Count anomaly filters of the watched layers every few epochs and raise an overfitting alarm.
 
@@ -59,6 +71,10 @@ class AnomalyFilterMonitor(InterpCallback):
       the run (``EarlyStopping(monitor=..., mode="max", stopping_threshold=0.5)`` stops on it);
     * ``interp/anomaly/outlier_grad`` and ``interp/anomaly/normal_grad`` — mean per-sample
       gradient magnitude of outlier vs normal probe samples (thesis table 6-3);
+    * ``interp/anomaly/hard_loss`` — mean loss of the 20 % of probe samples whose given label has
+      the highest loss (:func:`~lightning_interp.overfitting.hard_sample_loss`), and those samples as
+      a captioned grid: the answer to "which samples is it memorising?" that the benchmark supports
+      (outlier samples found wrongly labelled samples at chance, per-sample loss at 2-3× chance);
     * a table of the flagged filters with their criteria, a scatter plot of the clusters of the
       most anomalous filters (thesis figs. 6-1/6-2) and the outlier samples as images;
     * a JSON report of the flagged filters (:mod:`lightning_interp.report`), rewritten at every
@@ -258,9 +274,26 @@ class AnomalyFilterMonitor(InterpCallback):
             scalars[f"{self.log_prefix}/anomaly/outlier_grad"] = grads[outliers].mean().item()
             scalars[f"{self.log_prefix}/anomaly/normal_grad"] = grads[~outliers].mean().item()
 
+        hardest = self.probe_losses(pl_module, probe)
+        if hardest is not None:
+            scalars[f"{self.log_prefix}/anomaly/hard_loss"] = hard_sample_loss(hardest[0], 0.2)
+
         self.flagged = flagged
-        self._log_pictures(trainer, results, probe, outliers)
+        self._log_pictures(trainer, results, probe, outliers, hardest)
         return scalars
+
+    @staticmethod
+    def probe_losses(pl_module: pl.LightningModule, probe: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(per-sample loss B, predicted class B)`` of the probe on its given labels (cross-entropy,
+        eval mode, on the CPU); None without labels or when the module does not return ``B x C`` logits."""
+        if probe.y is None:
+            return None
+        with scan_mode(pl_module), torch.no_grad():
+            out = pl_module(probe.x.to(pl_module.device))
+        if not (isinstance(out, torch.Tensor) and out.dim() == 2):
+            return None
+        loss = F.cross_entropy(out.float(), probe.y.to(out.device).long(), reduction="none")
+        return loss.cpu(), out.argmax(1).cpu()
 
     def alarm_fired(self, epochs: Sequence[int], counts: Sequence[float], val_losses: Sequence[float | None]) -> bool:
         """Whether the ``alarm`` rule has fired by the last of these scans (0-based ``epochs``)."""
@@ -297,7 +330,7 @@ class AnomalyFilterMonitor(InterpCallback):
         }
 
     @rank_zero_only
-    def _log_pictures(self, trainer, results: dict[str, AnomalyFilters], probe: Batch, outliers) -> None:
+    def _log_pictures(self, trainer, results: dict[str, AnomalyFilters], probe: Batch, outliers, hardest=None) -> None:
         rows = [
             [layer, d["filter"], d["num_clusters"], d["ch_index"], d["outlier_clusters"], str(d["cluster_sizes"]), d["epoch"]]
             for layer, items in self.flagged.items()
@@ -324,6 +357,17 @@ class AnomalyFilterMonitor(InterpCallback):
             self.log_image(trainer, f"{self.log_prefix}/anomaly/outlier_samples", grid,
                            f"epoch {trainer.current_epoch}: {int(outliers.sum())} outlier samples "
                            f"(given label / predicted class / f: flagging filters)")
+        if self.num_outlier_images > 0 and hardest is not None:
+            loss, pred = hardest
+            idx = torch.argsort(-loss, stable=True)[: self.num_outlier_images]
+            name = _class_names(trainer.lightning_module)
+            captions = [f"given: {name(int(probe.y[i]))} / pred: {name(int(pred[i]))} / loss {float(loss[i]):.2f}"
+                        for i in idx.tolist()]
+            grid = labelled_image_grid(probe.x[idx.to(probe.x.device)].float().cpu(), captions, thumb=96)
+            self.log_image(trainer, f"{self.log_prefix}/anomaly/hardest_samples", grid,
+                           f"epoch {trainer.current_epoch}: the probe samples whose given label has the highest "
+                           "loss — on the overfitting benchmark these found wrongly labelled samples at 2-3× "
+                           "chance where outlier samples did not")
 
     def outlier_captions(
         self, pl_module: pl.LightningModule, results: dict[str, AnomalyFilters], probe: Batch
@@ -345,11 +389,7 @@ class AnomalyFilterMonitor(InterpCallback):
                 pred = out.argmax(1).tolist()
         except Exception as err:  # a caption must never cost the scan
             rank_zero_warn(f"AnomalyFilterMonitor: no predicted class in the outlier captions ({err}).")
-        classes = getattr(getattr(pl_module.trainer, "datamodule", None), "classes", None) if pl_module._trainer else None
-
-        def label(c: int) -> str:
-            return str(classes[c]) if classes is not None and 0 <= c < len(classes) else str(c)
-
+        label = _class_names(pl_module)
         captions = []
         for j, i in enumerate(idx.tolist()):
             who = [name for name, f in zip(names, flags[:, i].tolist()) if f]
