@@ -292,7 +292,11 @@ class AnomalyFilterMonitor(InterpCallback):
             out = pl_module(probe.x.to(pl_module.device))
         if not (isinstance(out, torch.Tensor) and out.dim() == 2):
             return None
-        loss = F.cross_entropy(out.float(), probe.y.to(out.device).long(), reduction="none")
+        try:
+            loss = F.cross_entropy(out.float(), probe.y.to(out.device).long(), reduction="none")
+        except (RuntimeError, IndexError, ValueError) as err:  # labels that are not class indices: no hard samples
+            rank_zero_warn(f"AnomalyFilterMonitor: no per-sample loss on the probe ({err}).")
+            return None
         return loss.cpu(), out.argmax(1).cpu()
 
     def alarm_fired(self, epochs: Sequence[int], counts: Sequence[float], val_losses: Sequence[float | None]) -> bool:
