@@ -50,7 +50,8 @@ def onset_epoch(epochs: Sequence[int], loss: Sequence[float], *, min_rise: float
         return None
     best = np.nanmin(v)
     last_min = int(np.flatnonzero(v == best)[-1])
-    if last_min == len(v) - 1 or v[-1] <= best * (1 + min_rise):
+    last = v[np.flatnonzero(~np.isnan(v))[-1]]  # the last finite loss
+    if last_min == len(v) - 1 or last <= best * (1 + min_rise):
         return None
     return int(epochs[last_min])
 
@@ -128,14 +129,24 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def precision_at_k(scores: Sequence[float], positives: Sequence[bool], k: int) -> float:
-    """Share of ``positives`` among the ``k`` highest ``scores`` (ties broken by index, stable)."""
+    """Share of ``positives`` among the ``k`` highest ``scores``, in expectation over random tie-breaking.
+
+    The samples scoring above the k-th score all count; the ``m`` places left among the ``t`` samples
+    tied at the k-th score count ``m · (positives among them) / t`` — so a score with many ties (vote
+    counts) is not credited with whatever order the samples happen to be in. NaN when every score is
+    equal (the scores rank nothing).
+    """
     s, pos = _as_array(scores), np.asarray(positives, dtype=bool)
     if len(s) != len(pos):
         raise ValueError(f"Expected as many scores as labels but got {len(s)} and {len(pos)}.")
     if not 1 <= k <= len(s):
         raise ValueError(f"Expected `k` in [1, {len(s)}] but got {k}.")
-    top = np.argsort(-s, kind="stable")[:k]
-    return float(pos[top].mean())
+    if np.all(s == s[0]):
+        return float("nan")
+    kth = np.sort(s)[::-1][k - 1]
+    above, tied = s > kth, s == kth
+    left = k - int(above.sum())
+    return float((pos[above].sum() + left * pos[tied].sum() / tied.sum()) / k)
 
 
 def activation_divergence(train_activations: torch.Tensor, heldout_activations: torch.Tensor) -> torch.Tensor:

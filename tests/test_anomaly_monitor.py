@@ -139,6 +139,10 @@ def test_alarm_rules_on_a_hand_computed_history():
         False, False, False, False, True, True]
     assert [count.alarm_fired(epochs[: i + 1], counts[: i + 1], losses[: i + 1]) for i in range(6)] == [
         False, False, False, False, True, True]
+    # Validation every second epoch: the scans without a validation loss are skipped, not a break.
+    sparse = [1.0, None, 0.7, None, 0.75, None, 0.8]
+    assert default.alarm_fired(list(range(7)), [0] * 7, sparse)
+    assert not default.alarm_fired(list(range(5)), [0] * 5, sparse[:5])  # one scan above the best so far
     # Never before `alarm_min_epoch` epochs, even when the rule holds earlier.
     early = AnomalyFilterMonitor(["model.relu3"], alarm="count", alarm_rel=0.1, alarm_patience=1, alarm_min_epoch=5)
     assert not early.alarm_fired(epochs[:4], counts[:4], losses[:4])

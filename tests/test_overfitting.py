@@ -29,6 +29,7 @@ def test_onset_is_the_last_minimum_after_which_the_loss_stays_above():
     assert onset_epoch(EPOCHS, [8, 7, 6, 5, 4, 3, 2, 1]) is None
     assert onset_epoch(EPOCHS, [2.0, 1.0, 1.01, 1.02, 1.01, 1.02, 1.03, 1.04], min_rise=0.05) is None
     assert onset_epoch(EPOCHS, [2.0, 1.0, 1.01, 1.02, 1.01, 1.02, 1.03, 1.06], min_rise=0.05) == 2
+    assert onset_epoch(EPOCHS, [2.0, 1.0, 1.01, 1.02, 1.01, 1.02, 1.03, None], min_rise=0.05) is None  # last finite
 
 
 def test_rise_alarm_hand_computed():
@@ -70,6 +71,12 @@ def test_precision_at_k():
     assert precision_at_k(scores, positives, 1) == 1.0
     assert precision_at_k(scores, positives, 3) == pytest.approx(2 / 3)  # 0.9, 0.8, 0.7
     assert precision_at_k(scores, positives, 5) == pytest.approx(3 / 5)
+    # Ties at the cut-off count in expectation: votes 2, 1, 1, 1, 0 with k = 2 -> the 2 (positive)
+    # plus one of the three tied 1s, of which one is positive: (1 + 1 * 1/3) / 2.
+    assert precision_at_k([2, 1, 1, 1, 0], [True, False, True, False, True], 2) == pytest.approx((1 + 1 / 3) / 2)
+    # The same in any order of the samples.
+    assert precision_at_k([1, 1, 0, 1, 2], [False, True, True, False, True], 2) == pytest.approx((1 + 1 / 3) / 2)
+    assert np.isnan(precision_at_k([0, 0, 0], [True, False, True], 2))  # no sample scored: ranks nothing
     with pytest.raises(ValueError, match="k"):
         precision_at_k(scores, positives, 0)
 
