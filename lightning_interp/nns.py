@@ -38,6 +38,7 @@ __all__ = [
     "layer_learning_image",
     "layer_activations",
     "knowledge_quantity",
+    "layer_knowledge_quantity",
     "KnowledgeQuantity",
     "sketch_learning_images",
     "sketch_properties",
@@ -331,7 +332,8 @@ class KnowledgeQuantity:
 def knowledge_quantity(learning_images: torch.Tensor, x: torch.Tensor, *, eps: float = 0.0) -> KnowledgeQuantity:
     """Activation count and intensity of learning images relative to the input (thesis 3.3.1).
 
-    The thesis' layer value is the mean over the layer's units (and samples) of these ratios.
+    The thesis' layer value is the mean over the layer's units (all its neurons) and samples of
+    these ratios: :func:`layer_knowledge_quantity`.
 
     Args:
         learning_images: ``B x K x <x.shape[1:]>``.
@@ -364,6 +366,54 @@ def knowledge_quantity(learning_images: torch.Tensor, x: torch.Tensor, *, eps: f
         ),
     )
 
+
+
+def layer_knowledge_quantity(
+    model: nn.Module,
+    layer: str,
+    x: torch.Tensor,
+    *,
+    eps: float = 0.0,
+    rectify: bool = False,
+    max_neurons: int | None = 256,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The thesis' knowledge quantity of a layer (3.3.1, fig. 3-8): the mean over **all neurons**
+    of the layer (and over the samples) of each neuron learning image's activation count and
+    intensity, relative to the input's (:func:`knowledge_quantity` of neuron learning images).
+
+    :class:`~lightning_interp.callbacks.LearningImageLogger` logs a cheaper variant: the same
+    ratios of *filter* learning images L^k (activation-weighted sums of the neuron images,
+    eq. 5-2) averaged over the scanned filters. The two differ: L^k's support is the union of its
+    neurons' supports, so its activation count is ≥ any neuron's, and its intensity scales with
+    the activations.
+
+    Cost: one vector-Jacobian product per neuron. With ``max_neurons`` set and the layer larger,
+    a seeded uniform subsample of ``max_neurons`` neurons (the same for every sample) stands for
+    all of them; None scans every neuron.
+
+    Returns:
+        ``{"activation_count": float, "activation_intensity": float, "neurons": int}``.
+    """
+    f = layer_activations(model, layer, x[:1], rectify=rectify)
+    unit_shape = tuple(f.shape[1:])
+    total = int(torch.tensor(unit_shape).prod())
+    if max_neurons is not None and (not isinstance(max_neurons, int) or max_neurons < 1):
+        raise ValueError(f"Expected `max_neurons` to be a positive int or None but got {max_neurons!r}.")
+    if max_neurons is None or max_neurons >= total:
+        flat = torch.arange(total)
+    else:
+        flat = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_neurons].sort().values
+    neurons = [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), unit_shape)) for i in flat.tolist()]
+    count = intensity = 0.0
+    step = 64
+    for start in range(0, len(neurons), step):
+        li = neuron_learning_images(model, layer, x, neurons[start : start + step], rectify=rectify)
+        kq = knowledge_quantity(li, x, eps=eps)
+        count += kq.activation_count.sum().item()
+        intensity += kq.activation_intensity.sum().item()
+    n = x.shape[0] * len(neurons)
+    return {"activation_count": count / n, "activation_intensity": intensity / n, "neurons": len(neurons)}
 
 
 # ---- sketch mode (DESIGN §1): random projections of all filters' learning images at once -------------

@@ -63,7 +63,7 @@ def shrink(config: dict, tmp_path, data_root: str | None = None) -> dict:
         if name == "LearningImageLogger":
             args.update(num_images=2, max_filters=2 if big else 8, every_n_epochs=1)
         if name == "FeatureQuantityMonitor":
-            args.update(top_neurons=2, eval_max_batches=1)
+            args.update(top_neurons=2, eval_max_batches=1, diversity_neurons=8)
     return config
 
 

@@ -49,12 +49,14 @@ def test_fit_with_wandb_offline_and_csv(tmp_path, digits):
 def test_png_files_without_image_logger_and_dict_batches(tmp_path):
     data = ShapesDataModule(num_train=64, num_val=32, num_test=16, batch_size=32)
     csv_logger = CSVLogger(str(tmp_path), name="csv")
-    cb = LearningImageLogger("model.relu2", probe_size=8, num_images=2, top_filters=2, every_n_epochs=2)
+    cb = LearningImageLogger("model.relu2", probe_size=8, num_images=2, top_filters=2, every_n_epochs=2,
+                             thesis_neurons=8)
     trainer = make_trainer(tmp_path, logger=csv_logger, callbacks=[cb], max_epochs=4)
     trainer.fit(classifier(in_channels=3), datamodule=data)
     pngs = sorted(glob.glob(os.path.join(csv_logger.log_dir, "interp_images", "**", "*.png"), recursive=True))
     assert [os.path.basename(p) for p in pngs] == ["epoch=1.png", "epoch=3.png"]
     assert [h["epoch"] for h in cb.history] == [1, 3]
+    assert 0 <= cb.history[0]["interp/nns/model.relu2/thesis_activation_count"] <= 1
 
 
 def test_bad_layer_fails_before_training(tmp_path, digits):
@@ -89,6 +91,8 @@ def test_bad_arguments():
         LearningImageLogger("model.conv1", probe_split="test")
     with pytest.raises(ValueError, match="layers"):
         LearningImageLogger([])
+    with pytest.raises(ValueError, match="thesis_neurons"):
+        LearningImageLogger("model.conv1", thesis_neurons=-1)
 
 
 def test_failing_scan_warns_and_training_goes_on(tmp_path, digits):

@@ -13,6 +13,7 @@ from lightning_interp.nns import (
     filter_learning_images,
     knowledge_quantity,
     layer_activations,
+    layer_knowledge_quantity,
     layer_learning_image,
     neuron_learning_images,
 )
@@ -183,6 +184,29 @@ def test_knowledge_quantity_matches_numpy():
     assert torch.all(zero.activation_count == 0) and torch.all(zero.activation_intensity == 0)
     with pytest.raises(ValueError, match="Expected `learning_images` of shape"):
         knowledge_quantity(torch.from_numpy(li)[:, 0], torch.from_numpy(x))
+
+
+def test_layer_knowledge_quantity_is_the_thesis_mean_over_all_neurons():
+    # 1x1 conv + ReLU: neuron (k, i, j)'s learning image is x_ij·w_k at (i, j) alone, when active.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 1), nn.ReLU()).double()
+    x = torch.randn(4, 1, 5, 5, dtype=torch.float64)
+    w, b = net[0].weight.detach().numpy().reshape(-1), net[0].bias.detach().numpy()
+    xs = x[:, 0].numpy()
+    counts, intensities = [], []
+    for i in range(4):
+        for k in range(3):
+            active = w[k] * xs[i] + b[k] > 0
+            for r in range(5):
+                for c in range(5):
+                    on = active[r, c] and xs[i, r, c] != 0
+                    counts.append(on / np.count_nonzero(xs[i]))
+                    intensities.append(on * abs(xs[i, r, c] * w[k]) / np.abs(xs[i]).sum())
+    got = layer_knowledge_quantity(net, "0", x, rectify=True, max_neurons=None)
+    assert got["neurons"] == 75
+    assert got["activation_count"] == pytest.approx(np.mean(counts))
+    assert got["activation_intensity"] == pytest.approx(np.mean(intensities))
+    assert layer_knowledge_quantity(net, "0", x, rectify=True, max_neurons=10)["neurons"] == 10
 
 
 def test_list_layers_static_and_traced():

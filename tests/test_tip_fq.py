@@ -90,6 +90,16 @@ def test_saliencies_against_oracles():
     loss.backward()
     ref = (net.conv2.weight * net.conv2.weight.grad).abs().mean((1, 2, 3))
     torch.testing.assert_close(got, ref.detach())
+    # The thesis' averaging (eq. 5-10): |w ⊙ ∂ℓ_x/∂w| per sample, then the mean over samples.
+    per_sample = []
+    for i in range(5):
+        (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), net.conv2.weight)
+        per_sample.append((net.conv2.weight * g).abs().mean((1, 2, 3)).detach())
+    got_ps = sou(net, "relu2", x, y, estimate="per_sample")
+    torch.testing.assert_close(got_ps, torch.stack(per_sample).mean(0))
+    assert torch.all(got_ps >= got - 1e-12)  # |mean| <= mean |.|
+    with pytest.raises(ValueError, match="one of \\['snip', 'per_sample'\\]"):
+        sou(net, "relu2", x, y, estimate="exact")
     a, b = torch.randn(20, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
     assert spearman(a, b).item() == pytest.approx(spearmanr(a.numpy(), b.numpy()).statistic)
     assert spearman(torch.ones(5), a[:5]).item() == 0.0
@@ -122,6 +132,57 @@ def test_dbscan_diversity_equals_sklearn():
     for k in range(4):
         labels = DBSCAN(eps=0.3, min_samples=6).fit_predict(fq[k].double().numpy().reshape(-1, 1))
         assert got[k].item() == len(set(labels) - {-1}) == 2
+
+
+def test_fq_components_ablation_and_all_neurons():
+    from lightning_interp.metrics.fq import FQ_COMPONENTS, all_neuron_feature_quantity, fq_components
+    from lightning_interp.nns import neuron_learning_images
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 1, 6, 6, generator=gen, dtype=torch.float64)
+    mask = torch.zeros(3, 1, 6, 6, dtype=torch.bool)
+    mask[:, :, 1:5, 1:4] = True
+    li = torch.randn(3, 2, 1, 6, 6, generator=gen, dtype=torch.float64) * (torch.rand(3, 2, 1, 6, 6, generator=gen) > 0.4)
+    parts = fq_components(li, x, mask)
+    # The thesis' factors written out (eqs. 4-1..4-6) with standard SSIM constants, for one image.
+    b, k = 1, 0
+    xi, lk, m = x[b, 0].numpy(), li[b, k, 0].numpy(), mask[b, 0].numpy()
+    s = np.abs(lk) > 1e-8
+    ie, ife = (lk * m)[s], (xi * m)[s]
+    mu_e, mu_f, sd_e, sd_f = ie.mean(), ife.mean(), ie.std(), ife.std()
+    cov = ((ie - mu_e) * (ife - mu_f)).mean()
+    want = {"nf": s.sum() / (np.abs(xi) > 1e-8).sum(), "vf": (s & m).sum() / ((np.abs(xi) > 1e-8) & m).sum(),
+            "l": (2 * mu_f * mu_e + 1e-4) / (mu_f**2 + mu_e**2 + 1e-4),
+            "c": (2 * sd_f * sd_e + 3e-4) / (sd_f**2 + sd_e**2 + 3e-4), "s": (cov + 1.5e-4) / (sd_f * sd_e + 1.5e-4)}
+    for name, value in want.items():
+        assert parts[name][b, k].item() == pytest.approx(value), name
+    for drop in FQ_COMPONENTS:
+        rest = torch.stack([parts[n] for n in FQ_COMPONENTS if n != drop]).prod(0)
+        torch.testing.assert_close(feature_quantity(li, x, mask, drop=drop), torch.where(parts["active"], rest, 0 * rest))
+    with pytest.raises(ValueError, match="Expected `drop`"):
+        feature_quantity(li, x, mask, drop="q")
+    # All neurons of every filter = FQ of the neuron learning images of every position.
+    torch.manual_seed(0)
+    net = SimpleCNN(in_channels=1, width=(2, 3, 3)).double()
+    img = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    fg = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    fg[:, :, 2:6, 2:6] = True
+    got = all_neuron_feature_quantity(net, "relu3", img, fg, filters_per_chunk=2)
+    neurons = [(c, i, j) for c in range(3) for i in range(2) for j in range(2)]
+    ref = feature_quantity(neuron_learning_images(net, "relu3", img, neurons, rectify=True), img, fg).amax(0)
+    torch.testing.assert_close(got, ref.reshape(3, 4))
+    sub = all_neuron_feature_quantity(net, "relu3", img, fg, max_neurons=3, seed=1)
+    assert sub.shape == (3, 3)
+
+
+def test_aipc_thesis_area_is_percent_points_times_percent():
+    from lightning_interp.metrics.aipc import AIPC, _trapezoid
+
+    fr, ch = [0.0, 0.05, 0.1, 0.5], [0.0, -0.02, -0.06, -0.5]
+    top = _trapezoid(fr[:3], ch[:3])
+    # 5 % · (0 + 2 pp)/2 + 5 % · (2 + 6 pp)/2 = 25 pp·%.
+    assert -1e4 * top == pytest.approx(5 * (0 + 2) / 2 + 5 * (2 + 6) / 2)
+    assert AIPC(fr, [0.9] * 4, ch, 0.0, top, -1e4 * top).area_top10_thesis == pytest.approx(25.0)
 
 
 def test_filter_mask_composes():
@@ -158,6 +219,7 @@ def test_aipc_and_types_on_a_trained_net():
     # Masking every filter of the last conv layer leaves a constant output: chance level.
     assert curve.accuracy[-1] < 0.2
     assert curve.area < 0
+    assert curve.area_top10_thesis == pytest.approx(-1e4 * curve.area_top10)
     types = filter_types(torch.arange(16.0), torch.arange(16.0).flip(0), per=0.25)
     assert types["H-noH"].sum() == 4 and types["H-H"].sum() == 0 and types["L-noL"].sum() == 4
     changes = type_masking(net, "relu3", types, loader)

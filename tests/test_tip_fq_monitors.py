@@ -33,7 +33,8 @@ def test_fit_with_both_monitors_logs_scalars_tables_and_images(tmp_path):
                 "interp/tip/model.relu3/spearman/avou_variance", "interp/tip/model.relu2/types/H-H",
                 "interp/tip/model.relu3/aipc_area/covariance", "interp/tip/model.relu3/type_masking/L-L",
                 "interp/fq/model.relu1/fq_mean", "interp/fq/model.relu3/r_activation_fq",
-                "interp/fq/model.relu3/diversity_mean", "interp/fq/model.relu3/mask_most_diverse"):
+                "interp/fq/model.relu3/diversity_mean", "interp/fq/model.relu3/mask_most_diverse",
+                "interp/fq/model.relu3/mask_least_diverse_loss_pct", "interp/tip/model.relu3/aipc_area_top10_thesis/mean"):
         assert key in columns, key
     values = [float(r[k]) for r in rows for k in r if k.startswith("interp/") and r[k]]
     assert values and all(v == v for v in values), "no NaN in the logs"

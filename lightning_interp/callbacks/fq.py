@@ -12,8 +12,14 @@ from typing_extensions import override
 
 from ..batch import Batch
 from ..masking import FilterMask
-from ..metrics.aipc import accuracy
-from ..metrics.fq import feature_quantity, fq_diversity, fq_layer_stats, neuron_feature_quantity
+from ..metrics.aipc import evaluate
+from ..metrics.fq import (
+    all_neuron_feature_quantity,
+    feature_quantity,
+    fq_diversity,
+    fq_layer_stats,
+    neuron_feature_quantity,
+)
 from ..nns import iter_filter_learning_images, layer_activations
 from ..progress import progress, trainer_shows_progress
 from .base import InterpCallback, check_finite, guarded
@@ -28,12 +34,21 @@ class FeatureQuantityMonitor(InterpCallback):
     the FQ of every filter (max over samples of F of its filter learning images) and of its
     ``top_neurons`` most activated neurons; scalars ``interp/fq/<layer>/fq_mean``,
     ``.../fq_variance`` and ``.../r_activation_fq`` (Pearson r between neurons' mean activation
-    and FQ), and ``.../diversity_mean`` (DBSCAN clusters of each filter's neuron FQ, eps 0.3,
-    min_samples 6); a per-filter table; the FQ mean/variance-vs-depth curve.
+    and FQ), and ``.../diversity_mean``; a per-filter table; the FQ mean/variance-vs-depth curve.
 
-    At fit end, on the validation data: the accuracy change when the ``num_diverse`` most and
-    least diverse filters of each layer are masked (``interp/fq/<layer>/mask_most_diverse``,
-    ``.../mask_least_diverse``).
+    Diversity (thesis 4.3.3) is the number of DBSCAN clusters (``dbscan_eps`` 0.3,
+    ``dbscan_min_samples`` 6) of the FQ of **all** neurons (every spatial position) of each
+    filter, from :func:`~lightning_interp.metrics.fq.all_neuron_feature_quantity`. It is computed
+    for the last watched layer only (the thesis analyses the last conv layer), or for
+    ``diversity_layers``. Cost: K · N vector-Jacobian products per scan, N = h·w positions capped
+    at ``diversity_neurons`` (default 64) by a seeded subsample shared by all filters.
+    ``dbscan_scale`` multiplies FQ before clustering (eps is in units of F; ``1e4`` restores the
+    thesis' K, see :func:`~lightning_interp.metrics.fq.fq_diversity`).
+
+    At fit end, on the validation data, for the ``num_diverse`` most and least diverse filters
+    of each diversity layer masked: the **% change in loss** (thesis table 4-3,
+    ``interp/fq/<layer>/mask_most_diverse_loss_pct``, ``.../mask_least_diverse_loss_pct``) and the
+    accuracy change (``.../mask_most_diverse``, ``.../mask_least_diverse``).
 
     Without foreground masks the monitor warns once and does nothing.
     """
@@ -49,12 +64,24 @@ class FeatureQuantityMonitor(InterpCallback):
         num_diverse: int = 20,
         dbscan_eps: float = 0.3,
         dbscan_min_samples: int = 6,
+        dbscan_scale: float = 1.0,
+        diversity_neurons: int | None = 64,
+        diversity_layers: str | Sequence[str] | None = None,
         eval_max_batches: int | None = None,
         **kwargs,
     ):
         super().__init__(layers, probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
         if not isinstance(top_neurons, int) or top_neurons < 1:
             raise ValueError(f"Expected `top_neurons` to be a positive int but got {top_neurons!r}.")
+        if diversity_neurons is not None and (not isinstance(diversity_neurons, int) or diversity_neurons < 1):
+            raise ValueError(f"Expected `diversity_neurons` to be a positive int or None but got {diversity_neurons!r}.")
+        chosen = [diversity_layers] if isinstance(diversity_layers, str) else list(diversity_layers or self.layers[-1:])
+        unknown = [name for name in chosen if name not in self.layers]
+        if unknown:
+            raise ValueError(f"Expected `diversity_layers` among the watched layers {list(self.layers)} but got {unknown}.")
+        self.diversity_layers = chosen
+        self.dbscan_scale = dbscan_scale
+        self.diversity_neurons = diversity_neurons
         self.rectify = rectify
         self.top_neurons = top_neurons
         self.num_diverse = num_diverse
@@ -88,12 +115,18 @@ class FeatureQuantityMonitor(InterpCallback):
         for layer in self.layers:
             r = self.layer_fq(pl_module, layer, probe)
             stats = fq_layer_stats(r["neuron_fq"], r["neuron_activation"])
-            diversity = fq_diversity(r["neuron_fq"], eps=self.dbscan_eps, min_samples=self.dbscan_min_samples)
-            self.diversity[layer] = diversity
             prefix = f"{self.log_prefix}/fq/{layer}"
             for name, value in stats.items():
                 scalars[f"{prefix}/{name}"] = value
-            scalars[f"{prefix}/diversity_mean"] = diversity.double().mean().item()
+            diversity = torch.full((r["filter_fq"].numel(),), -1, dtype=torch.long)  # -1: not computed
+            if layer in self.diversity_layers:
+                all_fq = all_neuron_feature_quantity(pl_module, layer, probe.x, probe.mask,
+                                                     max_neurons=self.diversity_neurons, seed=self.seed,
+                                                     rectify=self.rectify)
+                diversity = fq_diversity(all_fq, eps=self.dbscan_eps, min_samples=self.dbscan_min_samples,
+                                         scale=self.dbscan_scale)
+                self.diversity[layer] = diversity
+                scalars[f"{prefix}/diversity_mean"] = diversity.double().mean().item()
             scalars[f"{prefix}/filter_fq_mean"] = r["filter_fq"].mean().item()
             depth["fq_mean"].append(stats["fq_mean"])
             depth["fq_variance"].append(stats["fq_variance"])
@@ -116,7 +149,8 @@ class FeatureQuantityMonitor(InterpCallback):
         if loader is None:
             rank_zero_warn("FeatureQuantityMonitor: no validation data; diversity masking is skipped.")
             return
-        base = accuracy(pl_module, loader, batch_adapter=self.batch_adapter, max_batches=self.eval_max_batches)
+        base_acc, base_loss = evaluate(pl_module, loader, batch_adapter=self.batch_adapter,
+                                       max_batches=self.eval_max_batches)
         metrics, rows = {}, []
         for layer, div in progress(list(self.diversity.items()), desc="FQ diversity masking",
                                    enabled=trainer_shows_progress(trainer)):
@@ -124,11 +158,14 @@ class FeatureQuantityMonitor(InterpCallback):
             order = div.double().argsort(descending=True, stable=True).tolist()
             for tag, idx in (("most", order[:n]), ("least", order[::-1][:n])):
                 with FilterMask(pl_module, {layer: idx}):
-                    change = accuracy(pl_module, loader, batch_adapter=self.batch_adapter,
-                                      max_batches=self.eval_max_batches) - base
-                metrics[f"{self.log_prefix}/fq/{layer}/mask_{tag}_diverse"] = change
-                rows.append([layer, tag, n, change])
-        self.log_table(trainer, f"{self.log_prefix}/fq/diversity_masking", ["layer", "which", "filters", "accuracy_change"], rows)
+                    acc, loss = evaluate(pl_module, loader, batch_adapter=self.batch_adapter,
+                                         max_batches=self.eval_max_batches)
+                loss_pct = 100.0 * (loss - base_loss) / base_loss if base_loss > 0 else float("nan")
+                metrics[f"{self.log_prefix}/fq/{layer}/mask_{tag}_diverse"] = acc - base_acc
+                metrics[f"{self.log_prefix}/fq/{layer}/mask_{tag}_diverse_loss_pct"] = loss_pct
+                rows.append([layer, tag, n, acc - base_acc, loss_pct])
+        self.log_table(trainer, f"{self.log_prefix}/fq/diversity_masking",
+                       ["layer", "which", "filters", "accuracy_change", "loss_change_pct"], rows)
         self.log_fit_end(trainer, metrics)
 
     @override

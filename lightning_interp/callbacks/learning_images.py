@@ -10,7 +10,13 @@ from typing_extensions import override
 
 from ..batch import Batch
 from ..metrics.tip import avou
-from ..nns import iter_filter_learning_images, knowledge_quantity, layer_activations, layer_learning_image
+from ..nns import (
+    iter_filter_learning_images,
+    knowledge_quantity,
+    layer_activations,
+    layer_knowledge_quantity,
+    layer_learning_image,
+)
 from ..viz import display_inputs, heatmap, image_grid
 from .base import InterpCallback, check_finite
 
@@ -22,10 +28,16 @@ class LearningImageLogger(InterpCallback):
 
     Every ``every_n_epochs`` epochs, on the fixed probe, for each layer:
 
-    * scalars ``interp/nns/<layer>/activation_count`` and ``.../activation_intensity``: the
-      layer's knowledge quantity (thesis 3.3.1), the mean over probe samples and the scanned
-      filters of each filter learning image's active-element count and |intensity| relative to
-      the input's;
+    * scalars ``interp/nns/<layer>/activation_count`` and ``.../activation_intensity``: a
+      filter-level knowledge quantity, the mean over probe samples and the scanned filters (the
+      ``max_filters`` most active) of each *filter* learning image's active-element count and
+      |intensity| relative to the input's. This is not the thesis' definition (3.3.1), which
+      averages over *all neurons'* learning images: that one is
+      :func:`~lightning_interp.nns.layer_knowledge_quantity`, one product per neuron (a filter
+      learning image, the activation-weighted sum of its neurons' images, has a support at least
+      as large as each neuron's, so its count is higher);
+    * with ``thesis_neurons`` > 0, also the thesis' definition on that many seeded, sampled
+      neurons: ``.../thesis_activation_count`` and ``.../thesis_activation_intensity``;
     * a heatmap grid ``interp/nns/<layer>/learning_images``: one row per probe image (the first
       ``num_images``), columns = input, layer learning image, and the learning images of the
       ``top_filters`` filters with the highest mean activation on the probe (red high, blue low).
@@ -39,6 +51,8 @@ class LearningImageLogger(InterpCallback):
         max_filters: scan at most this many (most active) filters for the knowledge quantity;
             all filters when None (one vector-Jacobian product per filter).
         rectify: apply ReLU to the layer output (name the conv, scan the "conv layer").
+        thesis_neurons: neurons sampled per layer for the thesis' knowledge quantity (one
+            vector-Jacobian product each); 0 (default) skips it.
         **kwargs: :class:`~lightning_interp.callbacks.base.InterpCallback` options
             (``probe_split``, ``probe``, ``seed``, ``batch_adapter``, ``strict``).
 
@@ -60,6 +74,7 @@ class LearningImageLogger(InterpCallback):
         top_filters: int = 4,
         max_filters: int | None = None,
         rectify: bool = False,
+        thesis_neurons: int = 0,
         **kwargs,
     ):
         super().__init__(layers, probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
@@ -68,6 +83,9 @@ class LearningImageLogger(InterpCallback):
                 raise ValueError(f"Expected `{name}` to be a non-negative int but got {value!r}.")
         if max_filters is not None and (not isinstance(max_filters, int) or max_filters < 1):
             raise ValueError(f"Expected `max_filters` to be a positive int or None but got {max_filters!r}.")
+        if not isinstance(thesis_neurons, int) or thesis_neurons < 0:
+            raise ValueError(f"Expected `thesis_neurons` to be a non-negative int but got {thesis_neurons!r}.")
+        self.thesis_neurons = thesis_neurons
         self.num_images = num_images
         self.top_filters = top_filters
         self.max_filters = max_filters
@@ -98,6 +116,11 @@ class LearningImageLogger(InterpCallback):
             total = x.shape[0] * scanned.numel()
             scalars[f"{self.log_prefix}/nns/{layer}/activation_count"] = count / total
             scalars[f"{self.log_prefix}/nns/{layer}/activation_intensity"] = intensity / total
+            if self.thesis_neurons:
+                kq_thesis = layer_knowledge_quantity(pl_module, layer, x, rectify=self.rectify,
+                                                     max_neurons=self.thesis_neurons, seed=self.seed)
+                scalars[f"{self.log_prefix}/nns/{layer}/thesis_activation_count"] = kq_thesis["activation_count"]
+                scalars[f"{self.log_prefix}/nns/{layer}/thesis_activation_intensity"] = kq_thesis["activation_intensity"]
             if self.num_images > 0 and trainer.is_global_zero:
                 layer_image = layer_learning_image(pl_module, layer, x[: self.num_images], rectify=self.rectify)
                 columns = [display_inputs(x[: self.num_images]), heatmap(layer_image)]

@@ -38,7 +38,11 @@ class TIPMonitor(InterpCallback):
 
     At fit end, on the validation data: the AIPC curve of each property (accuracy as the top-ranked
     fraction of filters is masked) with its areas (``interp/tip/<layer>/aipc_area/<property>``,
-    ``.../aipc_area_top10/<property>``), and the accuracy change when each filter type is masked.
+    ``.../aipc_area_top10/<property>``, both accuracy × fraction and negative when masking hurts;
+    ``.../aipc_area_top10_thesis/<property>``, the same area in the units of the thesis' table 5-1:
+    accuracy drop in percentage points × percent of filters, positive when masking hurts, see
+    :class:`~lightning_interp.metrics.aipc.AIPC`), and the accuracy change when each filter type is
+    masked.
 
     Without masks in the batches the foreground variants and filter types are skipped with one
     warning. Without labels SoU is skipped.
@@ -159,6 +163,7 @@ class TIPMonitor(InterpCallback):
                 curves[name] = curve.change
                 metrics[f"{self.log_prefix}/tip/{layer}/aipc_area/{name}"] = curve.area
                 metrics[f"{self.log_prefix}/tip/{layer}/aipc_area_top10/{name}"] = curve.area_top10
+                metrics[f"{self.log_prefix}/tip/{layer}/aipc_area_top10_thesis/{name}"] = curve.area_top10_thesis
             self.log_curve(trainer, f"{self.log_prefix}/tip/{layer}/aipc", curve.fractions, curves,
                            f"AIPC {layer}", "masked fraction", "accuracy change")
             if f"fg_{self.type_property}" in t:

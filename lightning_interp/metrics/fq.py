@@ -6,13 +6,29 @@ N_x^e = active elements of I_x inside M^f. I^e = I_x ⊙ M^f and I^fe = I ⊙ M^
 elements where I_x is active (eqs. 4-1, 4-2); l, c, s are the global SSIM luminance, contrast
 and structure terms between I^fe and I^e (C1 = 1e-4, C2 = 3e-4, C3 = 1.5e-4)::
 
-    F(I, x) = scale · (N_x / N) · (N_x^e / N_f) · l · c · s          FQ(x) = max over samples of F
+    F(I, x) = scale · nf · vf · l · c · s,   nf = N_x / N,  vf = N_x^e / N_f      (eq. 4-6)
+    FQ(x) = max over samples of F                                                  (eq. 4-7)
 
-The thesis writes N_x^n/N and a scale 1e4; its own limits (F → 1 for I_x = I, F = 0 for
-I_x = 0, eqs. 4-8..4-11) hold with N_x/N and no scale, which is used here (``scale`` = 1).
+Two documented deviations from the thesis:
+
+* **Standard SSIM terms.** l, c, s are SSIM's standard forms (Wang et al. 2004) with the
+  constants in numerator *and* denominator: l = (2μμ' + C1)/(μ² + μ'² + C1),
+  c = (2σσ' + C2)/(σ² + σ'² + C2), s = (σ_fe,e + C3)/(σσ' + C3). Eqs. 4-3..4-5 put C1, C2, C3
+  in the denominators only; then F(I, I) = (1 - O(C)) < 1 and s of two constant images is 0,
+  so the thesis' own limiting case "F → 1 when I_x = I" (eqs. 4-8..4-10) only holds as C → 0.
+  With the standard terms F(I, I) = 1 exactly (DESIGN §2).
+* **nf = N_x / N and no scale.** The thesis writes N_x^n/N (background-active elements) and a
+  scale K = 1e4; its limits (F → 1 for I_x = I, F = 0 for I_x = 0, eqs. 4-8..4-11) hold with
+  N_x/N and no scale, which is used here (``scale`` = 1; pass ``scale=1e4`` for the thesis' K).
+
+The five factors are named as in the thesis' ablation (table 4-4): ``nf`` (the "noise feature"
+ratio, first factor), ``vf`` (the "valid feature" ratio, second factor), ``l``, ``c``, ``s``;
+:func:`fq_components` returns them separately and ``drop=`` leaves one out.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -20,20 +36,30 @@ from torch import nn
 from ..nns import check_inputs, layer_activations, neuron_learning_images
 from .tip import _check_mask
 
-__all__ = ["feature_quantity", "neuron_feature_quantity", "fq_layer_stats", "fq_diversity"]
+__all__ = [
+    "FQ_COMPONENTS",
+    "feature_quantity",
+    "fq_components",
+    "neuron_feature_quantity",
+    "all_neuron_feature_quantity",
+    "sample_positions",
+    "fq_layer_stats",
+    "fq_diversity",
+]
 
 C1, C2, C3 = 1e-4, 3e-4, 1.5e-4
+#: The factors of F (eq. 4-6) in the thesis' ablation order (table 4-4).
+FQ_COMPONENTS = ("l", "c", "s", "vf", "nf")
 
 
-def feature_quantity(
+def fq_components(
     learning_images: torch.Tensor,
     x: torch.Tensor,
     fg_mask: torch.Tensor,
     *,
     eps: float = 1e-8,
-    scale: float = 1.0,
-) -> torch.Tensor:
-    """F of every learning image (DESIGN §2).
+) -> dict[str, torch.Tensor]:
+    """The five factors of F (eq. 4-6) for every learning image: ``nf``, ``vf``, ``l``, ``c``, ``s``.
 
     Args:
         learning_images: ``B x K x C x H x W``; x: ``B x C x H x W``; fg_mask: boolean
@@ -41,8 +67,8 @@ def feature_quantity(
         eps: an element is active when ``|value| > eps``.
 
     Returns:
-        ``B x K`` tensor; 0 for a unit with no active element or an input with an empty foreground.
-        The FQ of a unit is ``F.amax(0)``.
+        dict of ``B x K`` tensors plus ``active`` (``B x K`` bool: the learning image has an active
+        element). ``nf`` and ``vf`` are 0 where the input (its foreground) has no active element.
     """
     check_inputs(x)
     if learning_images.dim() != x.dim() + 1 or learning_images.shape[2:] != x.shape[1:]:
@@ -67,13 +93,48 @@ def feature_quantity(
     var_f = (((ife - mu_f[..., None]) * s) ** 2).sum(-1) / cnt
     cov = ((ie - mu_e[..., None]) * (ife - mu_f[..., None]) * s).sum(-1) / cnt
     sd_e, sd_f = var_e.sqrt(), var_f.sqrt()
-    lum = (2 * mu_f * mu_e + C1) / (mu_f**2 + mu_e**2 + C1)
-    con = (2 * sd_f * sd_e + C2) / (var_f + var_e + C2)
-    struct = (cov + C3) / (sd_f * sd_e + C3)
-    ratio = torch.where(n > 0, n_x / n.clamp_min(1), torch.zeros_like(n_x))
-    ratio_f = torch.where(n_f > 0, n_xe / n_f.clamp_min(1), torch.zeros_like(n_x))
-    f = scale * ratio * ratio_f * lum * con * struct
-    return torch.where(n_x > 0, f, torch.zeros_like(f))
+    return {
+        "nf": torch.where(n > 0, n_x / n.clamp_min(1), torch.zeros_like(n_x)),
+        "vf": torch.where(n_f > 0, n_xe / n_f.clamp_min(1), torch.zeros_like(n_x)),
+        "l": (2 * mu_f * mu_e + C1) / (mu_f**2 + mu_e**2 + C1),
+        "c": (2 * sd_f * sd_e + C2) / (var_f + var_e + C2),
+        "s": (cov + C3) / (sd_f * sd_e + C3),
+        "active": n_x > 0,
+    }
+
+
+def feature_quantity(
+    learning_images: torch.Tensor,
+    x: torch.Tensor,
+    fg_mask: torch.Tensor,
+    *,
+    eps: float = 1e-8,
+    scale: float = 1.0,
+    drop: str | Sequence[str] = (),
+) -> torch.Tensor:
+    """F of every learning image (eq. 4-6 with the deviations of the module docstring).
+
+    Args:
+        learning_images: ``B x K x C x H x W``; x: ``B x C x H x W``; fg_mask: boolean
+            ``B x 1|C x H x W`` (True = foreground).
+        eps: an element is active when ``|value| > eps``.
+        scale: the thesis' K (1e4); 1 by default so that F(I, I) = 1.
+        drop: factor(s) of :data:`FQ_COMPONENTS` left out of the product (the ablation of table 4-4).
+
+    Returns:
+        ``B x K`` tensor; 0 for a unit with no active element or an input with an empty foreground.
+        The FQ of a unit is ``F.amax(0)``.
+    """
+    dropped = {drop} if isinstance(drop, str) else set(drop)
+    bad = dropped - set(FQ_COMPONENTS)
+    if bad:
+        raise ValueError(f"Expected `drop` to name factors among {list(FQ_COMPONENTS)} but got {sorted(bad)}.")
+    parts = fq_components(learning_images, x, fg_mask, eps=eps)
+    f = torch.full_like(parts["nf"], float(scale))
+    for name in FQ_COMPONENTS:
+        if name not in dropped:
+            f = f * parts[name]
+    return torch.where(parts["active"], f, torch.zeros_like(f))
 
 
 def neuron_feature_quantity(
@@ -86,7 +147,9 @@ def neuron_feature_quantity(
     rectify: bool = True,
 ) -> torch.Tensor:
     """FQ of the ``top_neurons`` most activated neurons of each filter (highest mean activation
-    over the samples), from their neuron learning images: ``K x top_neurons``."""
+    over the samples), from their neuron learning images: ``K x top_neurons``.
+
+    For r(activation, FQ) (thesis 4.3.1); diversity uses :func:`all_neuron_feature_quantity`."""
     f = layer_activations(model, layer, x, rectify=rectify)
     if f.dim() != 4:
         raise ValueError(f"Expected layer {layer!r} to output (B, K, H, W) for neuron FQ but got {tuple(f.shape)}.")
@@ -98,8 +161,73 @@ def neuron_feature_quantity(
     return feature_quantity(li, x, fg_mask).amax(0).reshape(k, n)
 
 
+def sample_positions(h: int, w: int, max_neurons: int | None, seed: int = 0) -> torch.Tensor:
+    """Flat spatial positions (``N`` long tensor, sorted) of an ``h x w`` map: all of them when
+    ``max_neurons`` is None or ≥ h·w, else a seeded uniform subsample of ``max_neurons``."""
+    if max_neurons is not None and (not isinstance(max_neurons, int) or max_neurons < 1):
+        raise ValueError(f"Expected `max_neurons` to be a positive int or None but got {max_neurons!r}.")
+    if max_neurons is None or max_neurons >= h * w:
+        return torch.arange(h * w)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(h * w, generator=g)[:max_neurons].sort().values
+
+
+def all_neuron_feature_quantity(
+    model: nn.Module,
+    layer: str,
+    x: torch.Tensor,
+    fg_mask: torch.Tensor,
+    *,
+    max_neurons: int | None = 64,
+    seed: int = 0,
+    rectify: bool = True,
+    filters_per_chunk: int = 8,
+    components: bool = False,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """FQ of every neuron (every spatial position) of every filter of ``layer``: ``K x N``.
+
+    This is what the thesis clusters for diversity (4.3.3): the FQ of all neurons of a filter in
+    the last conv layer. One neuron costs one vector-Jacobian product on the B samples, so the
+    cost is K·N products: with ``max_neurons`` set and h·w larger, the same seeded subsample of
+    ``max_neurons`` positions (:func:`sample_positions`) is taken in every filter (the default,
+    64, keeps all 8×8 positions of SimpleCNN's ``relu3`` on 32×32 inputs). Learning images are
+    reduced to FQ ``filters_per_chunk`` filters at a time, so memory stays at
+    ``B x filters_per_chunk·N x C x H x W``.
+
+    Args:
+        components: return, instead of FQ, the per-sample factors of :func:`fq_components`
+            (``B x K x N`` each, ``active`` included) so that FQ variants (the ablation of
+            table 4-4) need no second scan.
+
+    Returns:
+        ``K x N`` FQ (max over samples), or the dict of ``B x K x N`` factors.
+    """
+    f = layer_activations(model, layer, x, rectify=rectify)
+    if f.dim() != 4:
+        raise ValueError(f"Expected layer {layer!r} to output (B, K, H, W) for neuron FQ but got {tuple(f.shape)}.")
+    k, h, w = f.shape[1:]
+    pos = sample_positions(h, w, max_neurons, seed).tolist()
+    n = len(pos)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, k, filters_per_chunk):
+        chans = range(start, min(k, start + filters_per_chunk))
+        neurons = [(c, p // w, p % w) for c in chans for p in pos]
+        li = neuron_learning_images(model, layer, x, neurons, rectify=rectify)  # (B, c·N, ...)
+        comp = fq_components(li, x, fg_mask)
+        for name, value in comp.items():
+            parts.setdefault(name, []).append(value.reshape(x.shape[0], len(chans), n))
+        del li
+    out = {name: torch.cat(v, 1) for name, v in parts.items()}
+    if components:
+        return out
+    fq = torch.ones_like(out["nf"])
+    for name in FQ_COMPONENTS:
+        fq = fq * out[name]
+    return torch.where(out["active"], fq, torch.zeros_like(fq)).amax(0)
+
+
 def fq_layer_stats(fq: torch.Tensor, activation: torch.Tensor) -> dict[str, float]:
-    """Per-layer summary (thesis 4.3): FQ mean and variance, and Pearson r(activation, FQ).
+    """Per-layer summary (thesis 4.3): FQ mean and variance, and Pearson r(activation, FQ) (eq. 4-12).
 
     Args:
         fq: FQ per unit (any shape); activation: the units' mean activations, same shape.
@@ -113,8 +241,17 @@ def fq_layer_stats(fq: torch.Tensor, activation: torch.Tensor) -> dict[str, floa
     return {"fq_mean": float(q.mean()), "fq_variance": float(q.var(unbiased=False)), "r_activation_fq": r}
 
 
-def fq_diversity(neuron_fq: torch.Tensor, *, eps: float = 0.3, min_samples: int = 6) -> torch.Tensor:
-    """Diversity of each filter: the number of DBSCAN clusters (noise excluded) of its neurons' FQ.
+def fq_diversity(
+    neuron_fq: torch.Tensor, *, eps: float = 0.3, min_samples: int = 6, scale: float = 1.0
+) -> torch.Tensor:
+    """Diversity of each filter (thesis 4.3.3): the number of DBSCAN clusters (noise excluded) of
+    the FQ of its neurons.
+
+    The thesis clusters the FQ of **all** neurons of each filter of the last conv layer
+    (eps 0.3, min_samples 6): pass :func:`all_neuron_feature_quantity`'s ``K x N``. eps is in the
+    units of F; the thesis' F carries K = 1e4 (eq. 4-6), this library's none, so ``scale``
+    multiplies the FQ before clustering (``scale=1e4`` reproduces the thesis' resolution; with
+    ``scale=1`` and FQ in [0, 1], eps 0.3 allows at most about 3 clusters).
 
     Args:
         neuron_fq: ``K x N`` FQ of N neurons per filter.
@@ -123,7 +260,9 @@ def fq_diversity(neuron_fq: torch.Tensor, *, eps: float = 0.3, min_samples: int 
     """
     from sklearn.cluster import DBSCAN
 
-    values = neuron_fq.detach().double().cpu().numpy()
+    if neuron_fq.dim() != 2:
+        raise ValueError(f"Expected `neuron_fq` of shape (K, N) but got {tuple(neuron_fq.shape)}.")
+    values = neuron_fq.detach().double().cpu().numpy() * float(scale)
     counts = []
     for row in values:
         labels = DBSCAN(eps=eps, min_samples=min_samples).fit_predict(row.reshape(-1, 1))

@@ -6,8 +6,10 @@ Per filter k and sample x, over the elements of its learning image L = L^k(x) an
 
 (population moments over all C·H·W elements; foreground/background variants over the elements
 inside/outside the mask M^f). T^k is the mean over samples (eq. 5-7). Saliencies: AVoU^k, the
-mean activation of filter k (eq. 5-8), and SoU^k, the SNIP sensitivity of its weights,
-mean |w ⊙ ∂loss/∂w| (eqs. 5-9, 5-10).
+mean activation of filter k (eq. 5-8), and SoU^k, the loss sensitivity of its weights
+(eqs. 5-9, 5-10): by default SNIP's mean |w ⊙ ∂loss/∂w| on the batch-mean loss (fast); the
+per-sample first-order form the thesis' averaging implies, mean over samples of
+mean |w ⊙ ∂ℓ_x/∂w|, with ``sou(..., estimate="per_sample")``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "TIPAggregate",
     "avou",
     "sou",
+    "SOU_ESTIMATES",
     "spearman",
     "weight_layer_for",
 ]
@@ -179,6 +182,9 @@ def weight_layer_for(model: nn.Module, layer: str) -> str:
     )
 
 
+SOU_ESTIMATES = ("snip", "per_sample")
+
+
 def sou(
     model: nn.Module,
     layer: str,
@@ -186,22 +192,50 @@ def sou(
     y: torch.Tensor,
     *,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    estimate: str = "snip",
 ) -> torch.Tensor:
-    """SoU^k (eqs. 5-9, 5-10; SNIP, Lee et al. 2019): mean |w ⊙ ∂loss/∂w| over filter k's weights.
+    """SoU^k, the loss sensitivity of filter k's connections (eqs. 5-9, 5-10; SNIP, Lee et al. 2019).
+
+    The thesis defines, per sample x and connection w of filter k (W connections, S samples),
+    Δloss_w(x) = loss_x(ω) − loss_x(ω with w removed) and SoU^k = Σ_x Σ_w |Δloss_w(x)| / (W·S).
+    To first order Δloss_w(x) ≈ w · ∂ℓ_x/∂w, which gives the two estimates offered here:
+
+    * ``estimate="snip"`` (default, the fast one, what :class:`TIPMonitor` logs): SNIP's
+      connection sensitivity on the batch-mean loss, mean_w |w · ∂(mean_x ℓ_x)/∂w|: one backward
+      pass. The mean over samples is taken *inside* the absolute value, so samples whose
+      gradients disagree cancel; it is ≤ the per-sample form.
+    * ``estimate="per_sample"`` (the thesis' averaging): mean_x mean_w |w · ∂ℓ_x/∂w|, the
+      absolute first-order loss change per sample and connection, then averaged as eq. 5-10 does.
+      It costs per-sample gradients of the weight: one batched backward (``is_grads_batched``),
+      a loop over samples where the model's ops have no batching rule.
 
     The weights are those of :func:`weight_layer_for` ``(model, layer)``; row k of its weight is
-    filter k. The gradient is taken with ``torch.autograd.grad`` in eval mode, so parameter
-    ``.grad`` is untouched.
+    filter k. Gradients are taken with ``torch.autograd.grad`` in eval mode, so parameter
+    ``.grad`` is untouched. ``loss_fn(logits, y)`` must return the batch mean; the per-sample
+    form calls it as ``loss_fn(logits, y, reduction="none")``.
 
     Returns:
         ``K`` tensor.
     """
     check_inputs(x)
+    if estimate not in SOU_ESTIMATES:
+        raise ValueError(f"Expected `estimate` to be one of {list(SOU_ESTIMATES)} but got {estimate!r}.")
     weight = get_layer(model, weight_layer_for(model, layer)).weight
     with scan_mode(model):
-        loss = loss_fn(model(x), y)
-        (g,) = torch.autograd.grad(loss, weight)
-    return (weight.detach() * g).abs().reshape(weight.shape[0], -1).mean(1)
+        if estimate == "snip":
+            loss = loss_fn(model(x), y)
+            (g,) = torch.autograd.grad(loss, weight)
+            return (weight.detach() * g).abs().reshape(weight.shape[0], -1).mean(1)
+        losses = loss_fn(model(x), y, reduction="none")  # (B,)
+        eye = torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)
+        try:
+            (g,) = torch.autograd.grad(losses, weight, eye, is_grads_batched=True)  # (B, *w.shape)
+        except RuntimeError:  # an op without a batching rule: one backward per sample
+            g = torch.stack([
+                torch.autograd.grad(losses[i], weight, retain_graph=i < losses.shape[0] - 1)[0]
+                for i in range(losses.shape[0])
+            ])
+    return (weight.detach() * g).abs().reshape(g.shape[0], weight.shape[0], -1).mean(2).mean(0)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -232,7 +266,7 @@ def layer_properties(
     filters (overall, and with a foreground ``mask`` also ``fg_``/``bg_``); ``mode="sketch"``:
     :func:`lightning_interp.nns.sketch_properties` (T_m, T_c exact from forward-mode products, T_v and
     T_cor from ``num_projections`` Hutchinson directions). Adds ``avou`` (eq. 5-8) and, with labels
-    ``y``, ``sou`` (eqs. 5-9, 5-10).
+    ``y``, ``sou`` (eqs. 5-9, 5-10; the SNIP estimate of :func:`sou`).
 
     Returns:
         ``{name: K tensor}``.
