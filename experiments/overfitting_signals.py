@@ -355,8 +355,11 @@ VARIANTS = {
 }
 
 
-def signal_series(run: dict, gmm_seeds: list[int]) -> tuple[list[int], dict[str, list[float]]]:
+def signal_series(run: dict, gmm_seeds: list[int]) -> tuple[list[int], dict[str, list[float]], dict[str, list]]:
+    """Per scanned epoch: every signal (``series``) and each count variant's count for every GMM seed
+    (``per_seed``, for the count's noise)."""
     epochs = sorted(run["scans"])
+    per_seed: dict[str, list[list[int]]] = {name: [] for name in VARIANTS}
     by_epoch = {e["epoch"]: e for e in run["log"]["epochs"]}
     out: dict[str, list[float]] = {name: [] for name in [
         "val_loss", "test_loss", *VARIANTS, *(f"{v}_avg" for v in VARIANTS), "outlier_share", "mean_log_ch",
@@ -369,6 +372,7 @@ def signal_series(run: dict, gmm_seeds: list[int]) -> tuple[list[int], dict[str,
         out["test_loss"].append(by_epoch[e]["test_loss"])
         for name, crit in VARIANTS.items():
             counts = [apply_criteria(clusters_of(scan, s), act, **crit).count for s in gmm_seeds]
+            per_seed[name].append(counts)
             out[name].append(counts[0])
             out[f"{name}_avg"].append(float(np.mean(counts)))
         cl = clusters_of(scan, gmm_seeds[0])
@@ -382,7 +386,7 @@ def signal_series(run: dict, gmm_seeds: list[int]) -> tuple[list[int], dict[str,
         out["probe_loss"].append(float(scan["probe_loss"].mean()))
         out["hard_loss"].append(hard_sample_loss(torch.from_numpy(scan["probe_loss"]), HARD_FRACTION))
         out["ww_alpha"].append(float(scan["ww_alpha"]))
-    return epochs, out
+    return epochs, out, per_seed
 
 
 #: The direction in which each signal is expected to move as the model overfits, fixed before the
@@ -440,10 +444,10 @@ def score(args) -> dict:
                 run = load_run(path)
                 if not run["scans"]:
                     continue
-                epochs, series = signal_series(run, args.gmm_seeds)
+                epochs, series, per_seed = signal_series(run, args.gmm_seeds)
                 onset = onset_epoch(epochs, series["test_loss"], min_rise=0.05)
                 runs.append({"model": model_name, "noise": noise, "seed": seed, "epochs": epochs, "series": series,
-                             "onset": onset, "run": run})
+                             "per_seed": per_seed, "onset": onset, "run": run})
     names = [n for n in runs[0]["series"] if n != "test_loss"] if runs else []
     summary = {"runs": [], "spearman": {}, "alarms": {}, "outliers": {}, "noise": {}, "thesis": {}}
     for r in runs:
@@ -513,10 +517,7 @@ def score(args) -> dict:
     for n in VARIANTS:
         cvs, jitter = [], []
         for r in runs:
-            for e in r["epochs"]:
-                scan = r["run"]["scans"][e]
-                counts = [apply_criteria(clusters_of(scan, s), torch.from_numpy(scan["avou"]), **VARIANTS[n]).count
-                          for s in args.gmm_seeds]
+            for counts in r["per_seed"][n]:
                 if np.mean(counts) > 0:
                     cvs.append(float(np.std(counts) / np.mean(counts)))
             if r["onset"] is not None:

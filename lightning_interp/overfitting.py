@@ -8,6 +8,7 @@ Plain functions over per-epoch series (lists or 1-D arrays, one value per scanne
   there (the alarm rule the monitor uses, for the validation loss or the anomaly count);
 * :func:`spearman` — Spearman rank correlation with average ranks for ties (SciPy's definition);
 * :func:`precision_at_k` — share of true positives among the k highest scores;
+* :func:`per_sample_loss` — each sample's cross-entropy on its given label, and the predicted class;
 * :func:`hard_sample_loss` — the mean loss of the hardest fraction of a training probe, which
   falls once the model starts memorising labels it could not learn (noisy ones);
 * :func:`activation_divergence` — per-filter standardised difference between a filter's mean
@@ -21,7 +22,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["activation_divergence", "hard_sample_loss", "onset_epoch", "precision_at_k", "rise_alarm", "spearman"]
+__all__ = [
+    "activation_divergence", "hard_sample_loss", "onset_epoch", "per_sample_loss", "precision_at_k", "rise_alarm",
+    "spearman",
+]
 
 
 def _as_array(values: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -190,3 +194,22 @@ def hard_sample_loss(per_sample_loss: torch.Tensor, fraction: float = 0.2) -> fl
         raise ValueError("Expected at least one per-sample loss.")
     k = max(1, int(fraction * loss.numel()))
     return float(loss.topk(k).values.mean())
+
+
+def per_sample_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(loss B, predicted class B)`` on the CPU: each sample's cross-entropy on its given label
+    ``y``, in eval mode without gradients (mode restored). None when ``model(x)`` is not ``B x C``
+    logits or ``y`` are not class indices of them.
+    """
+    from .nns import scan_mode
+
+    device = next((p.device for p in model.parameters()), x.device)
+    with scan_mode(model), torch.no_grad():
+        out = model(x.to(device))
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2):
+        return None
+    try:
+        loss = torch.nn.functional.cross_entropy(out.float(), y.to(out.device).long(), reduction="none")
+    except (RuntimeError, IndexError, ValueError):
+        return None
+    return loss.cpu(), out.argmax(1).cpu()

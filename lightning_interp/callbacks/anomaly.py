@@ -9,7 +9,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from torch.nn import functional as F
 from typing_extensions import override
 
 from ..batch import Batch
@@ -22,7 +21,7 @@ from ..metrics.anomaly import (
     scan_anomaly_filters,
 )
 from ..nns import scan_mode
-from ..overfitting import hard_sample_loss, rise_alarm
+from ..overfitting import hard_sample_loss, per_sample_loss, rise_alarm
 from ..progress import progress, trainer_shows_progress
 from ..report import write_anomaly_report
 from ..viz import cluster_scatter, labelled_image_grid
@@ -285,20 +284,14 @@ class AnomalyFilterMonitor(InterpCallback):
 
     @staticmethod
     def probe_losses(pl_module: pl.LightningModule, probe: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(per-sample loss B, predicted class B)`` of the probe on its given labels (cross-entropy,
-        eval mode, on the CPU); None without labels or when the module does not return ``B x C`` logits."""
+        """The probe's :func:`~lightning_interp.overfitting.per_sample_loss` (None without labels)."""
         if probe.y is None:
             return None
-        with scan_mode(pl_module), torch.no_grad():
-            out = pl_module(probe.x.to(pl_module.device))
-        if not (isinstance(out, torch.Tensor) and out.dim() == 2):
-            return None
-        try:
-            loss = F.cross_entropy(out.float(), probe.y.to(out.device).long(), reduction="none")
-        except (RuntimeError, IndexError, ValueError) as err:  # labels that are not class indices: no hard samples
-            rank_zero_warn(f"AnomalyFilterMonitor: no per-sample loss on the probe ({err}).")
-            return None
-        return loss.cpu(), out.argmax(1).cpu()
+        result = per_sample_loss(pl_module, probe.x, probe.y)
+        if result is None:
+            rank_zero_warn("AnomalyFilterMonitor: no per-sample loss on the probe (the module's output is not "
+                           "B x C logits of the labels); no hardest samples.")
+        return result
 
     def alarm_fired(self, epochs: Sequence[int], counts: Sequence[float], val_losses: Sequence[float | None]) -> bool:
         """Whether the ``alarm`` rule has fired by the last of these scans (0-based ``epochs``)."""
@@ -360,7 +353,8 @@ class AnomalyFilterMonitor(InterpCallback):
             self.log_image(trainer, f"{self.log_prefix}/anomaly/{layer}/clusters", image,
                            f"epoch {trainer.current_epoch}: most anomalous filters (x = outlier clusters)")
         if self.num_outlier_images > 0 and outliers.any():
-            idx, captions = self.outlier_captions(trainer.lightning_module, results, probe)
+            idx, captions = self.outlier_captions(trainer.lightning_module, results, probe,
+                                                  pred=None if hardest is None else hardest[1])
             grid = labelled_image_grid(probe.x[idx].float().cpu(), captions, thumb=96)
             self.log_image(trainer, f"{self.log_prefix}/anomaly/outlier_samples", grid,
                            f"epoch {trainer.current_epoch}: {int(outliers.sum())} outlier samples "
@@ -378,10 +372,14 @@ class AnomalyFilterMonitor(InterpCallback):
                            "1.3-3.3× chance where outlier samples did not")
 
     def outlier_captions(
-        self, pl_module: pl.LightningModule, results: dict[str, AnomalyFilters], probe: Batch
+        self, pl_module: pl.LightningModule, results: dict[str, AnomalyFilters], probe: Batch,
+        pred: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[str]]:
         """The outlier samples to show (those flagged by the most filters first, up to
-        ``num_outlier_images``) and a caption each: given label, predicted class, flagging filters."""
+        ``num_outlier_images``) and a caption each: given label, predicted class, flagging filters.
+
+        ``pred``: the predicted class of every probe sample when the scan has it (``B``); otherwise
+        the shown samples are run through the module once."""
         flags = torch.cat([r.outlier_samples for r in results.values()], 0)  # (sum K, B)
         one_layer = len(results) == 1
         names = [str(k) if one_layer else f"{layer.split('.')[-1]}:{k}"
@@ -389,14 +387,16 @@ class AnomalyFilterMonitor(InterpCallback):
         votes = flags.sum(0)
         order = torch.argsort(-votes.cpu(), stable=True)
         idx = order[: min(self.num_outlier_images, int((votes > 0).sum()))]
-        pred = None
-        try:
-            with scan_mode(pl_module), torch.no_grad():
-                out = pl_module(probe.x[idx].to(pl_module.device))
-            if isinstance(out, torch.Tensor) and out.dim() == 2:
-                pred = out.argmax(1).tolist()
-        except Exception as err:  # a caption must never cost the scan
-            rank_zero_warn(f"AnomalyFilterMonitor: no predicted class in the outlier captions ({err}).")
+        if pred is not None:
+            pred = pred[idx.cpu()].tolist()
+        else:
+            try:
+                with scan_mode(pl_module), torch.no_grad():
+                    out = pl_module(probe.x[idx].to(pl_module.device))
+                if isinstance(out, torch.Tensor) and out.dim() == 2:
+                    pred = out.argmax(1).tolist()
+            except Exception as err:  # a caption must never cost the scan
+                rank_zero_warn(f"AnomalyFilterMonitor: no predicted class in the outlier captions ({err}).")
         label = _class_names(pl_module)
         captions = []
         for j, i in enumerate(idx.tolist()):

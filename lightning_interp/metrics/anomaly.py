@@ -258,6 +258,17 @@ def cluster_filters(
     return FilterClusters(labels=labels, num_clusters=num_clusters, ch_index=ch, embedding=embedding, k_max=k_max)
 
 
+def _check_activations(activations, k_filters: int, device: torch.device) -> torch.Tensor:
+    """``activations`` as a flat ``K`` tensor on ``device``, or a ValueError naming the expected shape."""
+    activations = torch.as_tensor(activations, device=device).flatten()
+    if activations.numel() != k_filters:
+        raise ValueError(
+            f"Expected `activations` of shape ({k_filters},), one per filter of `features`, but got "
+            f"{tuple(activations.shape)}."
+        )
+    return activations
+
+
 def apply_criteria(
     clusters: FilterClusters,
     activations: torch.Tensor,
@@ -282,12 +293,7 @@ def apply_criteria(
     if ch_reference not in CH_REFERENCES:
         raise ValueError(f"Expected `ch_reference` to be one of {list(CH_REFERENCES)} but got {ch_reference!r}.")
     k_filters, b = clusters.labels.shape
-    activations = torch.as_tensor(activations, device=clusters.labels.device).flatten()
-    if activations.numel() != k_filters:
-        raise ValueError(
-            f"Expected `activations` of shape ({k_filters},), one per filter of `features`, but got "
-            f"{tuple(activations.shape)}."
-        )
+    activations = _check_activations(activations, k_filters, clusters.labels.device)
     if not torch.isfinite(activations).all():
         raise ValueError("Expected finite `features` and `activations` but got NaN or inf.")
     lam = resolve_min_cluster_size(min_cluster_size, b)
@@ -365,12 +371,7 @@ def detect_anomaly_filters(
         raise ValueError(f"Expected `ch_reference` to be one of {list(CH_REFERENCES)} but got {ch_reference!r}.")
     if isinstance(features, torch.Tensor) and features.dim() >= 2:
         # The cheap checks of the criteria before the sweep, so bad settings fail fast.
-        k_filters = features.shape[1]
-        if torch.as_tensor(activations).numel() != k_filters:
-            raise ValueError(
-                f"Expected `activations` of shape ({k_filters},), one per filter of `features`, but got "
-                f"{tuple(torch.as_tensor(activations).shape)}."
-            )
+        _check_activations(activations, features.shape[1], features.device)
         resolve_min_cluster_size(min_cluster_size, features.shape[0])
     clusters = cluster_filters(features, k_max=k_max, backend=backend, seed=seed)
     return apply_criteria(
