@@ -103,7 +103,12 @@ def _parser(command: str):
         parser.add_argument("--accelerator", type=str, default="auto")
         parser.add_argument("--progress", type=bool, default=True, help="show progress bars")
     else:
-        parser.add_argument("--report", type=str, required=True, help="anomaly_report.json written by AnomalyFilterMonitor")
+        parser.add_argument("--report", type=str, required=True,
+                            help="anomaly_report.json written by AnomalyFilterMonitor, or any saved FilterScores file")
+        parser.add_argument("--amount", type=float | None, default=None,
+                            help="instead of the file's flags, prune this many filters per layer (>= 1) or this "
+                                 "fraction of them (< 1) by score")
+        parser.add_argument("--lowest", type=bool, default=False, help="with --amount: the lowest scores (default: highest)")
         parser.add_argument("--out", type=str, required=True, help="where to save the pruned network (whole, torch.save)")
         parser.add_argument("--input_shape", "--input-shape", type=str | None, default=None,
                             help="example input shape without a datamodule, e.g. 1,3,32,32")
@@ -137,7 +142,7 @@ def _instantiate_datamodule(parser, cfg):
 def scan_command(cfg, parser) -> dict:
     """Run monitors once on a trained checkpoint (no training) and write the anomaly and HTML reports."""
     from . import callbacks as cbs
-    from .callbacks.scan import scan_once
+    from .checkpoint_scan import scan_once
 
     module = _load_module(cfg.model_class, cfg.checkpoint)
     data = _instantiate_datamodule(parser, cfg)
@@ -173,7 +178,7 @@ def prune_command(cfg, parser) -> dict:
     from .callbacks.prune import save_pruned
     from .metrics.aipc import accuracy
     from .pruning import prune_filters
-    from .report import read_anomaly_report
+    from .scores import FilterScores
 
     module = _load_module(cfg.model_class, cfg.checkpoint)
     net = getattr(module, cfg.model_attr, None)
@@ -181,7 +186,13 @@ def prune_command(cfg, parser) -> dict:
         choices = [name for name, _ in module.named_children()]
         raise SystemExit(f"error: --model_attr {cfg.model_attr!r} is not an nn.Module attribute of "
                          f"{type(module).__name__}; its nn.Module attributes: {choices}")
-    filters = read_anomaly_report(cfg.report, strip_prefix=f"{cfg.model_attr}.")
+    try:
+        scores = FilterScores.load(cfg.report)
+        if cfg.amount is not None:
+            scores = scores.select(int(cfg.amount) if cfg.amount >= 1 else cfg.amount, lowest=cfg.lowest)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    filters = scores.strip_prefix(f"{cfg.model_attr}.").flags()
     if not filters:
         raise SystemExit(f"error: the report {cfg.report} flags no filters; nothing to prune")
     data = _instantiate_datamodule(parser, cfg)

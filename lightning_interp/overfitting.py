@@ -17,12 +17,20 @@ Plain functions over per-epoch series (lists or 1-D arrays, one value per scanne
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .gradients import per_sample_gradient_magnitude
+
 __all__ = [
+    "ALARMS",
+    "AlarmRule",
+    "best_epoch",
+    "grouped_gradient_magnitude",
+    "overfit_alarm",
     "activation_divergence", "hard_sample_loss", "onset_epoch", "per_sample_loss", "precision_at_k", "rise_alarm",
     "spearman",
 ]
@@ -213,3 +221,97 @@ def per_sample_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     except (RuntimeError, IndexError, ValueError):
         return None
     return loss.cpu(), out.argmax(1).cpu()
+
+
+#: Rules of :class:`AlarmRule` (``AnomalyFilterMonitor(alarm=...)``).
+ALARMS = ("val_loss", "count", "count_and_val_loss")
+
+
+def overfit_alarm(counts: Sequence[float], val_losses: Sequence[float | None], patience: int = 2) -> bool:
+    """The ``"count_and_val_loss"`` rule at the last scan: True when, over the last ``patience + 1``
+    scans, the anomaly count never fell and rose overall while the validation loss rose overall."""
+    if len(counts) < patience + 1:
+        return False
+    c = list(counts[-(patience + 1) :])
+    v = list(val_losses[-(patience + 1) :])
+    if any(x is None for x in v):
+        return False
+    rising = all(b >= a for a, b in zip(c, c[1:], strict=False)) and c[-1] > c[0]
+    return rising and v[-1] > v[0]
+
+
+@dataclass(frozen=True)
+class AlarmRule:
+    """An overfitting alarm over a run's scans, validated once.
+
+    Args:
+        rule: ``"val_loss"`` — the validation loss rose more than ``rel`` over its best for
+            ``patience`` consecutive scans (:func:`rise_alarm`); ``"count"`` — the anomaly count rose
+            more than ``max(rel · its running minimum, margin)`` for ``patience`` scans;
+            ``"count_and_val_loss"`` — :func:`overfit_alarm`.
+        rel, margin: the rise over the running minimum that counts (relative, absolute).
+        patience: consecutive scans the rise must last.
+        min_epoch: the alarm never fires before this many epochs have been trained.
+    """
+
+    rule: str = "val_loss"
+    rel: float = 0.01
+    margin: float = 0.0
+    patience: int = 2
+    min_epoch: int = 3
+
+    def __post_init__(self) -> None:
+        if self.rule not in ALARMS:
+            raise ValueError(f"Expected `alarm` to be one of {list(ALARMS)} but got {self.rule!r}.")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"Expected `alarm_patience` to be a positive int but got {self.patience!r}.")
+        for name in ("rel", "margin", "min_epoch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) >= 0:
+                raise ValueError(f"Expected `alarm_{name}` >= 0 but got {value!r}.")
+
+    def fired(self, epochs: Sequence[int], counts: Sequence[float], val_losses: Sequence[float | None]) -> bool:
+        """Whether the rule has fired by the last of these scans (0-based ``epochs``, one count and
+        validation loss per scan; None where a scan had no validation)."""
+        if self.rule == "count_and_val_loss":
+            return any(
+                overfit_alarm(counts[: i + 1], val_losses[: i + 1], self.patience)
+                for i, e in enumerate(epochs) if e + 1 >= self.min_epoch
+            )
+        pairs = list(zip(epochs, val_losses if self.rule == "val_loss" else counts, strict=True))
+        # Scans without a value (no validation that epoch, e.g. `check_val_every_n_epoch=2`) are left
+        # out rather than breaking the run of consecutive scans the rule counts.
+        pairs = [(e, v) for e, v in pairs if v is not None]
+        first = next((i for i, (e, _) in enumerate(pairs) if e + 1 >= self.min_epoch), len(pairs))
+        return rise_alarm([v for _, v in pairs], rel=self.rel, margin=self.margin,
+                          patience=self.patience, min_index=first) is not None
+
+
+def best_epoch(history: Sequence[Mapping[str, float]], key: str, *, mode: str = "max") -> int | None:
+    """The ``"epoch"`` of the entry of ``history`` with the best ``key`` (``mode`` ``"max"`` or ``"min"``;
+    the first on ties), None when no entry has it. The thesis' WT epoch is ``best_epoch(h, "val_acc")``."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"Expected `mode` to be one of ['max', 'min'] but got {mode!r}.")
+    scored = [e for e in history if e.get(key) is not None]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return int(pick(scored, key=lambda e: e[key])["epoch"])
+
+
+def grouped_gradient_magnitude(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor
+) -> tuple[float, float] | None:
+    """Mean per-sample parameter-gradient magnitude of the samples in ``groups`` and of the others
+    (thesis table 6-3: outlier vs normal samples); None when either group is empty.
+
+    Args:
+        x, y: ``B`` inputs and labels; groups: ``B`` bool.
+    """
+    groups = torch.as_tensor(groups, dtype=torch.bool).cpu()
+    if groups.numel() != len(x):
+        raise ValueError(f"Expected one group flag per sample ({len(x)}) but got {groups.numel()}.")
+    if not groups.any() or groups.all():
+        return None
+    grads = per_sample_gradient_magnitude(model, x, y).cpu()
+    return grads[groups].mean().item(), grads[~groups].mean().item()

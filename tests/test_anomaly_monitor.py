@@ -14,7 +14,7 @@ from lightning_interp.callbacks import AnomalyFilterMonitor
 from lightning_interp.callbacks.anomaly import overfit_alarm
 from lightning_interp.masking import FilterMask
 from lightning_interp.models import ImageClassifier, SimpleCNN
-from lightning_interp.report import read_anomaly_report
+from lightning_interp.scores import FilterScores
 
 
 def classifier():
@@ -54,8 +54,10 @@ def test_fit_logs_counts_writes_report_and_resumes(tmp_path, digits):
     assert [h["epoch"] for h in report["history"]] == [0, 1]
     assert report["wt_epoch"] in (0, 1) and report["final_count"] == totals[-1]
     assert report["layers"]["model.relu3"]["num_filters"] == 16
-    flagged = read_anomaly_report(report_path)
-    assert sum(len(v) for v in flagged.values()) == totals[-1]
+    scores = FilterScores.load(report_path)  # the report is the monitor's FilterScores plus the run's story
+    assert scores.scorer == "anomaly" and scores.count == totals[-1]
+    assert scores.scores["model.relu3"].shape == (16,)
+    assert scores.flags() == mon.filter_scores().flags()
     for _layer, entry in report["layers"].items():
         for item in entry["flagged"]:
             assert item["outlier_clusters"] > 0.2 * item["num_clusters"]
@@ -64,7 +66,7 @@ def test_fit_logs_counts_writes_report_and_resumes(tmp_path, digits):
         assert any("clusters" in p for p in pngs)
     # The flagged filters can be masked by name, with the "model." prefix stripped for the bare net.
     net = trainer.lightning_module.model
-    with FilterMask(net, read_anomaly_report(report_path, strip_prefix="model.")):
+    with FilterMask(net, FilterScores.load(report_path).strip_prefix("model.").flags()):
         net(torch.randn(2, 1, 16, 16))
 
     ckpt = os.path.join(tmp_path, "mid.ckpt")

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from lightning_interp.cli import main
-from lightning_interp.report import read_anomaly_report
+from lightning_interp.scores import FilterScores
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
 YAMLS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(RECIPES, "*.yaml")))
@@ -96,7 +96,7 @@ def test_recipe_runs_and_writes_its_reports(name, tmp_path):
         assert [h["epoch"] for h in report["history"]] == list(range(config["trainer"]["max_epochs"]))
         assert "interp/anomaly/timeline" in html
         assert "Overfitting alarm (rule " in html
-        read_anomaly_report(str(tmp_path / "anomaly_report.json"))
+        FilterScores.load(tmp_path / "anomaly_report.json")
     if "LearningImageLogger" in callbacks:
         assert "learning_images" in html
     if "TIPMonitor" in callbacks:

@@ -295,7 +295,7 @@ def test_pruning_errors():
 def test_filter_masking_callback_from_list_and_from_monitor(tmp_path, digits):
     pl.seed_everything(0)
     module = ImageClassifier(SimpleCNN(width=(8, 16, 16)))
-    masking = FilterMasking(filters={"model.relu3": [0, 1, 2]}, start_epoch=1, mode="eval_only")
+    masking = FilterMasking(filters={"model.relu3": [0, 1, 2]}, start_epoch=1, when="eval_only")
     trainer = make_trainer(tmp_path, logger=CSVLogger(str(tmp_path)), callbacks=[masking], max_epochs=2)
     trainer.fit(module, datamodule=digits)
     assert [h["num_masked"] for h in masking.history] == [0, 3]
@@ -317,14 +317,14 @@ def test_filter_masking_callback_from_list_and_from_monitor(tmp_path, digits):
 
 def test_cli_prune_from_checkpoint(tmp_path, digits):
     from lightning_interp.cli import main
-    from lightning_interp.report import write_anomaly_report
+    from lightning_interp.scores import FilterScores
 
     module = ImageClassifier(arch="simple_cnn", arch_kwargs={"width": [8, 16, 16]})
     trainer = make_trainer(tmp_path, logger=False, max_epochs=1)
     trainer.fit(module, datamodule=digits)
     ckpt = str(tmp_path / "model.ckpt")
     trainer.save_checkpoint(ckpt)
-    report = write_anomaly_report(str(tmp_path / "report.json"), {"layers": {"model.relu2": {"flagged": [{"filter": 3}, {"filter": 4}]}}})
+    report = FilterScores({}, {"model.relu2": [3, 4]}, "given").save(tmp_path / "report.json")
     out = str(tmp_path / "pruned.pt")
     main(["prune", ckpt, "--report", report, "--out", out, "--datamodule", "digits"])
     pruned, summary = load_pruned(out)

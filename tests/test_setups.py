@@ -13,7 +13,7 @@ from lightning_interp.models import ImageClassifier, SimpleCNN
 # Variants beyond the one instance per exported class that `make_callbacks` builds.
 EXTRA = {
     "anomaly_sketch": lambda: AnomalyFilterMonitor("model.relu3", probe_size=32, k_max=4, mode="sketch", num_projections=8),
-    "masking_eval_only": lambda: FilterMasking(filters={"model.relu3": [0, 1]}, mode="eval_only"),
+    "masking_eval_only": lambda: FilterMasking(filters={"model.relu3": [0, 1]}, when="eval_only"),
 }
 
 SETUPS = {

@@ -287,15 +287,14 @@ class SavedUserModule(UserModule):
 
 def test_cli_prune_on_a_user_class_with_model_attr(tmp_path, capsys):
     from lightning_interp.cli import main
-    from lightning_interp.report import write_anomaly_report
+    from lightning_interp.scores import FilterScores
 
     trainer = make_trainer(tmp_path, logger=False, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
                            enable_checkpointing=False)
     trainer.fit(SavedUserModule(), *loaders())
     ckpt = str(tmp_path / "user.ckpt")
     trainer.save_checkpoint(ckpt)
-    report = write_anomaly_report(str(tmp_path / "report.json"),
-                                  {"layers": {"net.2": {"flagged": [{"filter": 1}, {"filter": 2}]}}})
+    report = FilterScores({}, {"net.2": [1, 2]}, "given").save(tmp_path / "report.json")
     out = str(tmp_path / "pruned.pt")
     args = ["prune", ckpt, "--model_class", "test_user_models.SavedUserModule", "--report", report, "--out", out,
             "--input-shape", "2,3,32,32"]

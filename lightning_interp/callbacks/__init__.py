@@ -7,7 +7,7 @@ from .guidance import AttentionGuidance
 from .learning_images import LearningImageLogger
 from .masking import FilterMasking
 from .prune import PruneFlaggedFilters, load_pruned
-from .report import InterpReport
+from .interp_report import InterpReport
 from .tip import TIPMonitor
 
 __all__ = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,38 +13,23 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from typing_extensions import override
 
 from ..batch import Batch
-from ..gradients import per_sample_gradient_magnitude
-from ..metrics.anomaly import (
-    BACKENDS,
-    CH_REFERENCES,
-    AnomalyFilters,
-    resolve_min_cluster_size,
-    scan_anomaly_filters,
-)
+from ..metrics.anomaly import AnomalyCriteria, AnomalyFilters, anomaly_scores, scan_anomaly_filters
 from ..nns import scan_mode
-from ..overfitting import hard_sample_loss, per_sample_loss, rise_alarm
+from ..overfitting import (
+    ALARMS,
+    AlarmRule,
+    best_epoch,
+    grouped_gradient_magnitude,
+    hard_sample_loss,
+    overfit_alarm,
+    per_sample_loss,
+)
 from ..progress import progress, trainer_shows_progress
-from ..report import write_anomaly_report
+from ..scores import ANOMALY_REPORT_FORMAT, FilterScores, write_json
 from ..viz import cluster_scatter, labelled_image_grid
 from .base import InterpCallback, rank_zero_decides
 
-__all__ = ["ALARMS", "AnomalyFilterMonitor", "overfit_alarm"]
-
-#: Alarm rules of :class:`AnomalyFilterMonitor` (``alarm=``).
-ALARMS = ("val_loss", "count", "count_and_val_loss")
-
-
-def overfit_alarm(counts: Sequence[float], val_losses: Sequence[float | None], patience: int = 2) -> bool:
-    """The ``"count_and_val_loss"`` rule: True when, over the last ``patience + 1`` scans, the anomaly
-    count never fell and rose overall while the validation loss rose overall."""
-    if len(counts) < patience + 1:
-        return False
-    c = list(counts[-(patience + 1) :])
-    v = list(val_losses[-(patience + 1) :])
-    if any(x is None for x in v):
-        return False
-    rising = all(b >= a for a, b in zip(c, c[1:], strict=False)) and c[-1] > c[0]
-    return rising and v[-1] > v[0]
+__all__ = ["ALARMS", "AnomalyFilterMonitor", "overfit_alarm"]  # the last two live in lightning_interp.overfitting
 
 
 def _class_names(pl_module: pl.LightningModule):
@@ -76,8 +62,12 @@ class AnomalyFilterMonitor(InterpCallback):
       (outlier samples found wrongly labelled samples at chance, per-sample loss at 1.3-3.3× chance);
     * a table of the flagged filters with their criteria, a scatter plot of the clusters of the
       most anomalous filters (thesis figs. 6-1/6-2) and the outlier samples as images;
-    * a JSON report of the flagged filters (:mod:`lightning_interp.report`), rewritten at every
-      scan and at fit end, which masking and pruning read.
+    * a JSON report (``<log dir>/anomaly_report.json``, rewritten at every scan and at fit end):
+      the latest :class:`~lightning_interp.scores.FilterScores` (score = CH index, flags = the
+      anomaly filters) plus the summary, the settings and the scan history.
+
+    The monitor is a source of filter scores (:meth:`filter_scores`): ``FilterMasking``,
+    ``PruneFlaggedFilters`` and the HTML report take it, or its report file, the same way.
 
     The epoch with the best validation accuracy (``val_acc_key``) is the WT epoch; at fit end the
     WT and final anomaly counts are logged (``interp/anomaly/count_wt``, ``.../count_final``) and
@@ -160,44 +150,25 @@ class AnomalyFilterMonitor(InterpCallback):
             raise ValueError(f"Expected `num_projections` to be an int >= 2 but got {num_projections!r}.")
         self.mode = mode
         self.num_projections = num_projections
-        if not isinstance(k_max, int) or k_max < 2:
-            raise ValueError(f"Expected `k_max` to be an int >= 2 but got {k_max!r}.")
-        if probe_size <= k_max + 1:
-            raise ValueError(f"Expected `probe_size` > k_max + 1 = {k_max + 1} but got {probe_size}.")
-        resolve_min_cluster_size(min_cluster_size, probe_size)  # fail now, not at the first scan
-        if backend not in BACKENDS:
-            raise ValueError(f"Expected `backend` to be one of {list(BACKENDS)} but got {backend!r}.")
-        for name, value in (("alpha", alpha), ("beta", beta), ("theta", theta)):
-            if not float(value) >= 0:
-                raise ValueError(f"Expected `{name}` >= 0 but got {value}.")
-        if not isinstance(alarm_patience, int) or alarm_patience < 1:
-            raise ValueError(f"Expected `alarm_patience` to be a positive int but got {alarm_patience!r}.")
-        if alarm not in ALARMS:
-            raise ValueError(f"Expected `alarm` to be one of {list(ALARMS)} but got {alarm!r}.")
-        if ch_reference not in CH_REFERENCES:
-            raise ValueError(f"Expected `ch_reference` to be one of {list(CH_REFERENCES)} but got {ch_reference!r}.")
-        for name, value in (("alarm_rel", alarm_rel), ("alarm_margin", alarm_margin), ("alarm_min_epoch", alarm_min_epoch)):
-            if not float(value) >= 0:
-                raise ValueError(f"Expected `{name}` >= 0 but got {value}.")
-        self.ch_reference = ch_reference
-        self.alarm = alarm
-        self.alarm_rel, self.alarm_margin, self.alarm_min_epoch = alarm_rel, alarm_margin, alarm_min_epoch
-        self.min_cluster_size = min_cluster_size
-        self.k_max = k_max
-        self.alpha, self.beta, self.theta = alpha, beta, theta
+        # The settings, validated once and passed down whole (the report writes them with `asdict`).
+        self.criteria = AnomalyCriteria(min_cluster_size=min_cluster_size, k_max=k_max, alpha=alpha, beta=beta,
+                                        theta=theta, ch_reference=ch_reference, backend=backend)
+        try:
+            self.criteria.check_probe(probe_size)  # fail now, not at the first scan
+        except ValueError as err:
+            raise ValueError(f"AnomalyFilterMonitor(probe_size={probe_size}): {err}") from None
+        self.alarm_rule = AlarmRule(alarm, rel=alarm_rel, margin=alarm_margin, patience=alarm_patience,
+                                    min_epoch=alarm_min_epoch)
         self.rectify = rectify
-        self.backend = backend
         self.val_acc_key = val_acc_key
         self.val_loss_key = val_loss_key
-        self.alarm_patience = alarm_patience
         self.report_path = report_path
         self.num_scatter = num_scatter
         self.num_outlier_images = num_outlier_images
         self.outlier_gradients = outlier_gradients
-        # Run progress (state_dict): validation curve, flags of the last scan.
+        # Run progress (state_dict): validation curve, the scores and flags of the last scan.
         self.val_history: list[dict[str, float]] = []
-        self.flagged: dict[str, list[dict[str, Any]]] = {}
-        self.num_filters: dict[str, int] = {}
+        self.latest: FilterScores = self._no_scores()
 
     # ---- validation curve --------------------------------------------------------------------
     @override
@@ -225,19 +196,54 @@ class AnomalyFilterMonitor(InterpCallback):
     @property
     def wt_epoch(self) -> int | None:
         """The epoch with the best validation accuracy so far (thesis 6.3.2), None before validation."""
-        scored = [e for e in self.val_history if "val_acc" in e]
-        return max(scored, key=lambda e: e["val_acc"])["epoch"] if scored else None
+        return best_epoch(self.val_history, "val_acc")
+
+    # ---- settings, as the report and the HTML page show them ----------------------------------
+    @property
+    def alarm(self) -> str:
+        """The alarm rule's name (``alarm_rule.rule``)."""
+        return self.alarm_rule.rule
+
+    @property
+    def min_cluster_size(self) -> int | float:
+        """λ as given (``criteria.min_cluster_size``)."""
+        return self.criteria.min_cluster_size
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting that shapes the flags and the alarm, JSON-able (written to the report)."""
+        return {
+            **asdict(self.criteria),
+            **{f"alarm_{k}" if k != "rule" else "alarm": v for k, v in asdict(self.alarm_rule).items()},
+            "rectify": self.rectify, "probe_size": self.probe_size, "mode": self.mode,
+            "num_projections": self.num_projections if self.mode == "sketch" else None,
+        }
+
+    # ---- filter scores -------------------------------------------------------------------------
+    score_names = ("anomaly",)
+
+    def _no_scores(self) -> FilterScores:
+        return FilterScores(scores={}, flagged={}, scorer="anomaly", higher_is="stronger clustering (CH index)")
+
+    def filter_scores(self, score: str | None = None) -> FilterScores:
+        """The last scan's :class:`~lightning_interp.scores.FilterScores`: per layer every filter's CH
+        index and the anomaly filters flagged (no layers before the first scan)."""
+        if score not in (None, *self.score_names):
+            raise ValueError(f"Expected `score` to be one of {list(self.score_names)} but got {score!r}.")
+        return self.latest
+
+    @property
+    def flagged(self) -> dict[str, list[dict[str, Any]]]:
+        """``{layer: [{"filter": k, "num_clusters", "ch_index", ...}, ...]}`` of the last scan (read-only view)."""
+        return {layer: [{"filter": k, **d} for k, d in zip(idx, self.latest.details.get(layer, ({},) * len(idx)), strict=True)]
+                for layer, idx in self.latest.flagged.items()}
 
     @override
     def check_dry_run(self, pl_module: pl.LightningModule, probe: Batch, outputs: dict[str, torch.Size]) -> None:
         # `__init__` checked the default probe size; a given `probe=` is checked here, before the first step.
-        n = len(probe.x)
-        if n <= self.k_max + 1:
-            raise ValueError(
-                f"AnomalyFilterMonitor needs more probe samples than `k_max` + 1 = {self.k_max + 1} but the probe "
-                f"has {n}; give a larger `probe=`/`probe_size` or a smaller `k_max`."
-            )
-        resolve_min_cluster_size(self.min_cluster_size, n)
+        try:
+            self.criteria.check_probe(len(probe.x))
+        except ValueError as err:
+            raise ValueError(f"AnomalyFilterMonitor's probe does not fit its settings: {err}") from None
 
     # ---- the scan ----------------------------------------------------------------------------
     def detect(self, pl_module: pl.LightningModule, layer: str, x: torch.Tensor) -> AnomalyFilters:
@@ -245,8 +251,7 @@ class AnomalyFilterMonitor(InterpCallback):
         (:func:`~lightning_interp.metrics.anomaly.scan_anomaly_filters`)."""
         return scan_anomaly_filters(
             pl_module, layer, x, mode=self.mode, num_projections=self.num_projections, rectify=self.rectify,
-            seed=self.seed, k_max=self.k_max, min_cluster_size=self.min_cluster_size, alpha=self.alpha,
-            beta=self.beta, theta=self.theta, backend=self.backend, ch_reference=self.ch_reference,
+            seed=self.seed, criteria=self.criteria,
         )
 
     @override
@@ -255,30 +260,28 @@ class AnomalyFilterMonitor(InterpCallback):
         layers = progress(self.layers, desc="anomaly scan", enabled=len(self.layers) > 1 and trainer_shows_progress(trainer))
         results = {layer: self.detect(pl_module, layer, probe.x) for layer in layers}
         scalars: dict[str, float] = {}
-        flagged: dict[str, list[dict[str, Any]]] = {}
         for layer, res in results.items():
             scalars[f"{self.log_prefix}/anomaly/{layer}/count"] = res.count
-            self.num_filters[layer] = int(res.anomaly.numel())
-            flagged[layer] = [self._describe(res, k, epoch) for k in res.flagged]
         total = float(sum(r.count for r in results.values()))
         scalars[f"{self.log_prefix}/anomaly/count"] = total
 
         counts = [h[f"{self.log_prefix}/anomaly/count"] for h in self.history] + [total]
         epochs = [h["epoch"] for h in self.history] + [epoch]
         losses = [self._val_at(e, "val_loss") for e in epochs]
-        scalars[f"{self.log_prefix}/anomaly/overfit_alarm"] = float(self.alarm_fired(epochs, counts, losses))
+        scalars[f"{self.log_prefix}/anomaly/overfit_alarm"] = float(self.alarm_rule.fired(epochs, counts, losses))
 
         outliers = torch.stack([r.sample_is_outlier for r in results.values()]).any(0)
-        if self.outlier_gradients and probe.y is not None and outliers.any() and not outliers.all():
-            grads = per_sample_gradient_magnitude(pl_module, probe.x, probe.y)
-            scalars[f"{self.log_prefix}/anomaly/outlier_grad"] = grads[outliers].mean().item()
-            scalars[f"{self.log_prefix}/anomaly/normal_grad"] = grads[~outliers].mean().item()
+        if self.outlier_gradients and probe.y is not None:
+            grads = grouped_gradient_magnitude(pl_module, probe.x, probe.y, outliers)
+            if grads is not None:
+                scalars[f"{self.log_prefix}/anomaly/outlier_grad"] = grads[0]
+                scalars[f"{self.log_prefix}/anomaly/normal_grad"] = grads[1]
 
         hardest = self.probe_losses(pl_module, probe)
         if hardest is not None:
             scalars[f"{self.log_prefix}/anomaly/hard_loss"] = hard_sample_loss(hardest[0], 0.2)
 
-        self.flagged = flagged
+        self.latest = anomaly_scores(results, epoch=epoch, settings=self.criteria)
         self._log_pictures(trainer, results, probe, outliers, hardest)
         return scalars
 
@@ -294,52 +297,24 @@ class AnomalyFilterMonitor(InterpCallback):
         return result
 
     def alarm_fired(self, epochs: Sequence[int], counts: Sequence[float], val_losses: Sequence[float | None]) -> bool:
-        """Whether the ``alarm`` rule has fired by the last of these scans (0-based ``epochs``)."""
-        if self.alarm == "count_and_val_loss":
-            return any(
-                overfit_alarm(counts[: i + 1], val_losses[: i + 1], self.alarm_patience)
-                for i, e in enumerate(epochs) if e + 1 >= self.alarm_min_epoch
-            )
-        pairs = list(zip(epochs, val_losses if self.alarm == "val_loss" else counts, strict=True))
-        # Scans without a value (no validation that epoch, e.g. `check_val_every_n_epoch=2`) are left
-        # out rather than breaking the run of consecutive scans the rule counts.
-        pairs = [(e, v) for e, v in pairs if v is not None]
-        first = next((i for i, (e, _) in enumerate(pairs) if e + 1 >= self.alarm_min_epoch), len(pairs))
-        return rise_alarm([v for _, v in pairs], rel=self.alarm_rel, margin=self.alarm_margin,
-                          patience=self.alarm_patience, min_index=first) is not None
+        """Whether the ``alarm`` rule has fired by the last of these scans (:meth:`AlarmRule.fired
+        <lightning_interp.overfitting.AlarmRule.fired>`)."""
+        return self.alarm_rule.fired(epochs, counts, val_losses)
 
     @override
     def decisions(self) -> dict[str, Any]:
-        return {"flagged": self.flagged, "num_filters": self.num_filters}
+        return self.latest
 
     @override
     def adopt_decisions(self, decisions: dict[str, Any]) -> None:
-        self.flagged = dict(decisions["flagged"])
-        self.num_filters = dict(decisions["num_filters"])
-
-    @staticmethod
-    def _describe(res: AnomalyFilters, k: int, epoch: int) -> dict[str, Any]:
-        sizes = sorted((int(s) for s in res.cluster_sizes[k].tolist() if s > 0), reverse=True)
-        return {
-            "filter": int(k),
-            "epoch": int(epoch),
-            "num_clusters": int(res.num_clusters[k]),
-            "ch_index": float(res.ch_index[k]),
-            "outlier_clusters": int(res.outlier_clusters[k]),
-            "cluster_sizes": sizes,
-            "outlier_samples": int(res.outlier_samples[k].sum()),
-        }
+        self.latest = decisions
 
     @rank_zero_only
     def _log_pictures(self, trainer, results: dict[str, AnomalyFilters], probe: Batch, outliers, hardest=None) -> None:
-        rows = [
-            [layer, d["filter"], d["num_clusters"], d["ch_index"], d["outlier_clusters"], str(d["cluster_sizes"]), d["epoch"]]
-            for layer, items in self.flagged.items()
-            for d in items
-        ]
-        columns = ["layer", "filter", "num_clusters", "ch_index", "outlier_clusters", "cluster_sizes", "epoch"]
+        columns, rows = self.latest.rows()
         if rows:
-            self.log_table(trainer, f"{self.log_prefix}/anomaly/flagged", columns, rows)
+            self.log_table(trainer, f"{self.log_prefix}/anomaly/flagged", columns,
+                           [[str(v) if isinstance(v, list) else v for v in row] for row in rows])
         for layer, res in results.items():
             top = sorted(res.flagged, key=lambda k: -float(res.ch_index[k]))[: self.num_scatter]
             if not top:
@@ -448,25 +423,18 @@ class AnomalyFilterMonitor(InterpCallback):
                 "val_acc": self._val_at(h["epoch"], "val_acc"),
                 "val_loss": self._val_at(h["epoch"], "val_loss"),
             })
+        # The report is the latest FilterScores (FilterScores.load reads it back) plus the run's story.
         report = {
+            **self.latest.to_dict(),
+            "format": ANOMALY_REPORT_FORMAT,
             "epoch": self.history[-1]["epoch"] if self.history else None,
             **self.summary(),
-            "settings": {
-                "min_cluster_size": self.min_cluster_size, "k_max": self.k_max, "alpha": self.alpha,
-                "beta": self.beta, "theta": self.theta, "ch_reference": self.ch_reference, "alarm": self.alarm,
-                "alarm_rel": self.alarm_rel, "alarm_margin": self.alarm_margin, "alarm_patience": self.alarm_patience,
-                "alarm_min_epoch": self.alarm_min_epoch, "rectify": self.rectify, "probe_size": self.probe_size,
-                "mode": self.mode, "num_projections": self.num_projections if self.mode == "sketch" else None,
-            },
-            "layers": {
-                layer: {"num_filters": self.num_filters.get(layer), "flagged": self.flagged.get(layer, [])}
-                for layer in self.layers
-            },
+            "settings": self.settings(),
             "history": history,
         }
         path = self.resolve_report_path(trainer)
         try:
-            write_anomaly_report(path, report)
+            write_json(path, report)
         except OSError as err:
             rank_zero_warn(f"AnomalyFilterMonitor could not write its report to {path}: {err}. Training goes on.")
 
@@ -509,13 +477,19 @@ class AnomalyFilterMonitor(InterpCallback):
         return {
             **super().state_dict(),
             "val_history": list(self.val_history),
-            "flagged": dict(self.flagged),
-            "num_filters": dict(self.num_filters),
+            "scores": self.latest.to_dict(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.val_history = list(state_dict.get("val_history", []))
-        self.flagged = dict(state_dict.get("flagged", {}))
-        self.num_filters = dict(state_dict.get("num_filters", {}))
+        if "scores" in state_dict:
+            self.latest = FilterScores.from_dict(state_dict["scores"], where="the checkpoint")
+        elif state_dict.get("flagged"):  # checkpoints written before FilterScores: flags and their details
+            flagged = state_dict["flagged"]
+            self.latest = FilterScores(
+                scores={}, flagged={layer: [d["filter"] for d in items] for layer, items in flagged.items()},
+                scorer="anomaly", details={layer: [{k: v for k, v in d.items() if k != "filter"} for d in items]
+                                           for layer, items in flagged.items()},
+            )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,32 +14,13 @@ from typing_extensions import override
 
 from ..layers import get_layer
 from ..masking import FilterMask
-from ..report import read_anomaly_report
-from .anomaly import AnomalyFilterMonitor
+from ..scores import ScoreSource, Selection, check_source, resolve_scores
 from .base import rank_zero_decides
 
 __all__ = ["FilterMasking"]
 
-MODES = ("train_and_eval", "eval_only")
-
-
-def _check_filters(filters: Any) -> dict[str, list[int]]:
-    """``{layer: [filter, ...]}`` with int indices (a list, tuple, set or 1-D integer tensor per layer)."""
-    expected = "Expected `filters` to map layer names to lists of filter indices, e.g. {'model.conv2': [3, 7]}"
-    if not isinstance(filters, Mapping):
-        raise TypeError(f"{expected}, but got {type(filters).__name__}.")
-    out = {}
-    for layer, idx in filters.items():
-        if isinstance(idx, torch.Tensor):
-            if idx.dim() > 1 or idx.is_floating_point() or idx.is_complex():
-                raise TypeError(f"{expected}, but got a {idx.dtype} tensor of shape {tuple(idx.shape)} for {layer!r}.")
-            idx = idx.flatten().tolist()
-        if not isinstance(layer, str) or isinstance(idx, (str, bytes)) or not isinstance(idx, (Sequence, set)) or not all(
-            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in idx
-        ):
-            raise TypeError(f"{expected}, but got {layer!r}: {idx!r}.")
-        out[layer] = sorted({int(i) for i in idx})
-    return out
+#: When :class:`FilterMasking` masks (``when=``).
+WHEN = ("train_and_eval", "eval_only")
 
 
 def _is_compiled(pl_module: pl.LightningModule) -> bool:
@@ -53,42 +34,52 @@ def _is_compiled(pl_module: pl.LightningModule) -> bool:
 class FilterMasking(Callback):
     """Mask filters (channel outputs × 0, :class:`~lightning_interp.masking.FilterMask`) from ``start_epoch``.
 
-    The filters come from exactly one source:
+    The filters are the flags of a filter-score ``source`` (:func:`~lightning_interp.scores.resolve_scores`):
 
-    * ``filters``: ``{layer: [filter, ...]}`` (module paths of the LightningModule);
-    * ``report``: the path of an anomaly report (:mod:`lightning_interp.report`);
-    * ``monitor``: a running :class:`AnomalyFilterMonitor` — its latest flags, re-read at the
-      start of every epoch (put the monitor before this callback).
+    * a monitor (``AnomalyFilterMonitor``, ``TIPMonitor``, ``FeatureQuantityMonitor``) — its latest
+      scan, re-read at the start of every epoch (put the monitor before this callback);
+    * a :class:`~lightning_interp.scores.FilterScores`, the path of a saved scores file or anomaly
+      report, or ``{layer: [filter, ...]}`` (module paths of the LightningModule).
 
-    ``mode="train_and_eval"`` masks during training steps and evaluation; ``"eval_only"`` masks
+    ``select`` (a :class:`~lightning_interp.scores.Selection`) picks the score of a multi-score
+    source and flags the ``amount`` highest or lowest filters of each layer instead of the source's
+    own flags: ``FilterMasking(tip, select=Selection("sou", amount=0.1, lowest=True))``.
+    ``filters=``, ``report=`` and ``monitor=`` name the same sources by kind (``filters={...}``).
+
+    ``when="train_and_eval"`` masks during training steps and evaluation; ``"eval_only"`` masks
     only during validation/test. The masks in force are logged as ``interp/masking/num_masked``,
     recorded in :attr:`history`, saved in checkpoints, and decided on rank zero and broadcast, so
-    they are identical on every process.
+    they are identical on every process. Unknown layers, indices out of range and a ``select`` that
+    the source cannot serve are refused at ``setup``, before the first step.
     """
 
     def __init__(
         self,
+        source: ScoreSource | None = None,
         *,
+        select: Selection | None = None,
         filters: Mapping[str, Sequence[int]] | None = None,
         report: str | None = None,
-        monitor: AnomalyFilterMonitor | None = None,
+        monitor: Any = None,
         start_epoch: int = 0,
-        mode: str = "train_and_eval",
+        when: str = "train_and_eval",
+        mode: str | None = None,
     ):
-        sources = [s for s in (filters, report, monitor) if s is not None]
+        sources = [s for s in (source, filters, report, monitor) if s is not None]
         if len(sources) != 1:
-            raise ValueError("Expected exactly one of `filters`, `report` or `monitor`.")
-        if mode not in MODES:
-            raise ValueError(f"Expected `mode` to be one of {list(MODES)} but got {mode!r}.")
+            raise ValueError("Expected exactly one filter source: `source`, `filters`, `report` or `monitor`.")
+        if mode is not None:  # the name before `when` (``mode`` means exact/sketch everywhere else)
+            warnings.warn("FilterMasking(mode=...) is deprecated; use `when=`.", FutureWarning, stacklevel=2)
+            when = mode
+        if when not in WHEN:
+            raise ValueError(f"Expected `when` to be one of {list(WHEN)} but got {when!r}.")
         if not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"Expected `start_epoch` to be a non-negative int but got {start_epoch!r}.")
-        if monitor is not None and not isinstance(monitor, AnomalyFilterMonitor):
-            raise TypeError(f"Expected `monitor` to be an AnomalyFilterMonitor but got {type(monitor).__name__}.")
-        self.filters = _check_filters(filters) if filters is not None else None
-        self.report = report
-        self.monitor = monitor
+        self.source = sources[0]
+        self.select = select
+        check_source(self.source, select, owner="FilterMasking")
         self.start_epoch = start_epoch
-        self.mode = mode
+        self.when = when
         self.in_force: dict[str, list[int]] = {}
         self.history: list[dict[str, Any]] = []
         self._mask: FilterMask | None = None
@@ -96,14 +87,10 @@ class FilterMasking(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(mode=self.mode, start_epoch=self.start_epoch)
+        return self._generate_state_key(mode=self.when, start_epoch=self.start_epoch)
 
     def _wanted(self) -> dict[str, list[int]]:
-        if self.filters is not None:
-            return self.filters
-        if self.report is not None:
-            return read_anomaly_report(self.report)
-        return {layer: sorted(d["filter"] for d in items) for layer, items in self.monitor.flagged.items() if items}
+        return resolve_scores(self.source, self.select).flags()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -138,13 +125,13 @@ class FilterMasking(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         self._apply(trainer, pl_module, epoch)
-        if self.mode == "eval_only":
+        if self.when == "eval_only":
             self._remove()
         count = sum(len(v) for v in self.in_force.values()) if epoch >= self.start_epoch else 0
         entry = {"epoch": epoch, "num_masked": count, "filters": dict(self.in_force) if count else {}}
         self.history = [h for h in self.history if h["epoch"] != epoch] + [entry]
         if count and trainer.is_global_zero:
-            rank_zero_info(f"FilterMasking: epoch {epoch}, masking {count} filters ({self.mode}): {self.in_force}")
+            rank_zero_info(f"FilterMasking: epoch {epoch}, masking {count} filters ({self.when}): {self.in_force}")
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -152,11 +139,11 @@ class FilterMasking(Callback):
         pl_module.log("interp/masking/num_masked", float(count), on_step=False, on_epoch=True)
 
     def _eval_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.mode == "eval_only":
+        if self.when == "eval_only":
             self._apply(trainer, pl_module, trainer.current_epoch)
 
     def _eval_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.mode == "eval_only":
+        if self.when == "eval_only":
             self._remove()
 
     @override

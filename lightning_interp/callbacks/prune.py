@@ -1,4 +1,4 @@
-"""``PruneFlaggedFilters``: at fit end, prune the filters an anomaly report flagged and save the smaller model."""
+"""``PruneFlaggedFilters``: at fit end, prune the flagged filters of any filter-score source and save the smaller model."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from ..batch import default_batch_adapter
 from ..layers import public_name
 from ..metrics.aipc import accuracy
 from ..pruning import check_prunable, prune_filters
-from ..report import read_anomaly_report
-from .anomaly import AnomalyFilterMonitor
+from ..scores import Scorer, ScoreSource, Selection, check_source, resolve_scores
 from .base import guarded, log_root
 
 __all__ = ["PruneFlaggedFilters", "save_pruned", "load_pruned"]
@@ -39,8 +38,14 @@ class PruneFlaggedFilters(Callback):
     """At fit end, prune the flagged filters from the network and save it whole.
 
     Args:
-        monitor: an :class:`AnomalyFilterMonitor` of the same run (its report is read), or
-        report: the path of an anomaly report.
+        source: where the flags come from (:func:`~lightning_interp.scores.resolve_scores`): a
+            monitor of the same run (``AnomalyFilterMonitor``, ``TIPMonitor``, ``FeatureQuantityMonitor``;
+            its last scan), a :class:`~lightning_interp.scores.FilterScores`, the path of a saved
+            scores file or anomaly report, or ``{layer: [filter, ...]}``. ``monitor=`` and ``report=``
+            name the same sources by kind.
+        select: a :class:`~lightning_interp.scores.Selection` — prune the ``amount`` lowest (or
+            highest) filters of each layer by a score instead of the source's own flags:
+            ``PruneFlaggedFilters(tip, select=Selection("sou", amount=0.25, lowest=True))``.
         model_attr: attribute of the LightningModule holding the network to prune (``"model"``
             for :class:`~lightning_interp.models.ImageClassifier`); report layers are stripped of
             the ``"<model_attr>."`` prefix.
@@ -60,17 +65,24 @@ class PruneFlaggedFilters(Callback):
 
     def __init__(
         self,
+        source: ScoreSource | None = None,
         *,
-        monitor: AnomalyFilterMonitor | None = None,
+        select: Selection | None = None,
+        monitor: Any = None,
         report: str | None = None,
         model_attr: str = "model",
         out_path: str | None = None,
         evaluate: bool = True,
         strict: bool = False,
     ):
-        if (monitor is None) == (report is None):
-            raise ValueError("Expected exactly one of `monitor` or `report`.")
-        self.monitor, self.report = monitor, report
+        sources = [s for s in (source, monitor, report) if s is not None]
+        if len(sources) != 1:
+            raise ValueError("Expected exactly one filter source: `source`, `monitor` or `report`.")
+        self.source = sources[0]
+        self.select = select
+        check_source(self.source, select, owner="PruneFlaggedFilters")
+        # The monitor whose probe gives the example input and whose layers are checked at setup.
+        self.monitor = self.source if isinstance(self.source, Scorer) else None
         self.model_attr = model_attr
         self.out_path = out_path
         self.evaluate = evaluate
@@ -104,10 +116,12 @@ class PruneFlaggedFilters(Callback):
 
     def _watched_layers(self) -> list[str]:
         if self.monitor is not None:
-            return list(self.monitor.layers)
-        if self.report is not None and os.path.isfile(self.report):
-            return list(read_anomaly_report(self.report, strip_prefix=""))
-        return []
+            return list(getattr(self.monitor, "layers", ()))
+        if isinstance(self.source, (str, os.PathLike)) and not os.path.isfile(self.source):
+            return []  # written later in the run; checked at fit end
+        if callable(self.source) and not isinstance(self.source, Scorer):
+            return []
+        return resolve_scores(self.source, self.select).layers
 
     def check_targets(self, pl_module: pl.LightningModule, example: torch.Tensor | None = None) -> None:
         """Refuse, before training, a missing network or watched layers that cannot be pruned."""
@@ -127,9 +141,10 @@ class PruneFlaggedFilters(Callback):
                              f"`pl_module.{self.model_attr}`): {err}") from err
 
     def _example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
-        if self.monitor is not None and self.monitor.probe is not None:
-            return self.monitor.probe.x[:2].to(pl_module.device)
-        adapter = self.monitor.batch_adapter if self.monitor is not None else default_batch_adapter
+        probe = getattr(self.monitor, "probe", None)
+        if probe is not None:
+            return probe.x[:2].to(pl_module.device)
+        adapter = getattr(self.monitor, "batch_adapter", None) or default_batch_adapter
         loader = trainer.train_dataloader
         if isinstance(loader, (list, tuple)):
             loader = loader[0]
@@ -145,11 +160,11 @@ class PruneFlaggedFilters(Callback):
                 lambda: self._prune(trainer, pl_module))
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        path = self.report or self.monitor.resolve_report_path(trainer)
         net = self.network(pl_module)
-        filters = read_anomaly_report(path, strip_prefix=f"{self.model_attr}.")
+        scores = resolve_scores(self.source, self.select)
+        filters = scores.strip_prefix(f"{self.model_attr}.").flags()
         if not filters:
-            rank_zero_info("PruneFlaggedFilters: the report flags no filters; nothing to prune.")
+            rank_zero_info(f"PruneFlaggedFilters: the {scores.scorer} scores flag no filters; nothing to prune.")
             return
         example = self._example(trainer, pl_module)
         pruned, summary = prune_filters(net, filters, example)
@@ -161,7 +176,7 @@ class PruneFlaggedFilters(Callback):
             result["val_acc_before"] = accuracy(net, loader)
             result["val_acc_after"] = accuracy(pruned, loader)
         out = self.out_path or os.path.join(self.log_root, "pruned.pt")
-        self.saved_to = save_pruned(out, pruned, result, report=path)
+        self.saved_to = save_pruned(out, pruned, result, scores=scores.to_dict())
         self.summary = result
         metrics = {f"interp/prune/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
         for logger in trainer.loggers:

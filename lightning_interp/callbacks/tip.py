@@ -15,6 +15,7 @@ from ..metrics.aipc import DEFAULT_FRACTIONS, aipc, filter_types, type_masking
 from ..metrics.tip import PROPERTIES, layer_properties, spearman
 from ..nns import filter_learning_images
 from ..progress import progress, trainer_shows_progress
+from ..scores import FilterScores
 from ..viz import heatmap, image_grid
 from .base import InterpCallback, guarded
 
@@ -193,3 +194,25 @@ class TIPMonitor(InterpCallback):
         super().load_state_dict(state_dict)
         self._warned_no_mask = bool(state_dict.get("warned_no_mask", False))
         self.last = {layer: dict(t) for layer, t in state_dict.get("last", {}).items()}
+
+    # ---- filter scores -------------------------------------------------------------------------
+    #: Every score :meth:`filter_scores` can give (``fg_``/``bg_`` need masks in the batches, ``sou`` labels).
+    score_names = (*PROPERTIES, *(f"{side}_{p}" for side in ("fg", "bg") for p in PROPERTIES), "avou", "sou")
+
+    def filter_scores(self, score: str | None = None) -> FilterScores:
+        """The last scan's :class:`~lightning_interp.scores.FilterScores` of one property or saliency
+        (default ``"mean"``, T_m): every filter's T^k per layer, no flags — flag filters with a
+        :class:`~lightning_interp.scores.Selection` or :meth:`FilterScores.select
+        <lightning_interp.scores.FilterScores.select>` (no layers before the first scan)."""
+        score = score or "mean"
+        if score not in self.score_names:
+            raise ValueError(f"Expected `score` to be one of {list(self.score_names)} but got {score!r}.")
+        missing = [layer for layer, t in self.last.items() if score not in t]
+        if missing:
+            raise ValueError(f"TIPMonitor has no {score!r} scores for {missing} (fg_/bg_ need foreground masks, "
+                             f"sou labels); it has {sorted(next(iter(self.last.values())))}.")
+        epoch = self.history[-1]["epoch"] if self.history else None
+        higher = "more salient" if score in ("avou", "sou") else f"higher {score}"
+        return FilterScores(scores={layer: t[score] for layer, t in self.last.items()}, flagged={},
+                            scorer=f"tip/{score}", higher_is=higher, epoch=epoch,
+                            settings={"probe_size": self.probe_size, "mode": self.mode, "rectify": self.rectify})

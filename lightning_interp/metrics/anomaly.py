@@ -22,7 +22,7 @@ single cluster, CH 0, and is never flagged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -30,9 +30,11 @@ from torch import nn
 
 from ..gmm import gmm_sweep
 from ..nns import check_finite, iter_filter_learning_images, layer_activations, sketch_learning_images
+from ..scores import FilterScores
 from .tip import avou
 
 __all__ = [
+    "AnomalyCriteria",
     "AnomalyFilters",
     "FilterClusters",
     "anomaly_features",
@@ -42,6 +44,7 @@ __all__ = [
     "project_filters_2d",
     "resolve_min_cluster_size",
     "scan_anomaly_filters",
+    "anomaly_scores",
 ]
 
 BACKENDS = ("auto", "batched", "sklearn")
@@ -91,6 +94,71 @@ class AnomalyFilters:
     def sample_is_outlier(self) -> torch.Tensor:
         """``B`` bool: in an outlier cluster of at least one anomaly filter."""
         return self.outlier_samples.any(0)
+
+
+@dataclass(frozen=True)
+class AnomalyCriteria:
+    """The anomaly detector's settings (thesis table 6-1), validated once and passed down whole.
+
+    Args:
+        min_cluster_size: λ, an int (samples) or a float in (0, 1) (fraction of the probe). Thesis:
+            50 for small CNNs, 10 for AlexNet/ResNet-18/VGG-16.
+        k_max: largest number of mixture components tried (K = 2..k_max).
+        alpha, beta, theta: the thresholds of criteria 1-3 (thesis: 0.2, 1, 0.1).
+        ch_reference: criterion 2's layer reference, ``"mean"`` (thesis) or ``"median"``
+            (:func:`apply_criteria`).
+        backend: GMM sweep backend, one of :data:`BACKENDS` (:func:`cluster_filters`).
+
+    ``dataclasses.asdict(criteria)`` is what the monitor writes to its report.
+    """
+
+    min_cluster_size: int | float = 0.1
+    k_max: int = 10
+    alpha: float = 0.2
+    beta: float = 1.0
+    theta: float = 0.1
+    ch_reference: str = "mean"
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or self.k_max < 2:
+            raise ValueError(f"Expected `k_max` to be an int >= 2 but got {self.k_max!r}.")
+        if isinstance(self.min_cluster_size, bool) or not isinstance(self.min_cluster_size, (int, float)):
+            raise TypeError(
+                f"Expected `min_cluster_size` to be an int or a fraction in (0, 1) but got {self.min_cluster_size!r}."
+            )
+        if isinstance(self.min_cluster_size, float) and not self.min_cluster_size.is_integer():
+            if not 0 < self.min_cluster_size < 1:
+                raise ValueError(f"Expected a fractional `min_cluster_size` in (0, 1) but got {self.min_cluster_size}.")
+        elif self.min_cluster_size < 1:
+            raise ValueError(f"Expected `min_cluster_size` >= 1 sample or a fraction in (0, 1) but got {self.min_cluster_size}.")
+        for name in ("alpha", "beta", "theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) >= 0:
+                raise ValueError(f"Expected `{name}` >= 0 but got {value!r}.")
+        if self.ch_reference not in CH_REFERENCES:
+            raise ValueError(f"Expected `ch_reference` to be one of {list(CH_REFERENCES)} but got {self.ch_reference!r}.")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"Expected `backend` to be one of {list(BACKENDS)} but got {self.backend!r}.")
+
+    def check_probe(self, num_samples: int) -> int:
+        """λ in samples for a probe of ``num_samples``; a ``ValueError`` when the probe is too small."""
+        if num_samples <= self.k_max + 1:
+            raise ValueError(
+                f"Expected more probe samples than `k_max` + 1 = {self.k_max + 1} but got {num_samples}; "
+                "give a larger probe or a smaller `k_max`."
+            )
+        return resolve_min_cluster_size(self.min_cluster_size, num_samples)
+
+
+def _criteria(criteria: AnomalyCriteria | None, settings: dict) -> AnomalyCriteria:
+    """``criteria`` (default :class:`AnomalyCriteria`) with single settings given as keywords replaced."""
+    if criteria is not None and not isinstance(criteria, AnomalyCriteria):
+        raise TypeError(f"Expected `criteria` to be an AnomalyCriteria but got {type(criteria).__name__}.")
+    unknown = [k for k in settings if k not in AnomalyCriteria.__dataclass_fields__]
+    if unknown:
+        raise TypeError(f"Unexpected anomaly settings {unknown}; valid: {list(AnomalyCriteria.__dataclass_fields__)}.")
+    return replace(criteria or AnomalyCriteria(), **settings)
 
 
 def resolve_min_cluster_size(min_cluster_size: int | float, num_samples: int) -> int:
@@ -272,34 +340,29 @@ def _check_activations(activations, k_filters: int, device: torch.device) -> tor
 def apply_criteria(
     clusters: FilterClusters,
     activations: torch.Tensor,
-    *,
-    min_cluster_size: int | float,
-    alpha: float = 0.2,
-    beta: float = 1.0,
-    theta: float = 0.1,
-    ch_reference: str = "mean",
+    criteria: AnomalyCriteria | None = None,
+    **settings,
 ) -> AnomalyFilters:
     """The three anomaly criteria (thesis 6.2.5) on a clustering from :func:`cluster_filters`.
 
     Args:
         clusters: the layer's :class:`FilterClusters`.
         activations: ``K`` mean activation of each filter (AVoU, eq. 5-8).
-        min_cluster_size, alpha, beta, theta: λ, α, β, θ (thesis table 6-1).
-        ch_reference: the layer reference of criterion 2: ``"mean"`` (the thesis: CH > β × the
-            layer's mean CH) or ``"median"`` (CH > β × the layer's median CH; one filter with a huge
-            CH cannot lift the reference above every other filter — a deviation from the thesis,
-            measured in ``experiments/overfitting_signals.py``).
+        criteria: λ, α, β, θ (thesis table 6-1) and criterion 2's layer reference
+            (``criteria.ch_reference``): ``"mean"`` (the thesis: CH > β × the layer's mean CH) or
+            ``"median"`` (CH > β × the layer's median CH; one filter with a huge CH cannot lift the
+            reference above every other filter — a deviation from the thesis, measured in
+            ``experiments/overfitting_signals.py``). ``k_max`` and ``backend`` are not used here.
+        **settings: single :class:`AnomalyCriteria` fields that replace those of ``criteria``
+            (``apply_criteria(clusters, act, min_cluster_size=50)``).
     """
-    if ch_reference not in CH_REFERENCES:
-        raise ValueError(f"Expected `ch_reference` to be one of {list(CH_REFERENCES)} but got {ch_reference!r}.")
+    c = _criteria(criteria, settings)
+    min_cluster_size, alpha, beta, theta, ch_reference = c.min_cluster_size, c.alpha, c.beta, c.theta, c.ch_reference
     k_filters, b = clusters.labels.shape
     activations = _check_activations(activations, k_filters, clusters.labels.device)
     if not torch.isfinite(activations).all():
         raise ValueError("Expected finite `features` and `activations` but got NaN or inf.")
     lam = resolve_min_cluster_size(min_cluster_size, b)
-    for name, value in (("alpha", alpha), ("beta", beta), ("theta", theta)):
-        if not float(value) >= 0:
-            raise ValueError(f"Expected `{name}` >= 0 but got {value}.")
     labels, num_clusters, ch = clusters.labels, clusters.num_clusters, clusters.ch_index
     sizes = clusters.cluster_sizes  # (K, k_max)
     outlier_component = (sizes > 0) & (sizes <= lam)
@@ -330,15 +393,10 @@ def apply_criteria(
 def detect_anomaly_filters(
     features: torch.Tensor,
     activations: torch.Tensor,
+    criteria: AnomalyCriteria | None = None,
     *,
-    k_max: int = 10,
-    min_cluster_size: int | float,
-    alpha: float = 0.2,
-    beta: float = 1.0,
-    theta: float = 0.1,
-    ch_reference: str = "mean",
-    backend: str = "auto",
     seed: int = 0,
+    **settings,
 ) -> AnomalyFilters:
     """Flag anomaly filters of one layer (DESIGN §4, thesis algorithm 6.1).
 
@@ -348,15 +406,13 @@ def detect_anomaly_filters(
         features: ``B x K x ...`` — learning images ``B x K x C x H x W`` or any per-filter
             projection of them; flattened per filter.
         activations: ``K`` mean activation of each filter on the same samples (AVoU, eq. 5-8).
-        k_max: largest number of mixture components tried (K = 2..k_max).
-        min_cluster_size: λ, an int (samples) or a float in (0, 1) (fraction of B). Thesis
-            table 6-1: 50 for small CNNs, 10 for AlexNet/ResNet-18/VGG-16.
-        alpha, beta, theta: the thresholds of criteria 1-3 (thesis: 0.2, 1, 0.1).
-        ch_reference: criterion 2's layer reference, ``"mean"`` (thesis) or ``"median"``.
-        backend: ``"batched"`` (all filters × all K as tensors on ``features``' device),
+        criteria: the settings (:class:`AnomalyCriteria`; its defaults when None): ``k_max``, λ
+            (``min_cluster_size``, an int or a fraction of B), α, β, θ, ``ch_reference`` and the GMM
+            ``backend`` — ``"batched"`` (all filters × all K as tensors on ``features``' device),
             ``"sklearn"`` (``GaussianMixture`` + ``calinski_harabasz_score`` per filter, the
             reference) or ``"auto"`` (batched).
         seed: seed of the mixture initialisation.
+        **settings: single :class:`AnomalyCriteria` fields replacing those of ``criteria``.
 
     Returns:
         :class:`AnomalyFilters` with tensors on ``features``' device.
@@ -364,20 +420,16 @@ def detect_anomaly_filters(
     Example:
         >>> L = filter_learning_images(model, "relu3", probe_x)        # B x K x C x H x W
         >>> act = layer_activations(model, "relu3", probe_x).mean((0, 2, 3))
-        >>> result = detect_anomaly_filters(L, act, min_cluster_size=0.1)
+        >>> result = detect_anomaly_filters(L, act, AnomalyCriteria(min_cluster_size=0.1))
         >>> result.flagged
     """
-    if ch_reference not in CH_REFERENCES:
-        raise ValueError(f"Expected `ch_reference` to be one of {list(CH_REFERENCES)} but got {ch_reference!r}.")
+    c = _criteria(criteria, settings)
     if isinstance(features, torch.Tensor) and features.dim() >= 2:
         # The cheap checks of the criteria before the sweep, so bad settings fail fast.
         _check_activations(activations, features.shape[1], features.device)
-        resolve_min_cluster_size(min_cluster_size, features.shape[0])
-    clusters = cluster_filters(features, k_max=k_max, backend=backend, seed=seed)
-    return apply_criteria(
-        clusters, activations, min_cluster_size=min_cluster_size, alpha=alpha, beta=beta, theta=theta,
-        ch_reference=ch_reference,
-    )
+        resolve_min_cluster_size(c.min_cluster_size, features.shape[0])
+    clusters = cluster_filters(features, k_max=c.k_max, backend=c.backend, seed=seed)
+    return apply_criteria(clusters, activations, c)
 
 
 def anomaly_features(
@@ -433,3 +485,41 @@ def scan_anomaly_filters(
     f = check_finite(layer_activations(model, layer, x, rectify=rectify), f"activations of {layer}")
     features = anomaly_features(model, layer, x, mode=mode, num_projections=num_projections, rectify=rectify, seed=seed)
     return detect_anomaly_filters(features, avou(f), seed=seed, **criteria)
+
+
+def anomaly_scores(
+    results: dict[str, AnomalyFilters],
+    *,
+    epoch: int | None = None,
+    settings: dict | AnomalyCriteria | None = None,
+) -> FilterScores:
+    """The :class:`~lightning_interp.scores.FilterScores` of anomaly scans, ``{layer: result}``.
+
+    Score of filter k: its CH index (the clustering's strength; the monitor shows the flagged
+    filters with the highest first). Flags: the anomaly filters (all three criteria). Details of
+    each flagged filter: ``num_clusters``, ``ch_index``, ``outlier_clusters``, ``cluster_sizes``
+    (non-empty, largest first), ``outlier_samples`` and ``epoch`` — the columns of the
+    flagged-filter table and of the JSON report.
+    """
+    if isinstance(settings, AnomalyCriteria):
+        settings = asdict(settings)
+    details = {}
+    for layer, res in results.items():
+        items = []
+        for k in res.flagged:
+            sizes = sorted((int(v) for v in res.cluster_sizes[k].tolist() if v > 0), reverse=True)
+            items.append({
+                "num_clusters": int(res.num_clusters[k]),
+                "ch_index": float(res.ch_index[k]),
+                "outlier_clusters": int(res.outlier_clusters[k]),
+                "cluster_sizes": sizes,
+                "outlier_samples": int(res.outlier_samples[k].sum()),
+                "epoch": epoch,
+            })
+        details[layer] = items
+    return FilterScores(
+        scores={layer: res.ch_index for layer, res in results.items()},
+        flagged={layer: res.flagged for layer, res in results.items()},
+        scorer="anomaly", higher_is="stronger clustering (CH index)", epoch=epoch,
+        settings=dict(settings or {}), details=details,
+    )

@@ -18,10 +18,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from ..html_report import write_html_report
-from ..progress import progress
-from .base import InterpCallback
-from .report import report_sections
+from .callbacks.base import InterpCallback
+from .callbacks.interp_report import report_sections
+from .html_report import write_html_report
+from .progress import progress
 
 __all__ = ["scan_once"]
 

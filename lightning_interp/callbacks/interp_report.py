@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from ..html_report import Figure, Section, Table, write_html_report
+from ..scores import FilterScores, ScoreSource, Selection, check_source, resolve_scores
 from ..viz import anomaly_timeline, line_plot
 from .anomaly import AnomalyFilterMonitor
 from .base import InterpCallback, guarded, log_root, send_image
@@ -63,20 +64,36 @@ def _anomaly_section(cb: AnomalyFilterMonitor, curves: Curves) -> tuple[Section,
         section.figures.append(Figure(f"{cb.log_prefix}/anomaly/timeline", timeline,
                                       "anomaly filters per layer per scan, against the loss curves"))
     section.figures.extend(Figure(k, img, cap) for k, (img, cap, _) in cb.figures.items())
-    rows = [
-        [layer, d["filter"], d["num_clusters"], d["ch_index"], d["outlier_clusters"], str(d["cluster_sizes"]),
-         d["outlier_samples"], d["epoch"]]
-        for layer, items in cb.flagged.items() for d in items
-    ]
-    if rows:
-        section.tables.append(Table(
-            "Flagged filters (last scan)",
-            ["layer", "filter", "clusters K", "CH index", "outlier clusters", "cluster sizes", "outlier samples", "epoch"],
-            rows,
-        ))
+    table = _flagged_table(cb.filter_scores(), "Flagged filters (last scan)")
+    if table is not None:
+        section.tables.append(table)
     else:
         section.paragraphs.append("No filter is flagged at the last scan.")
     return section, timeline
+
+
+def _flagged_table(scores: FilterScores, title: str) -> Table | None:
+    """The flagged filters of any :class:`~lightning_interp.scores.FilterScores` (one table layout for every scorer)."""
+    columns, rows = scores.rows()
+    if not rows:
+        return None
+    score = f"score ({scores.scorer}{': ' + scores.higher_is if scores.higher_is else ''})"
+    return Table(title, [score if c == "score" else c for c in columns],
+                 [[str(v) if isinstance(v, list) else v for v in row] for row in rows])
+
+
+def _scores_section(scores: FilterScores) -> Section:
+    """A section for a filter-score source given to :class:`InterpReport` (``scores=``)."""
+    how = scores.settings.get("selection")
+    section = Section(f"Filter scores: {scores.scorer}" + (f" ({how})" if how else ""))
+    section.paragraphs.append(
+        f"{scores.count} filters flagged over {len(scores.layers)} layers"
+        + (f" at epoch {scores.epoch}" if scores.epoch is not None else "") + "."
+    )
+    table = _flagged_table(scores, "Flagged filters")
+    if table is not None:
+        section.tables.append(table)
+    return section
 
 
 def _split(key: str) -> str:
@@ -147,9 +164,14 @@ def _scalars_table(cb: InterpCallback) -> Table | None:
     return Table("Latest values", ["metric", "value", "epoch"], rows) if rows else None
 
 
-def report_sections(callbacks: Sequence[Callback], curves: Curves | None = None) -> tuple[list[Section], dict[str, np.ndarray]]:
+def report_sections(
+    callbacks: Sequence[Callback],
+    curves: Curves | None = None,
+    scores: Sequence[tuple[ScoreSource, Selection | None]] = (),
+) -> tuple[list[Section], dict[str, np.ndarray]]:
     """The report's sections from the monitors among ``callbacks`` (their figures, flagged
-    filters and latest values) and the training ``curves`` (``{metric: [(epoch, value)]}``).
+    filters and latest values), the training ``curves`` (``{metric: [(epoch, value)]}``) and
+    extra filter-score ``scores`` (sources with their selections, one section each).
 
     Returns:
         the sections and the figures made here (``{key: image}``) that no logger has seen yet.
@@ -177,6 +199,11 @@ def report_sections(callbacks: Sequence[Callback], curves: Curves | None = None)
         if table is not None:
             section.tables.append(table)
         sections.append(section)
+    for source, select in scores:
+        try:
+            sections.append(_scores_section(resolve_scores(source, select)))
+        except (OSError, ValueError) as err:  # e.g. a monitor that never scanned
+            sections.append(Section("Filter scores", paragraphs=[f"Not available: {err}"]))
     if curves:
         groups = {"loss": {k: v for k, v in curves.items() if _names(k, "loss")},
                   "accuracy": {k: v for k, v in curves.items() if _names(k, "acc")}}
@@ -200,10 +227,24 @@ class InterpReport(Callback):
     Args:
         dirpath: report directory; ``<log dir>/interp_report`` when None.
         title: the page title.
+        scores: extra filter-score sources to tabulate, each a source
+            (:func:`~lightning_interp.scores.resolve_scores`: a monitor, ``FilterScores``, a saved file,
+            ``{layer: [filter, ...]}``) or a ``(source, Selection)`` pair — e.g.
+            ``[(tip, Selection("sou", amount=8, lowest=True))]`` lists the 8 least salient filters per layer.
     """
 
-    def __init__(self, dirpath: str | None = None, *, title: str = "lightning_interp report", strict: bool = False):
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        *,
+        title: str = "lightning_interp report",
+        strict: bool = False,
+        scores: Sequence[ScoreSource | tuple[ScoreSource, Selection | None]] = (),
+    ):
         super().__init__()
+        self.scores = [item if isinstance(item, tuple) else (item, None) for item in scores]
+        for source, select in self.scores:
+            check_source(source, select, owner="InterpReport")
         self.dirpath = dirpath
         self.title = title
         self.strict = strict
@@ -239,7 +280,7 @@ class InterpReport(Callback):
 
     def write(self, trainer: pl.Trainer) -> str:
         """Build and write the page now (rank zero); returns its path."""
-        sections, new = report_sections(trainer.callbacks, self.curves)
+        sections, new = report_sections(trainer.callbacks, self.curves, self.scores)
         for key, image in new.items():
             send_image(trainer, key, image, "anomaly filters vs loss")
         meta: dict[str, Any] = {"epochs": trainer.current_epoch, "global step": trainer.global_step}
