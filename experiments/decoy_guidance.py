@@ -10,11 +10,13 @@ data size, optimiser and epochs:
             ``--guided`` spec, e.g. ``attention_supervision=10`` (GAIN's external supervision:
             Grad-CAM of ``--layer`` pulled towards the mask), ``attention_supervision=10,attention_mining=1``
             (full GAIN_ext) or ``rrr=1`` (Right for the Right Reasons: input gradients of the
-            log-probabilities outside the mask penalised) or ``cam_background=10`` (every class's signed,
+            log-probabilities outside the mask penalised) or ``cam_background=1`` (every class's signed,
             unnormalised evidence map S_c = Σ_k A_k ⊙ ∂z_c/∂A_k of ``--layer`` kept off the cells that
-            hold no shape pixel; share of the squared evidence) or ``cam_background_raw=1`` (the same
-            without the normalisation: the one that recovers nearly all the decoy's cost, see
-            experiments/results/decoy.json and decoy_cam_background_sweep.json).
+            hold no shape pixel: the one that recovers nearly all the decoy's cost, see
+            experiments/results/decoy.json and decoy_cam_background_sweep.json) or
+            ``cam_background_share=10`` (the same as the background's share of the squared evidence).
+            The stored results predate the rename and keep the old keys: their ``cam_background_raw`` is
+            today's ``cam_background``, their ``cam_background`` today's ``cam_background_share``.
 
 The model is SimpleCNN (with BatchNorm unless ``--no-batch-norm``) behind a fixed input
 standardisation ((x − 0.45) / 0.25) — without both the clean model learns the shapes too slowly

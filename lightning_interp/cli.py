@@ -95,7 +95,9 @@ def _parser(command: str):
         parser.add_argument("--monitors", type=list[Literal[tuple(MONITORS)]], default=["anomaly", "learning_images"])
         parser.add_argument("--probe_size", type=int | None, default=None, help="probe samples (monitor default when unset)")
         parser.add_argument("--probe_split", type=Literal["train", "val"], default="train")
-        parser.add_argument("--mode", type=Literal["exact", "sketch"], default="exact", help="anomaly/TIP scan mode")
+        parser.add_argument("--mode", type=Literal[SCAN_MODES], default="exact",
+                            help="anomaly/TIP scan mode (one scan of a checkpoint: exact, the reference, by default; "
+                                 "TIP has no pooled mode and runs sketch mode then)")
         parser.add_argument("--min_cluster_size", type=int | float, default=0.1, help="λ of the anomaly monitor")
         parser.add_argument("--max_eval_batches", type=int | None, default=None,
                             help="validation batches per AIPC point / masking evaluation (all when unset)")
@@ -158,7 +160,7 @@ def scan_command(cfg, parser) -> dict:
             extra = {"mode": cfg.mode, "min_cluster_size": cfg.min_cluster_size,
                      "report_path": os.path.join(out, "anomaly_report.json")}
         elif name == "tip":
-            extra = {"mode": cfg.mode, "aipc_max_batches": cfg.max_eval_batches}
+            extra = {"mode": "sketch" if cfg.mode == "pooled" else cfg.mode, "aipc_max_batches": cfg.max_eval_batches}
         elif name == "fq":
             extra = {"eval_max_batches": cfg.max_eval_batches}
         try:

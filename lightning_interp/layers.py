@@ -2,7 +2,9 @@
 
 A *layer* is a module path in ``model.named_modules()``; its output is that module's output
 (DESIGN §1). Every public function that takes a ``layer`` resolves it with
-:func:`get_layer`, so a typo gives the same helpful error everywhere.
+:func:`get_layer`, so a typo gives the same helpful error everywhere; :func:`filter_owner`
+answers, for every scorer and for pruning alike, which conv or linear layer makes a layer's
+filters. :func:`eval_mode` is the one way the package puts a model in eval mode and back.
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["get_layer", "list_layers", "capture_output", "eager", "layer_channels", "public_name"]
+__all__ = [
+    "get_layer",
+    "list_layers",
+    "capture_output",
+    "eager",
+    "eval_mode",
+    "filter_owner",
+    "is_pass_through",
+    "layer_channels",
+    "public_name",
+]
 
 _CHANNEL_ATTRS = (
     (nn.modules.conv._ConvNd, "out_channels"),
@@ -32,6 +44,174 @@ def layer_channels(module: nn.Module) -> int | None:
         if isinstance(module, cls):
             return int(getattr(module, attr))
     return None
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode inside the block; on exit give **every submodule its own**
+    ``training`` flag back.
+
+    ``model.train(was_training)`` would put a submodule the user keeps in eval mode (a frozen
+    BatchNorm inside a training network, say) back into training mode; this restores each flag as
+    it was, also when the block raises. Flags are restored directly, without calling the modules'
+    ``train`` methods.
+
+    Example:
+        >>> with eval_mode(model):
+        ...     logits = model(x)   # running BatchNorm statistics, no dropout
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+#: Activations that are not elementwise (they mix channels): never a pass-through.
+_NOT_ELEMENTWISE = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU, nn.MultiheadAttention)
+
+_PASS_THROUGH_OTHER = (
+    nn.Identity, nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._LPPoolNd,
+)
+
+#: Modules whose weight rows are the filters (output channels) they make.
+_MAKES_FILTERS = (nn.modules.conv._ConvNd, nn.Linear)
+#: Modules that keep the channels of the layer before them one to one and declare their count.
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+
+
+def is_pass_through(module: nn.Module) -> bool:
+    """Whether ``module`` keeps its input's channels one to one: every elementwise activation of
+    ``torch.nn`` (ReLU, ReLU6, LeakyReLU, PReLU, ELU, SELU, CELU, GELU, SiLU, Mish, Hardswish, Hardsigmoid,
+    Hardtanh, Sigmoid, Tanh, Softplus, ...), dropout, identity and pooling. Its filters are those of the
+    conv or linear layer that feeds it."""
+    if isinstance(module, _NOT_ELEMENTWISE):
+        return False
+    return type(module).__module__ == nn.modules.activation.__name__ or isinstance(module, _PASS_THROUGH_OTHER)
+
+
+def _keeps_channels(module: nn.Module) -> bool:
+    """A norm layer, a pass-through module, or a block made only of them (e.g. ``Sequential(BN, ReLU)``)."""
+    leaves = [m for m in module.modules() if not list(m.children())]
+    return bool(leaves) and all(isinstance(m, _NORMS) or is_pass_through(m) for m in leaves)
+
+
+def _trace_calls(model: nn.Module, module: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int | None] | None:
+    """``(calls, channels)`` of ``module`` in one eval-mode forward of ``example_inputs``; ``None`` when the
+    network does not take these inputs as they are (then nothing can be checked here)."""
+    store: list = []
+    handle = module.register_forward_hook(lambda m, a, out: store.append(out))
+    try:
+        with eval_mode(model), torch.no_grad(), eager():
+            model(example_inputs)
+    except Exception:
+        return None
+    finally:
+        handle.remove()
+    last = store[-1] if store else None
+    channels = int(last.shape[1]) if isinstance(last, torch.Tensor) and last.dim() >= 2 else None
+    return len(store), channels
+
+
+def _choices(names: list[str]) -> str:
+    return ", ".join(repr(public_name(n)) for n in names)
+
+
+def _valid_layers(model: nn.Module, layer: str) -> list[str]:
+    """Up to six layers of ``model`` that own their filters or declare them (convs, linears, norms), ``layer`` aside."""
+    return [n for n in list_layers(model) if n != public_name(layer)][:6]
+
+
+def filter_owner(model: nn.Module, layer: str, example_inputs: torch.Tensor | None = None) -> str:
+    """The conv or linear layer whose weights make the filters (output channels) of ``layer``.
+
+    Every scorer that needs the filters' weights (SoU) and pruning ask this one function, so the
+    conv a filter is scored by is the conv pruning cuts. The rule:
+
+    * a conv or linear layer: itself;
+    * a norm layer (BatchNorm, GroupNorm, ...), an elementwise activation, dropout or pooling
+      (:func:`is_pass_through`), or a block made only of them: the nearest conv or linear layer before
+      it (``named_modules`` order) with the **same channel count** — the conv of a
+      conv → BN → ReLU chain. Norm layers declare their channels; for the others the count comes
+      from ``example_inputs`` when given, else the nearest conv or linear layer is taken;
+    * a block (a module holding a conv or linear layer, e.g. torchvision's ``BasicBlock``,
+      ``InvertedResidual``, ``Conv2dNormActivation``): the last conv or linear layer inside it, which
+      makes the block's output channels (in a residual block it shares them with the other branch:
+      pruning removes the whole residual group). With ``example_inputs`` a block whose output
+      channels are not that layer's (a concatenating block, e.g. DenseNet's ``_DenseBlock``) is
+      refused.
+
+    Args:
+        example_inputs: a batch the model accepts; one eval-mode forward is traced to count the
+            layer's channels and calls, so that ambiguous layers are refused.
+
+    Returns:
+        the module path of the owner (without ``torch.compile``'s ``_orig_mod`` steps).
+
+    Raises:
+        ValueError: ``layer`` has no owner (a channel-mixing or unknown module, nothing before it) or
+            an ambiguous one (a module called more than once per forward, e.g. the shared ReLU of a
+            torchvision ResNet block; a concatenating block). The message names the valid choices.
+
+    Example:
+        >>> filter_owner(SimpleCNN(batch_norm=True), "relu2")
+        'conv2'
+    """
+    module = get_layer(model, layer)
+    if isinstance(module, _MAKES_FILTERS):
+        return layer
+    traced = _trace_calls(model, module, example_inputs) if example_inputs is not None else None
+    if traced is not None and traced[0] > 1:
+        parent = layer.rpartition(".")[0]
+        scope = get_layer(model, parent) if parent else model
+        near = [f"{parent}.{n}" if parent else n for n, m in scope.named_modules()
+                if n and isinstance(m, (*_MAKES_FILTERS, *_NORMS))]
+        raise ValueError(
+            f"Expected layer {layer!r} ({type(module).__name__}) to be called once per forward pass but it is "
+            f"called {traced[0]} times (a shared module), so the conv that makes its filters is ambiguous. "
+            f"Name a conv or norm layer instead, e.g. {_choices(near[-4:])}."
+        )
+    channels = layer_channels(module)
+    if channels is None and traced is not None:
+        channels = traced[1]
+    inner = [(f"{layer}.{n}", m) for n, m in module.named_modules() if n and isinstance(m, _MAKES_FILTERS)]
+    if inner:
+        name, owner = inner[-1]
+        if channels is not None and layer_channels(owner) != channels:
+            inside = [f"{layer}.{n}" for n, m in module.named_modules() if n and isinstance(m, (*_MAKES_FILTERS, *_NORMS))]
+            raise ValueError(
+                f"Expected the output channels of block {layer!r} ({type(module).__name__}, {channels} channels) "
+                f"to be those of one conv/norm layer inside it, but its last conv, {public_name(name)!r}, has "
+                f"{layer_channels(owner)} (the block concatenates or reshapes). Monitor and prune a conv or "
+                f"norm layer instead, e.g. {_choices(inside[-3:])}."
+            )
+        return public_name(name)
+    if channels is None:  # a block of norms and activations: the channels its norm layers declare
+        channels = next((c for m in module.modules() if (c := layer_channels(m)) is not None), None)
+    if not _keeps_channels(module):
+        raise ValueError(
+            f"Expected layer {layer!r} to have filters made by a conv or linear layer (a conv, linear or norm "
+            f"layer, a block holding one, or an elementwise activation, dropout or pooling after one) but it is a "
+            f"{type(module).__name__}, which has no channels to prune or score. Valid choices include "
+            f"{_choices(_valid_layers(model, layer))}."
+        )
+    before = []
+    for name, m in model.named_modules():
+        if m is module:  # by identity: names differ under torch.compile (`_orig_mod.`)
+            break
+        if isinstance(m, _MAKES_FILTERS):
+            before.append((name, layer_channels(m)))
+    matching = [name for name, c in before if channels is None or c == channels]
+    if not matching:
+        got = f" with {channels} channels" if channels is not None else ""
+        raise ValueError(
+            f"Expected a conv or linear layer{got} before {layer!r} ({type(module).__name__}) to make its filters "
+            f"but found none; name the conv directly. Valid choices include {_choices(_valid_layers(model, layer))}."
+        )
+    return public_name(matching[-1])
 
 
 @contextmanager
@@ -138,18 +318,15 @@ def list_layers(model: nn.Module, example_inputs: torch.Tensor | None = None) ->
 
         return hook
 
-    was_training = model.training
     try:
         for name, module in model.named_modules():
             if name:
                 handles.append(module.register_forward_hook(make_hook(name)))
-        model.eval()
-        with torch.no_grad(), eager():
+        with eval_mode(model), torch.no_grad(), eager():
             model(example_inputs)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     out: dict[str, int] = {}
     for name, _ in model.named_modules():
         if name in channels and calls.get(name) == 1:

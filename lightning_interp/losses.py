@@ -9,10 +9,31 @@
   S_c = Σ_k A_k ⊙ ∂z_c/∂A_k of a conv layer, for every class c, must vanish on cells that hold
   no foreground pixel. Unlike GAIN's supervision of the ReLU'd, min-max normalised target-class
   map, this also sees negative evidence and the other classes' logits.
+
+Each term has a key (what ``AttentionGuidance(weights=...)`` and :func:`guidance_terms` take, and
+what is logged as ``interp/guidance/<key>``) and a function named ``<key>_loss``:
+
+=========================  ====================================  =========================================
+key                        function                              term
+=========================  ====================================  =========================================
+``attention_mining``       :func:`attention_mining_loss`         GAIN attention mining
+``attention_supervision``  :func:`attention_supervision_loss`    GAIN external supervision
+``rrr``                    :func:`rrr_loss`                      Right for the Right Reasons
+``cam_background``         :func:`cam_background_loss`           class evidence on the background
+``cam_background_share``   :func:`cam_background_share_loss`     its share of all the evidence
+=========================  ====================================  =========================================
+
+Renamed in this release (the old names still work, with a ``FutureWarning``, for one release):
+the key ``cam_background_raw`` is now ``cam_background`` — **the key ``cam_background`` changed
+meaning**: it used to be the share-normalised penalty, now ``cam_background_share`` —, and
+``gain_attention_mining_loss``, ``rrr_input_gradient_penalty`` and ``cam_background_penalty`` are
+now :func:`attention_mining_loss`, :func:`rrr_loss` and :func:`cam_background_loss` /
+:func:`cam_background_share_loss`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -26,17 +47,57 @@ from .nns import check_inputs
 
 __all__ = [
     "LOSSES",
+    "MASK_LOSSES",
+    "DEPRECATED_LOSSES",
+    "canonical_weights",
     "soft_mask",
-    "gain_attention_mining_loss",
+    "attention_mining_loss",
     "attention_supervision_loss",
-    "rrr_input_gradient_penalty",
+    "rrr_loss",
     "class_evidence_maps",
-    "cam_background_penalty",
+    "cam_background_loss",
+    "cam_background_share_loss",
     "guidance_terms",
+    # deprecated aliases, kept for one release
+    "gain_attention_mining_loss",
+    "rrr_input_gradient_penalty",
+    "cam_background_penalty",
 ]
 
-#: The terms `guidance_terms` (and the AttentionGuidance callback) know.
-LOSSES = ("attention_mining", "attention_supervision", "rrr", "cam_background", "cam_background_raw")
+#: The terms `guidance_terms` (and the AttentionGuidance callback) know; term ``key`` is computed by
+#: the function ``<key>_loss`` of this module.
+LOSSES = ("attention_mining", "attention_supervision", "rrr", "cam_background", "cam_background_share")
+#: The terms that need foreground masks in the batches.
+MASK_LOSSES = ("attention_supervision", "rrr", "cam_background", "cam_background_share")
+#: Old keys still accepted for one release: old key → new key.
+DEPRECATED_LOSSES = {"cam_background_raw": "cam_background"}
+
+
+def canonical_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """``weights`` with deprecated keys (:data:`DEPRECATED_LOSSES`) replaced by their new names.
+
+    Raises a ``FutureWarning`` naming the new key for each old one, and a ``ValueError`` when an old key
+    and its new key are both given (they name the same term).
+    """
+    out: dict[str, float] = {}
+    for name, weight in weights.items():
+        new = DEPRECATED_LOSSES.get(name)
+        if new is not None:
+            warnings.warn(
+                f"The loss key {name!r} is deprecated and will be removed in the next release; use {new!r} "
+                f"(the same term: {new!r} is now the unnormalised background penalty, the share-normalised "
+                "one is 'cam_background_share').", FutureWarning, stacklevel=3,
+            )
+            if new in weights:
+                raise ValueError(f"Expected one of {name!r} and {new!r} (the same term) in `weights` but got both.")
+            name = new
+        out[name] = weight
+    return out
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"`lightning_interp.losses.{old}` is deprecated and will be removed in the next release; "
+                  f"use `{new}`.", FutureWarning, stacklevel=3)
 
 
 def soft_mask(cam: torch.Tensor, sigma: float = 10.0, omega: float = 0.5) -> torch.Tensor:
@@ -44,7 +105,7 @@ def soft_mask(cam: torch.Tensor, sigma: float = 10.0, omega: float = 0.5) -> tor
     return torch.sigmoid(sigma * (cam - omega))
 
 
-def gain_attention_mining_loss(
+def attention_mining_loss(
     model: nn.Module,
     x: torch.Tensor,
     cam: torch.Tensor,
@@ -82,7 +143,7 @@ def attention_supervision_loss(cam: torch.Tensor, mask: torch.Tensor) -> torch.T
     return ((cam - m.to(cam.dtype)) ** 2).mean()
 
 
-def rrr_input_gradient_penalty(model: nn.Module, x: torch.Tensor, irrelevant: torch.Tensor) -> torch.Tensor:
+def rrr_loss(model: nn.Module, x: torch.Tensor, irrelevant: torch.Tensor) -> torch.Tensor:
     """Right for the Right Reasons: Σ (A ⊙ ∂Σ_k log p_k / ∂x)², summed over input elements and
     averaged over the batch; A = 1 where the input must not matter (e.g. the background).
 
@@ -124,6 +185,42 @@ def class_evidence_maps(activations: torch.Tensor, logits: torch.Tensor, *, crea
     return torch.stack(maps, 1)
 
 
+def cam_background_loss(activations: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Class evidence on the background (key ``cam_background``, the recommended background term):
+    Σ_background S_c², averaged over the batch and the classes (see :func:`class_evidence_maps`), in
+    squared logit units.
+
+    The pixel mask (``B x [1 x] H x W``, True on the foreground) is brought to the layer's ``h x w``
+    grid by max-pooling: a cell is background only where it contains no foreground pixel. In the decoy
+    experiment (README "Decoy shapes", experiments/results/decoy*.json) this unnormalised penalty
+    recovers nearly all of the accuracy the decoy costs, :func:`cam_background_share_loss` only about
+    3/4 of it: a large foreground evidence dilutes the share while the patch's absolute evidence,
+    which is what moves the logits, stays.
+
+    Args:
+        activations: A, a layer's ``B x K x h x w`` output inside the graph of ``logits``;
+            logits: ``B x C``; mask: ``B x [1 x] H x W`` bool.
+
+    Returns:
+        scalar, differentiable in the parameters and inputs (double backward).
+    """
+    return _background_evidence(class_evidence_maps(activations, logits), mask, normalize=False)
+
+
+def cam_background_share_loss(
+    activations: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, *, eps: float = 1e-8
+) -> torch.Tensor:
+    """The share of the squared class evidence that lies on the background (key ``cam_background_share``):
+    per sample Σ_c Σ_bg S_c² / (Σ_c Σ_all S_c² + eps), in [0, 1] and invariant to the logits' scale,
+    averaged over the batch. Same inputs as :func:`cam_background_loss`; weaker in the decoy
+    experiment (it recovers about 3/4 of what the decoy costs).
+
+    Returns:
+        scalar, differentiable in the parameters and inputs (double backward).
+    """
+    return _background_evidence(class_evidence_maps(activations, logits), mask, normalize=True, eps=eps)
+
+
 def cam_background_penalty(
     activations: torch.Tensor,
     logits: torch.Tensor,
@@ -132,28 +229,27 @@ def cam_background_penalty(
     normalize: bool = False,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """Class evidence on the background: Σ_background S_c² for all classes (see :func:`class_evidence_maps`).
-
-    The pixel mask (``B x [1 x] H x W``, True on the foreground) is brought to the layer's ``h x w``
-    grid by max-pooling: a cell is background only where it contains no foreground pixel.
-
-    Args:
-        normalize: True — per sample, the share Σ_c Σ_bg S_c² / Σ_c Σ_all S_c² of the squared evidence
-            that lies on the background (in [0, 1], invariant to the logits' scale), averaged over the
-            batch; False — Σ_bg S_c² averaged over batch and classes (in squared logit units). The
-            default: in the decoy experiment (experiments/results/decoy*.json) the unnormalised
-            penalty recovers nearly all of the accuracy the decoy costs, the share only about 3/4 of
-            it — a large foreground evidence dilutes the share while the patch's absolute evidence,
-            which is what moves the logits, stays.
-
-    Returns:
-        scalar, differentiable in the parameters and inputs (double backward).
-    """
+    """Deprecated (one release): :func:`cam_background_loss` (``normalize=False``) or
+    :func:`cam_background_share_loss` (``normalize=True``)."""
+    _deprecated("cam_background_penalty", "cam_background_share_loss" if normalize else "cam_background_loss")
     return _background_evidence(class_evidence_maps(activations, logits), mask, normalize, eps)
 
 
+def gain_attention_mining_loss(*args, **kwargs) -> torch.Tensor:
+    """Deprecated (one release): :func:`attention_mining_loss`."""
+    _deprecated("gain_attention_mining_loss", "attention_mining_loss")
+    return attention_mining_loss(*args, **kwargs)
+
+
+def rrr_input_gradient_penalty(*args, **kwargs) -> torch.Tensor:
+    """Deprecated (one release): :func:`rrr_loss`."""
+    _deprecated("rrr_input_gradient_penalty", "rrr_loss")
+    return rrr_loss(*args, **kwargs)
+
+
 def _background_evidence(s: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float = 1e-8) -> torch.Tensor:
-    """:func:`cam_background_penalty` from evidence maps ``s`` (``B x C x h x w``) already computed."""
+    """:func:`cam_background_loss` (:func:`cam_background_share_loss` with ``normalize``) from evidence maps
+    ``s`` (``B x C x h x w``) already computed."""
     m = mask if mask.dim() == 4 else mask[:, None]
     if m.shape[0] != s.shape[0] or m.shape[1] != 1:
         raise ValueError(f"Expected `mask` of shape ({s.shape[0]}, [1,] H, W) but got {tuple(mask.shape)}.")
@@ -177,24 +273,27 @@ def guidance_terms(
     """The unweighted loss terms named in ``weights`` for one batch: what ``AttentionGuidance`` adds.
 
     Grad-CAM of ``layer`` is computed once with ``create_graph=True`` and shared by the GAIN terms;
-    ``rrr`` treats everything outside the foreground mask as irrelevant; ``cam_background``
-    (``cam_background_raw``) is :func:`cam_background_penalty` of ``layer`` with (without) normalisation.
+    ``rrr`` treats everything outside the foreground mask as irrelevant; ``cam_background`` and
+    ``cam_background_share`` are :func:`cam_background_loss` and :func:`cam_background_share_loss` of
+    ``layer``, from one set of evidence maps. Deprecated keys are accepted (:func:`canonical_weights`).
 
     Returns:
-        dict ``{name: scalar}`` for the names in ``weights`` (see :data:`LOSSES`).
+        dict ``{name: scalar}`` for the names in ``weights`` (see :data:`LOSSES`), under their
+        current names.
     """
+    weights = canonical_weights(weights)
     terms: dict[str, torch.Tensor] = {}
     if "attention_mining" in weights or "attention_supervision" in weights:
         if batch.y is None:
             raise ValueError("Expected labelled batches for the CAM losses but a batch has no labels.")
         cam = grad_cam(model, layer, batch.x, batch.y, create_graph=True)
         if "attention_mining" in weights:
-            terms["attention_mining"] = gain_attention_mining_loss(model, batch.x, cam, batch.y, sigma=sigma, omega=omega)
+            terms["attention_mining"] = attention_mining_loss(model, batch.x, cam, batch.y, sigma=sigma, omega=omega)
         if "attention_supervision" in weights:
             terms["attention_supervision"] = attention_supervision_loss(cam, batch.mask)
     if "rrr" in weights:
-        terms["rrr"] = rrr_input_gradient_penalty(model, batch.x, ~batch.mask)
-    background = [name for name in ("cam_background", "cam_background_raw") if name in weights]
+        terms["rrr"] = rrr_loss(model, batch.x, ~batch.mask)
+    background = [name for name in ("cam_background", "cam_background_share") if name in weights]
     if background:  # one forward and one set of evidence maps for both variants
         check_inputs(batch.x)
         with torch.enable_grad(), capture_output(get_layer(model, layer), layer) as store:
@@ -203,5 +302,5 @@ def guidance_terms(
             raise ValueError(f"Expected layer {layer!r} to be called in the forward pass but it was not.")
         evidence = class_evidence_maps(store["output"], logits)
         for name in background:
-            terms[name] = _background_evidence(evidence, batch.mask, normalize=name == "cam_background")
+            terms[name] = _background_evidence(evidence, batch.mask, normalize=name == "cam_background_share")
     return terms

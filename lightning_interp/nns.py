@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import capture_output, get_layer
+from .layers import capture_output, eval_mode, get_layer
 from .memory import CPU_CHUNK_BYTES, GPU_CHUNK_BYTES, scan_budget  # noqa: F401  (re-exported)
 
 __all__ = [
@@ -39,16 +39,34 @@ __all__ = [
     "layer_activations",
     "knowledge_quantity",
     "layer_knowledge_quantity",
+    "filter_knowledge_quantity",
     "KnowledgeQuantity",
     "sketch_learning_images",
     "sketch_properties",
     "rademacher_directions",
+    "SCAN_MODES",
+    "check_scan_mode",
+    "pooling_basis",
+    "pooled_learning_images",
 ]
 
 #: Kept for callers of earlier versions; the budgets live in :mod:`lightning_interp.memory`.
 DEFAULT_CHUNK_BYTES = CPU_CHUNK_BYTES
 #: Default VJPs per chunk on the CPU (measured, see ``_auto_chunk``).
 CPU_CHUNK = 4
+
+#: How the anomaly and TIP scans see the learning images: ``"exact"`` (every filter's learning
+#: images, one backward pass per filter: the reference), ``"sketch"`` (random projections of them
+#: from forward-mode products) and ``"pooled"`` (learning images pooled onto a fixed low-resolution
+#: grid, exact, P forward-mode products for all filters: :func:`pooled_learning_images`).
+SCAN_MODES = ("exact", "sketch", "pooled")
+
+
+def check_scan_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`SCAN_MODES`, else ``ValueError`` naming them."""
+    if mode not in SCAN_MODES:
+        raise ValueError(f"Expected `mode` to be one of {list(SCAN_MODES)} but got {mode!r}.")
+    return mode
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -78,19 +96,16 @@ def check_inputs(x: torch.Tensor, name: str = "x") -> None:
 
 @contextmanager
 def scan_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, gradients on (also inside ``inference_mode``/``no_grad``), autocast off; restored on exit."""
-    was_training = model.training
+    """Eval mode (:func:`~lightning_interp.layers.eval_mode`: every submodule's own mode comes back),
+    gradients on (also inside ``inference_mode``/``no_grad``), autocast off; all restored on exit."""
     device_type = next((p.device.type for p in model.parameters()), "cpu")
-    try:
-        model.eval()
-        with (
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            torch.autocast(device_type=device_type, enabled=False),
-        ):
-            yield
-    finally:
-        model.train(was_training)
+    with (
+        eval_mode(model),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.autocast(device_type=device_type, enabled=False),
+    ):
+        yield
 
 
 def _leaf_input(x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +177,7 @@ def iter_filter_learning_images(
     x: torch.Tensor,
     *,
     filters: Sequence[int] | torch.Tensor | None = None,
-    rectify: bool = False,
+    rectify: bool = True,
     chunk_size: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield filter learning images chunk by chunk, for reductions that need not hold them all.
@@ -208,7 +223,7 @@ def filter_learning_images(
     x: torch.Tensor,
     *,
     filters: Sequence[int] | torch.Tensor | None = None,
-    rectify: bool = False,
+    rectify: bool = True,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Filter learning images L^k(x) = x ⊙ ∇_x(½ Σ_ij f_{k,ij}(x)²) (DESIGN §1, thesis eq. 5-2).
@@ -218,7 +233,9 @@ def filter_learning_images(
         layer: module path of the layer whose channels are the filters (``list_layers``).
         x: inputs, ``B x C x H x W`` images or ``B x D`` vectors, floating point.
         filters: channel indices to scan; all channels when ``None``.
-        rectify: apply ReLU to the layer output first ("conv layer = convolution + activation").
+        rectify: apply ReLU to the layer output first (default: the thesis' "conv layer =
+            convolution + activation"; a no-op after a ReLU). Pass False for the raw output of a
+            conv, norm or output layer.
         chunk_size: filters per chunk, chosen from a memory budget when ``None``. On the CPU a
             chunk is one batched vector-Jacobian product; on a GPU each filter gets its own
             plain product (measured faster) and the chunk only bounds the memory held at once.
@@ -228,7 +245,7 @@ def filter_learning_images(
 
     Example:
         >>> model = SimpleCNN()
-        >>> L = filter_learning_images(model, "conv3", torch.randn(4, 1, 32, 32), rectify=True)
+        >>> L = filter_learning_images(model, "conv3", torch.randn(4, 1, 32, 32))  # ReLU(conv3)
         >>> L.shape
         torch.Size([4, 64, 1, 32, 32])
     """
@@ -244,7 +261,7 @@ def neuron_learning_images(
     x: torch.Tensor,
     neurons: Sequence[Sequence[int]],
     *,
-    rectify: bool = False,
+    rectify: bool = True,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Neuron learning images I_n(x) = x ⊙ ∂a_n(x)/∂x (thesis eqs. 3-1..3-14).
@@ -289,7 +306,7 @@ def neuron_learning_images(
         return torch.cat(out, dim=1)
 
 
-def layer_learning_image(model: nn.Module, layer: str, x: torch.Tensor, *, rectify: bool = False) -> torch.Tensor:
+def layer_learning_image(model: nn.Module, layer: str, x: torch.Tensor, *, rectify: bool = True) -> torch.Tensor:
     """Layer learning image Σ_k L^k(x) = x ⊙ ∇_x ½ Σ_k,ij f_{k,ij}(x)² in one backward pass.
 
     Returns:
@@ -302,7 +319,7 @@ def layer_learning_image(model: nn.Module, layer: str, x: torch.Tensor, *, recti
         return xl.detach() * grad
 
 
-def layer_activations(model: nn.Module, layer: str, x: torch.Tensor, *, rectify: bool = False) -> torch.Tensor:
+def layer_activations(model: nn.Module, layer: str, x: torch.Tensor, *, rectify: bool = True) -> torch.Tensor:
     """The layer output f(x) in scan mode (eval, no autocast), detached: ``B x K x ...``."""
     check_inputs(x)
     module = get_layer(model, layer)
@@ -374,7 +391,7 @@ def layer_knowledge_quantity(
     x: torch.Tensor,
     *,
     eps: float = 0.0,
-    rectify: bool = False,
+    rectify: bool = True,
     max_neurons: int | None = 256,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -382,9 +399,9 @@ def layer_knowledge_quantity(
     of the layer (and over the samples) of each neuron learning image's activation count and
     intensity, relative to the input's (:func:`knowledge_quantity` of neuron learning images).
 
-    :class:`~lightning_interp.callbacks.LearningImageLogger` logs a cheaper variant: the same
-    ratios of *filter* learning images L^k (activation-weighted sums of the neuron images,
-    eq. 5-2) averaged over the scanned filters. The two differ: L^k's support is the union of its
+    :class:`~lightning_interp.callbacks.LearningImageLogger` logs a cheaper variant,
+    :func:`filter_knowledge_quantity`: the same ratios of *filter* learning images L^k
+    (activation-weighted sums of the neuron images, eq. 5-2) averaged over the scanned filters. The two differ: L^k's support is the union of its
     neurons' supports, so its activation count is ≥ any neuron's, and its intensity scales with
     the activations.
 
@@ -414,6 +431,53 @@ def layer_knowledge_quantity(
         intensity += kq.activation_intensity.sum().item()
     n = x.shape[0] * len(neurons)
     return {"activation_count": count / n, "activation_intensity": intensity / n, "neurons": len(neurons)}
+
+
+def filter_knowledge_quantity(
+    model: nn.Module,
+    layer: str,
+    x: torch.Tensor,
+    *,
+    filters: Sequence[int] | torch.Tensor | None = None,
+    eps: float = 0.0,
+    rectify: bool = True,
+    chunk_size: int | None = None,
+) -> dict[str, float]:
+    """Filter-level knowledge quantity of a layer: what
+    :class:`~lightning_interp.callbacks.LearningImageLogger` logs.
+
+    The mean over the samples and the chosen ``filters`` of :func:`knowledge_quantity` of each
+    filter learning image L^k (eq. 5-2)::
+
+        count = 1/(B·K) Σ_b Σ_k #{|L^k(x_b)| > eps} / #{|x_b| > eps}
+        intensity = 1/(B·K) Σ_b Σ_k Σ|L^k(x_b)| / Σ|x_b|
+
+    This is not the thesis' definition (3.3.1), which averages over *all neurons'* learning
+    images (:func:`layer_knowledge_quantity`): L^k's support is the union of its neurons'
+    supports, so its count is at least each neuron's. Cost: one vector-Jacobian product per
+    filter, chunked (:func:`iter_filter_learning_images`).
+
+    Args:
+        filters: channel indices to average over; all when ``None``.
+
+    Returns:
+        ``{"activation_count": float, "activation_intensity": float, "filters": int}``.
+
+    Raises:
+        FloatingPointError: NaN/inf in the learning images.
+
+    Example:
+        >>> filter_knowledge_quantity(SimpleCNN(), "relu2", torch.randn(4, 1, 16, 16))["activation_count"]
+    """
+    count = intensity = 0.0
+    scanned = 0
+    for idx, li in iter_filter_learning_images(model, layer, x, filters=filters, rectify=rectify, chunk_size=chunk_size):
+        kq = knowledge_quantity(check_finite(li, f"learning images of {layer}"), x, eps=eps)
+        count += kq.activation_count.sum().item()
+        intensity += kq.activation_intensity.sum().item()
+        scanned += idx.numel()
+    n = x.shape[0] * scanned
+    return {"activation_count": count / n, "activation_intensity": intensity / n, "filters": scanned}
 
 
 # ---- sketch mode (DESIGN §1): random projections of all filters' learning images at once -------------
@@ -541,7 +605,7 @@ def sketch_learning_images(
     *,
     num_projections: int,
     seed: int = 0,
-    rectify: bool = False,
+    rectify: bool = True,
     per_sample: bool = False,
     return_directions: bool = False,
     chunk_size: int | None = None,
@@ -578,8 +642,9 @@ def sketch_properties(
     *,
     num_projections: int = 32,
     seed: int = 0,
-    rectify: bool = False,
+    rectify: bool = True,
     chunk_size: int | None = None,
+    per_sample: bool = False,
 ) -> dict[str, torch.Tensor]:
     """TIP properties from forward-mode products (DESIGN §1, §3): ``B x K`` tensors.
 
@@ -587,6 +652,8 @@ def sketch_properties(
     ``variance`` uses Hutchinson's estimate ‖L‖² ≈ mean_p ⟨r_p ⊙ M, L⟩² with Rademacher r_p, and
     ``correlation`` follows from it. With a boolean ``mask`` (B x 1|C x H x W) the ``fg_`` and
     ``bg_`` variants are computed too. Estimates are clamped so that variance ≥ 0 and |corr| ≤ 1.
+    ``per_sample``: draw independent directions for every sample (same cost), so the error of a
+    mean over the B samples (T^k, eq. 5-7) shrinks as 1/√B instead of being shared by all of them.
     """
     check_inputs(x)
     regions = {"": torch.ones_like(x, dtype=torch.bool)}
@@ -596,7 +663,9 @@ def sketch_properties(
         m = mask.expand_as(x)
         regions.update({"fg_": m, "bg_": ~m})
     b = x.shape[0]
-    r = rademacher_directions(num_projections, x.shape[1:], seed=seed, device=x.device, dtype=x.dtype)
+    r = rademacher_directions(num_projections * (b if per_sample else 1), x.shape[1:], seed=seed, device=x.device,
+                              dtype=x.dtype)
+    r = r.view(b, num_projections, *x.shape[1:]) if per_sample else r.unsqueeze(0)
     out: dict[str, torch.Tensor] = {}
     chunk = _sketch_chunk(x, chunk_size)
     with scan_mode(model), torch.no_grad(), _elementwise_eval_batchnorm(model):
@@ -606,7 +675,7 @@ def sketch_properties(
             mx = (x * w).flatten(1).sum(1)[:, None] / n
             var_x = (((x - mx.view(b, *[1] * (x.dim() - 1))) * w) ** 2).flatten(1).sum(1)[:, None] / n
             tangents = torch.stack([x * w, x * x * w], 1)  # exact: ⟨x⊙M, g⟩ and ⟨x²⊙M, g⟩
-            tangents = torch.cat([tangents, r.unsqueeze(0) * (x * w).unsqueeze(1)], 1)
+            tangents = torch.cat([tangents, r * (x * w).unsqueeze(1)], 1)
             proj = _jvp_projections(model, layer, x.detach(), tangents, rectify, chunk)  # (B, K, 2 + P)
             mean = proj[..., 0] / n
             cov = proj[..., 1] / n - mean * mx
@@ -619,3 +688,96 @@ def sketch_properties(
             for name, v in (("mean", mean), ("variance", var), ("covariance", cov), ("correlation", corr)):
                 out[prefix + name] = torch.where(empty, torch.zeros_like(v), v)
     return out
+
+
+# ---- pooled mode (DESIGN §1, §4): learning images on a fixed low-resolution grid, exactly ------------
+
+
+def _grid_of(grid: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    cells = (grid,) * dims if isinstance(grid, int) else tuple(grid)
+    if len(cells) != dims or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in cells):
+        raise ValueError(f"Expected `grid` to be a positive int or {dims} positive ints but got {grid!r}.")
+    return cells
+
+
+def _pool_matrix(size: int, cells: int, dtype: torch.dtype) -> torch.Tensor:
+    """``cells x size``: row i averages the elements ⌊i·size/cells⌋ .. ⌈(i+1)·size/cells⌉ − 1
+    (the cells of ``adaptive_avg_pool``; they overlap when ``cells`` does not divide ``size``)."""
+    out = torch.zeros(cells, size, dtype=dtype)
+    for i in range(cells):
+        start, end = (i * size) // cells, -((-(i + 1) * size) // cells)
+        out[i, start:end] = 1.0 / (end - start)
+    return out
+
+
+def pooling_basis(
+    shape: Sequence[int], grid: int | Sequence[int] = 2, *, device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """The fixed basis b_p of :func:`pooled_learning_images`: ``P x <shape>``.
+
+    For an input of shape ``C x H x W`` and ``grid = (g_h, g_w)``, b_p (p = i·g_w + j) is 1/|cell|
+    on the elements of spatial cell (i, j) of every channel and 0 elsewhere, so ⟨b_p, L⟩ is
+    ``adaptive_avg_pool2d(L.sum(channels), grid)[i, j]``. ``C x L`` inputs pool L
+    (``adaptive_avg_pool1d``), ``D``-vectors pool D. Cells follow ``adaptive_avg_pool``: they overlap
+    where the grid does not divide the size.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0:
+        raise ValueError("Expected an input shape with at least one dimension but got ().")
+    spatial = shape[1:] if len(shape) >= 2 else shape
+    if len(spatial) > 2:
+        raise ValueError(f"Expected inputs C x H x W, C x L or D but got per-sample shape {shape}.")
+    cells = _grid_of(grid, len(spatial))
+    if any(g > s for g, s in zip(cells, spatial, strict=True)):
+        raise ValueError(f"Expected `grid` {cells} no finer than the input's spatial size {spatial}.")
+    mats = [_pool_matrix(s, g, dtype) for s, g in zip(spatial, cells, strict=True)]
+    basis = mats[0] if len(mats) == 1 else torch.einsum("ih,jw->ijhw", *mats).reshape(-1, *spatial)
+    if len(shape) >= 2:
+        basis = basis.unsqueeze(1).expand(basis.shape[0], shape[0], *spatial)
+    return basis.contiguous().to(device)
+
+
+def pooled_learning_images(
+    model: nn.Module,
+    layer: str,
+    x: torch.Tensor,
+    *,
+    grid: int | Sequence[int] = 2,
+    rectify: bool = True,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Every filter's learning images pooled onto a fixed low-resolution grid (DESIGN §1, §4; pooled mode).
+
+    Coordinate p of filter k on sample x is ⟨b_p, L^k(x)⟩ with b_p of :func:`pooling_basis`: the
+    channel sum of the filter learning image L^k(x) = x ⊙ ∇_x ½Σ_ij f_k,ij² (eq. 5-2), averaged over
+    spatial cell p of a ``grid`` (``adaptive_avg_pool2d(L^k.sum(1), grid)``, flattened). Since
+    ⟨b_p, x ⊙ g⟩ = ⟨x ⊙ b_p, g⟩, coordinate p of **all K filters** is one forward-mode product of the
+    layer in direction x ⊙ b_p: Σ_ij f_k,ij (J (x ⊙ b_p))_k,ij. P = g_h·g_w products whatever K is
+    (exact mode: K backward passes), and the result is exact, not an estimate (unlike the random
+    projections of :func:`sketch_learning_images`).
+
+    Deviation from the thesis: the anomaly scan (thesis ch. 6) clusters each filter's full-resolution
+    learning images; pooled mode clusters where on the image (which cell) a filter took its energy
+    from, a P-dimensional summary. Whether that carries the same overfitting signal is measured, not
+    assumed (``experiments/cheap_scan_signal.py``).
+
+    Args:
+        model, layer, x, rectify: as :func:`filter_learning_images` (``x``: ``B x C x H x W``,
+            ``B x C x L`` or ``B x D``).
+        grid: cells per spatial dimension, an int or one int per dimension.
+        chunk_size: directions per forward-mode pass (from the memory budget when None).
+
+    Returns:
+        ``B x K x P`` tensor, detached, on x's device.
+
+    Example:
+        >>> pooled = pooled_learning_images(SimpleCNN(), "relu3", torch.randn(8, 1, 32, 32), grid=2)
+        >>> pooled.shape
+        torch.Size([8, 64, 4])
+    """
+    check_inputs(x)
+    basis = pooling_basis(x.shape[1:], grid, device=x.device, dtype=x.dtype)  # (P, ...)
+    x = x.detach()
+    tangents = basis.unsqueeze(0) * x.unsqueeze(1)  # (B, P, ...)
+    with scan_mode(model), torch.no_grad(), _elementwise_eval_batchnorm(model):
+        return _jvp_projections(model, layer, x, tangents, rectify, _sketch_chunk(x, chunk_size))

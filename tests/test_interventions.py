@@ -22,12 +22,13 @@ from lightning_interp.cam import class_activation_map, grad_cam
 from lightning_interp.data import ShapesDataModule
 from lightning_interp.layers import capture_output
 from lightning_interp.losses import (
+    attention_mining_loss,
     attention_supervision_loss,
-    cam_background_penalty,
+    cam_background_loss,
+    cam_background_share_loss,
     class_evidence_maps,
-    gain_attention_mining_loss,
     guidance_terms,
-    rrr_input_gradient_penalty,
+    rrr_loss,
 )
 from lightning_interp.masking import FilterMask
 from lightning_interp.models import ImageClassifier, LeNet5, SimpleCNN, resnet18_cifar
@@ -101,13 +102,13 @@ def test_losses_pass_gradcheck():
     mask[:, :, 1:4, 1:4] = True
 
     def mining(inp):
-        return gain_attention_mining_loss(net, inp, grad_cam(net, "act", inp, y, create_graph=True), y)
+        return attention_mining_loss(net, inp, grad_cam(net, "act", inp, y, create_graph=True), y)
 
     def supervision(inp):
         return attention_supervision_loss(grad_cam(net, "act", inp, y, create_graph=True), mask)
 
     def rrr(inp):
-        return rrr_input_gradient_penalty(net, inp, ~mask)
+        return rrr_loss(net, inp, ~mask)
 
     for fn in (mining, supervision, rrr):
         assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5), fn.__name__
@@ -117,7 +118,7 @@ def test_losses_pass_gradcheck():
         del functional.conv.weight
         functional.conv.weight = w  # a plain tensor: the loss becomes a function of it
         cam = grad_cam(functional, "act", x.detach(), y, create_graph=True)
-        return gain_attention_mining_loss(functional, x.detach(), cam, y)
+        return attention_mining_loss(functional, x.detach(), cam, y)
 
     weight = net.conv.weight.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(mining_in_weight, (weight,), eps=1e-6, atol=1e-5)
@@ -126,7 +127,7 @@ def test_losses_pass_gradcheck():
 def _penalty_of(net, layer, inp, mask, normalize):
     with capture_output(getattr(net, layer), layer) as store:
         logits = net(inp)
-    return cam_background_penalty(store["output"], logits, mask, normalize=normalize)
+    return (cam_background_share_loss if normalize else cam_background_loss)(store["output"], logits, mask)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -173,9 +174,9 @@ def test_cam_background_penalty_equals_explicit_construction(normalize):
     mask[1, :, 3:9, 5:11] = True
     with capture_output(model.relu2, "relu2") as store:
         logits = model(x)
-    ours = cam_background_penalty(store["output"], logits, mask, normalize=normalize)
+    ours = (cam_background_share_loss if normalize else cam_background_loss)(store["output"], logits, mask)
     terms = guidance_terms(model, "relu2", default_batch_adapter({"image": x, "label": logits.argmax(1), "mask": mask}),
-                           {"cam_background" if normalize else "cam_background_raw": 1.0})
+                           {"cam_background_share" if normalize else "cam_background": 1.0})
     torch.testing.assert_close(next(iter(terms.values())), ours)
     per_sample = []
     for b in range(5):

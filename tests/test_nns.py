@@ -10,6 +10,7 @@ from torch import nn
 from lightning_interp.layers import capture_output, get_layer, list_layers
 from lightning_interp.models import LeNet5, SimpleCNN, resnet18_cifar
 from lightning_interp.nns import (
+    filter_knowledge_quantity,
     filter_learning_images,
     knowledge_quantity,
     layer_activations,
@@ -209,6 +210,37 @@ def test_layer_knowledge_quantity_is_the_thesis_mean_over_all_neurons():
     assert layer_knowledge_quantity(net, "0", x, rectify=True, max_neurons=10)["neurons"] == 10
 
 
+def test_filter_knowledge_quantity_is_the_mean_over_samples_and_filters():
+    # 1x1 conv + ReLU: L^k(x) = x ⊙ w_k f_k with f_k = ReLU(w_k x + b_k) (eq. 5-2), in closed form.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 1), nn.ReLU()).double()
+    x = torch.randn(4, 1, 5, 5, dtype=torch.float64)
+    w, b = net[0].weight.detach().numpy().reshape(-1), net[0].bias.detach().numpy()
+    xs = x[:, 0].numpy()
+    for filters in (None, [2, 0]):
+        chosen = range(3) if filters is None else filters
+        counts, intensities = [], []
+        for i in range(4):
+            for k in chosen:
+                image = xs[i] * w[k] * np.maximum(w[k] * xs[i] + b[k], 0)
+                counts.append(np.count_nonzero(image) / np.count_nonzero(xs[i]))
+                intensities.append(np.abs(image).sum() / np.abs(xs[i]).sum())
+        got = filter_knowledge_quantity(net, "0", x, filters=filters, chunk_size=2)  # rectify: the default
+        assert got["filters"] == len(chosen)
+        assert got["activation_count"] == pytest.approx(np.mean(counts))
+        assert got["activation_intensity"] == pytest.approx(np.mean(intensities))
+
+
+def test_scans_give_every_submodule_its_own_mode_back():
+    model = SimpleCNN(batch_norm=True).train()
+    model.bn1.eval()  # frozen by the user inside a training network
+    x = torch.randn(2, 1, 16, 16)
+    for scan in (lambda: filter_learning_images(model, "relu2", x), lambda: layer_activations(model, "relu3", x),
+                 lambda: filter_knowledge_quantity(model, "relu2", x, filters=[0, 1])):
+        scan()
+        assert model.training and model.bn2.training and not model.bn1.training
+
+
 def test_list_layers_static_and_traced():
     model = SimpleCNN()
     static = list_layers(model)
@@ -216,3 +248,27 @@ def test_list_layers_static_and_traced():
     traced = list_layers(model, torch.randn(1, 1, 16, 16))
     assert traced["relu2"] == 64 and traced["pool1"] == 32 and traced["fc1"] == 64
     assert model.training
+
+
+def test_rectify_defaults_to_true_everywhere():
+    # One default (the thesis' "conv layer = convolution + activation") in every scan function and monitor.
+    import importlib
+    import inspect
+    import pkgutil
+
+    import lightning_interp
+
+    found = []
+    for info in pkgutil.walk_packages(lightning_interp.__path__, "lightning_interp."):
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != info.name or not callable(obj):
+                continue
+            try:
+                param = inspect.signature(obj).parameters.get("rectify")
+            except (TypeError, ValueError):
+                continue
+            if param is not None and param.default is not inspect.Parameter.empty:
+                found.append((f"{info.name}.{name}", param.default))
+    assert len(found) > 15
+    assert [n for n, default in found if default is not True] == []

@@ -46,12 +46,12 @@ def test_channel_mixing_modules_are_not_pass_through():
 def test_blocks_map_to_the_layer_that_owns_their_output_channels():
     x = torch.rand(2, 3, 32, 32)
     mobilenet = torchvision.models.mobilenet_v3_small(weights=None, num_classes=4).eval()
-    assert prune_target(mobilenet, "features.1", x) == "features.1.block.2.1"  # InvertedResidual: project BN
+    assert prune_target(mobilenet, "features.1", x) == "features.1.block.2.0"  # InvertedResidual: project conv
     assert prune_target(mobilenet, "features.0.2", x) == "features.0.0"  # Hardswish after the stem conv
     pruned, summary = prune_filters(mobilenet, {"features.4": [0, 3]}, x)  # a residual InvertedResidual
     assert pruned(x).shape == (2, 4) and summary.params_after < summary.params_before
     resnet = torchvision.models.resnet18(weights=None, num_classes=4).eval()
-    assert prune_target(resnet, "layer2.0", x) == "layer2.0.downsample.1"
+    assert prune_target(resnet, "layer2.0", x) == "layer2.0.downsample.0"  # the last conv; one residual group
     densenet = torchvision.models.densenet121(weights=None, num_classes=4).eval()
     with pytest.raises(ValueError, match=r"block 'features.denseblock1'.*concatenates.*e.g. 'features.denseblock1"):
         check_prunable(densenet, ["features.denseblock1"], x)

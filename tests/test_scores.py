@@ -8,7 +8,13 @@ import pytest
 import torch
 from conftest import make_trainer
 
-from lightning_interp.callbacks import FilterMasking, InterpReport, PruneFlaggedFilters, TIPMonitor, load_pruned
+from lightning_interp.callbacks import (
+    FilterMasking,
+    InterpReport,
+    PruneFlaggedFilters,
+    TIPMonitor,
+    load_pruned,
+)
 from lightning_interp.metrics.anomaly import AnomalyCriteria, anomaly_scores, detect_anomaly_filters
 from lightning_interp.models import ImageClassifier, SimpleCNN
 from lightning_interp.scores import (

@@ -4,10 +4,10 @@ from .anomaly import AnomalyFilterMonitor
 from .base import InterpCallback, rank_zero_decides, select_probe  # noqa: F401 (select_probe: importable, not exported)
 from .fq import FeatureQuantityMonitor
 from .guidance import AttentionGuidance
+from .interp_report import InterpReport
 from .learning_images import LearningImageLogger
 from .masking import FilterMasking
 from .prune import PruneFlaggedFilters, load_pruned
-from .interp_report import InterpReport
 from .tip import TIPMonitor
 
 __all__ = [

@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from ..batch import Batch
 from ..metrics.anomaly import AnomalyCriteria, AnomalyFilters, anomaly_scores, scan_anomaly_filters
-from ..nns import scan_mode
+from ..nns import check_scan_mode, pooling_basis, scan_mode
 from ..overfitting import (
     ALARMS,
     AlarmRule,
@@ -27,7 +27,7 @@ from ..overfitting import (
 from ..progress import progress, trainer_shows_progress
 from ..scores import ANOMALY_REPORT_FORMAT, FilterScores, write_json
 from ..viz import cluster_scatter, labelled_image_grid
-from .base import InterpCallback, rank_zero_decides
+from .base import InterpCallback, rank_zero_decides, send_metrics
 
 __all__ = ["ALARMS", "AnomalyFilterMonitor", "overfit_alarm"]  # the last two live in lightning_interp.overfitting
 
@@ -141,15 +141,18 @@ class AnomalyFilterMonitor(InterpCallback):
         outlier_gradients: bool = True,
         mode: str = "exact",
         num_projections: int = 64,
+        grid: int | tuple[int, int] = 2,
         **kwargs,
     ):
         super().__init__(layers, probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
-        if mode not in ("exact", "sketch"):
-            raise ValueError(f"Expected `mode` to be one of ['exact', 'sketch'] but got {mode!r}.")
+        check_scan_mode(mode)
         if not isinstance(num_projections, int) or num_projections < 2:
             raise ValueError(f"Expected `num_projections` to be an int >= 2 but got {num_projections!r}.")
         self.mode = mode
         self.num_projections = num_projections
+        self.grid = grid
+        if mode == "pooled":
+            pooling_basis((1, 64, 64), grid)  # a bad `grid` fails now (its size is checked at the first scan)
         # The settings, validated once and passed down whole (the report writes them with `asdict`).
         self.criteria = AnomalyCriteria(min_cluster_size=min_cluster_size, k_max=k_max, alpha=alpha, beta=beta,
                                         theta=theta, ch_reference=ch_reference, backend=backend)
@@ -216,6 +219,7 @@ class AnomalyFilterMonitor(InterpCallback):
             **{f"alarm_{k}" if k != "rule" else "alarm": v for k, v in asdict(self.alarm_rule).items()},
             "rectify": self.rectify, "probe_size": self.probe_size, "mode": self.mode,
             "num_projections": self.num_projections if self.mode == "sketch" else None,
+            "grid": self.grid if self.mode == "pooled" else None,
         }
 
     # ---- filter scores -------------------------------------------------------------------------
@@ -251,7 +255,7 @@ class AnomalyFilterMonitor(InterpCallback):
         (:func:`~lightning_interp.metrics.anomaly.scan_anomaly_filters`)."""
         return scan_anomaly_filters(
             pl_module, layer, x, mode=self.mode, num_projections=self.num_projections, rectify=self.rectify,
-            seed=self.seed, criteria=self.criteria,
+            seed=self.seed, grid=self.grid, criteria=self.criteria,
         )
 
     @override
@@ -456,8 +460,7 @@ class AnomalyFilterMonitor(InterpCallback):
                 f"{self.log_prefix}/anomaly/count_final": summary["final_count"],
             }
             metrics = {k: v for k, v in metrics.items() if v is not None}
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+            send_metrics(trainer, metrics)
             self._write_report(trainer)
             alarm = (f"the overfitting alarm ({self.alarm}) fired at epoch {summary['alarm_epoch']}"
                      if summary["alarm_epoch"] is not None else f"the overfitting alarm ({self.alarm}) never fired")

@@ -28,7 +28,7 @@ from torch.utils.data.dataloader import default_collate
 from typing_extensions import override
 
 from ..batch import Batch, BatchAdapter, default_batch_adapter
-from ..layers import eager, get_layer, list_layers, public_name
+from ..layers import eager, eval_mode, get_layer, list_layers, public_name
 from ..nns import check_finite, check_inputs
 from ..viz import line_plot
 
@@ -54,11 +54,14 @@ def select_probe(
     probe_size: int,
     seed: int = 0,
     batch_adapter: BatchAdapter = default_batch_adapter,
+    indices: Sequence[int] | None = None,
 ) -> tuple[Batch, list[int] | None]:
     """Pick a fixed, seeded probe of ``probe_size`` samples from a dataset or dataloader.
 
-    Map-style datasets give a seeded random subset (identical on every process); iterable ones
-    give their first ``probe_size`` samples. Items are collated with the loader's ``collate_fn``.
+    Map-style datasets give a seeded random subset (identical on every process), or exactly the
+    given ``indices`` (a resumed run reuses the probe its checkpoint recorded, whatever the seed
+    logic); iterable ones give their first ``probe_size`` samples. Items are collated with the
+    loader's ``collate_fn``.
 
     Returns:
         ``(probe, indices)`` — the probe on the CPU and the dataset indices (None when iterable).
@@ -74,8 +77,11 @@ def select_probe(
             raise ValueError(
                 f"Expected `probe_size` <= the dataset size ({n}) but got {probe_size}; lower `probe_size`."
             )
-        g = torch.Generator().manual_seed(seed)
-        indices = sorted(torch.randperm(n, generator=g)[:probe_size].tolist())
+        if indices is not None and len(indices) == probe_size and all(0 <= int(i) < n for i in indices):
+            indices = sorted(int(i) for i in indices)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            indices = sorted(torch.randperm(n, generator=g)[:probe_size].tolist())
         batch = batch_adapter(collate([dataset[i] for i in indices]))
     else:
         if loader is None:
@@ -229,21 +235,24 @@ def dry_forward(model: torch.nn.Module, x: torch.Tensor, layers: Sequence[str]) 
 
         return hook
 
-    was_training = model.training
     try:
         for layer in layers:
             handles.append(get_layer(model, layer).register_forward_hook(make_hook(layer)))
-        model.eval()
-        with torch.no_grad(), eager():
+        with eval_mode(model), torch.no_grad(), eager():
             output = model(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     outputs = {
         layer: (None if not r else r[0] if len(r) == 1 else f"called {len(r)} times") for layer, r in records.items()
     }
     return output, outputs
+
+
+def send_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Scalars to every logger at the current step, outside ``pl_module.log`` (fit end; call on rank zero)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def send_image(trainer: pl.Trainer, key: str, image: np.ndarray, caption: str = "") -> bool:
@@ -495,7 +504,8 @@ class InterpCallback(Callback):
                 "Expected `probe` to be a Dataset, a DataLoader, a Batch or an (x, y[, mask]) tuple but got "
                 f"{type(src).__name__}."
             )
-        return select_probe(src, self.probe_size, self.seed, self.batch_adapter)
+        # `probe_indices` is set when resuming: the checkpoint's probe, sample for sample.
+        return select_probe(src, self.probe_size, self.seed, self.batch_adapter, indices=self.probe_indices)
 
     # ---- cadence and fault isolation -------------------------------------------------------
     def should_scan(self, trainer: pl.Trainer) -> bool:
@@ -546,8 +556,7 @@ class InterpCallback(Callback):
     def log_fit_end(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         """Fit-end results: to every logger (rank zero; ``pl_module.log`` is not allowed there) and the history."""
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+            send_metrics(trainer, metrics)
         self.history.append({"epoch": trainer.current_epoch, "fit_end": 1.0, **metrics})
 
     @rank_zero_only

@@ -11,18 +11,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from ..batch import Batch
-from ..masking import FilterMask
-from ..metrics.aipc import evaluate
 from ..metrics.fq import (
     all_neuron_feature_quantity,
-    feature_quantity,
+    diversity_masking,
     fq_diversity,
     fq_layer_stats,
-    neuron_feature_quantity,
+    layer_feature_quantity,
 )
-from ..nns import iter_filter_learning_images, layer_activations
-from ..progress import progress, trainer_shows_progress
-from .base import InterpCallback, check_finite, guarded
+from .base import InterpCallback, guarded
 
 __all__ = ["FeatureQuantityMonitor"]
 
@@ -92,16 +88,10 @@ class FeatureQuantityMonitor(InterpCallback):
         self.diversity: dict[str, torch.Tensor] = {}
 
     def layer_fq(self, pl_module: pl.LightningModule, layer: str, probe: Batch) -> dict[str, torch.Tensor]:
-        """Filter FQ (``K``), neuron FQ (``K x n``) and the neurons' mean activation (``K x n``)."""
-        filter_fq = torch.cat([
-            feature_quantity(check_finite(li, f"learning images of {layer}"), probe.x, probe.mask).amax(0)
-            for _, li in iter_filter_learning_images(pl_module, layer, probe.x, rectify=self.rectify)
-        ])
-        neuron_fq = neuron_feature_quantity(pl_module, layer, probe.x, probe.mask, top_neurons=self.top_neurons, rectify=self.rectify)
-        f = layer_activations(pl_module, layer, probe.x, rectify=self.rectify).mean(0)  # (K, H, W)
-        k = f.shape[0]
-        act = f.reshape(k, -1).sort(1, descending=True).values[:, : neuron_fq.shape[1]]
-        return {"filter_fq": filter_fq, "neuron_fq": neuron_fq, "neuron_activation": act}
+        """Filter FQ (``K``), neuron FQ (``K x n``) and the neurons' mean activation (``K x n``) on the
+        probe: :func:`~lightning_interp.metrics.fq.layer_feature_quantity` with this monitor's settings."""
+        return layer_feature_quantity(pl_module, layer, probe.x, probe.mask, top_neurons=self.top_neurons,
+                                      rectify=self.rectify)
 
     @override
     def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
@@ -149,21 +139,14 @@ class FeatureQuantityMonitor(InterpCallback):
         if loader is None:
             rank_zero_warn("FeatureQuantityMonitor: no validation data; diversity masking is skipped.")
             return
-        base_acc, base_loss = evaluate(pl_module, loader, batch_adapter=self.batch_adapter,
-                                       max_batches=self.eval_max_batches)
+        results = diversity_masking(pl_module, self.diversity, loader, num_diverse=self.num_diverse,
+                                    batch_adapter=self.batch_adapter, max_batches=self.eval_max_batches)
         metrics, rows = {}, []
-        for layer, div in progress(list(self.diversity.items()), desc="FQ diversity masking",
-                                   enabled=trainer_shows_progress(trainer)):
-            n = min(self.num_diverse, len(div))
-            order = div.double().argsort(descending=True, stable=True).tolist()
-            for tag, idx in (("most", order[:n]), ("least", order[::-1][:n])):
-                with FilterMask(pl_module, {layer: idx}):
-                    acc, loss = evaluate(pl_module, loader, batch_adapter=self.batch_adapter,
-                                         max_batches=self.eval_max_batches)
-                loss_pct = 100.0 * (loss - base_loss) / base_loss if base_loss > 0 else float("nan")
-                metrics[f"{self.log_prefix}/fq/{layer}/mask_{tag}_diverse"] = acc - base_acc
-                metrics[f"{self.log_prefix}/fq/{layer}/mask_{tag}_diverse_loss_pct"] = loss_pct
-                rows.append([layer, tag, n, acc - base_acc, loss_pct])
+        for layer, sides in results.items():
+            for tag, r in sides.items():
+                metrics[f"{self.log_prefix}/fq/{layer}/mask_{tag}_diverse"] = r["accuracy_change"]
+                metrics[f"{self.log_prefix}/fq/{layer}/mask_{tag}_diverse_loss_pct"] = r["loss_pct"]
+                rows.append([layer, tag, r["filters"], r["accuracy_change"], r["loss_pct"]])
         self.log_table(trainer, f"{self.log_prefix}/fq/diversity_masking",
                        ["layer", "which", "filters", "accuracy_change", "loss_change_pct"], rows)
         self.log_fit_end(trainer, metrics)

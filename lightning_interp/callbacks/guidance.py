@@ -13,13 +13,11 @@ from typing_extensions import override
 
 from ..batch import Batch
 from ..cam import cam_iou, grad_cam
-from ..layers import eager, get_layer, public_name
-from ..losses import LOSSES, guidance_terms
+from ..layers import eager, eval_mode, get_layer, public_name
+from ..losses import DEPRECATED_LOSSES, LOSSES, MASK_LOSSES, canonical_weights, guidance_terms
 from .base import InterpCallback
 
 __all__ = ["AttentionGuidance"]
-
-MASK_LOSSES = ("attention_supervision", "rrr", "cam_background", "cam_background_raw")
 
 #: How to give foreground masks, quoted by every message about missing masks.
 HOW_TO_GIVE_MASKS = (
@@ -37,10 +35,12 @@ class AttentionGuidance(InterpCallback):
     ``create_graph=True``), logs each term as ``interp/guidance/<name>``, and returns the
     output with the loss replaced. ``teardown`` restores the original method.
 
-    Terms (see :mod:`lightning_interp.losses`): ``attention_mining`` (GAIN), ``attention_supervision``
-    (GAIN with pixel masks), ``rrr`` (Right for the Right Reasons, background = outside the
-    mask) and ``cam_background``/``cam_background_raw`` (every class's signed evidence map of
-    ``layer`` kept off the background). Mask terms need batches with foreground masks.
+    Terms (see :mod:`lightning_interp.losses`; key ``k`` is the function ``k_loss``): ``attention_mining``
+    (GAIN), ``attention_supervision`` (GAIN with pixel masks), ``rrr`` (Right for the Right Reasons,
+    background = outside the mask), ``cam_background`` (every class's signed evidence map of ``layer``
+    kept off the background; the recommended mask term) and ``cam_background_share`` (its share of
+    all the evidence, weaker). Mask terms need batches with foreground masks. The old key
+    ``cam_background_raw`` still works for one release (a ``FutureWarning``); it is ``cam_background`` now.
 
     Works with automatic optimisation, gradient accumulation (Lightning scales the returned loss)
     and mixed precision (the terms run under the same autocast as the step). Not supported, refused
@@ -64,9 +64,10 @@ class AttentionGuidance(InterpCallback):
         super().__init__([layer], probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
         if not isinstance(weights, Mapping) or not weights:
             raise ValueError(f"Expected `weights` to map loss names {list(LOSSES)} to weights but got {weights!r}.")
-        unknown = [n for n in weights if n not in LOSSES]
+        unknown = [n for n in weights if n not in LOSSES and n not in DEPRECATED_LOSSES]
         if unknown:
             raise ValueError(f"Expected loss names in {list(LOSSES)} but got {unknown}.")
+        weights = canonical_weights(weights)
         negative = {n: w for n, w in weights.items() if not float(w) >= 0}
         if negative:
             raise ValueError(f"Expected non-negative loss weights but got {negative}.")
@@ -140,10 +141,8 @@ class AttentionGuidance(InterpCallback):
                              "`batch_adapter=` if your batches hold them in another place.")
         sample = Batch(x, None if probe.y is None else probe.y[:2].to(pl_module.device),
                        None if probe.mask is None else probe.mask[:2].to(pl_module.device))
-        was_training = pl_module.training
-        pl_module.eval()  # the dry run must not move BatchNorm running statistics
-        try:
-            with torch.enable_grad(), eager():
+        try:  # in eval mode: the dry run must not move BatchNorm running statistics
+            with eval_mode(pl_module), torch.enable_grad(), eager():
                 terms = guidance_terms(pl_module, self.layer, sample, self.weights, sigma=self.sigma, omega=self.omega)
                 params = [p for p in pl_module.parameters() if p.requires_grad]
                 total = sum(terms.values())
@@ -151,8 +150,6 @@ class AttentionGuidance(InterpCallback):
                     torch.autograd.grad(total, params, allow_unused=True)
         except RuntimeError as err:
             raise ValueError(_double_backward_message(pl_module, self.layer, self.weights, err)) from err
-        finally:
-            pl_module.train(was_training)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -166,12 +163,8 @@ class AttentionGuidance(InterpCallback):
     def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
         if probe.mask is None or probe.y is None:
             return {}
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with eval_mode(pl_module):
             cam = grad_cam(pl_module, self.layer, probe.x, probe.y)
-        finally:
-            pl_module.train(was_training)
         return {f"{self.log_prefix}/guidance/cam_iou": cam_iou(cam, probe.mask).item()}
 
 
@@ -185,15 +178,12 @@ def _spatial_layers(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
             handles.append(module.register_forward_hook(
                 lambda m, a, out, name=name: shapes.setdefault(name, []).append(
                     out.shape if isinstance(out, torch.Tensor) else None)))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad(), eager():
+        with eval_mode(model), torch.no_grad(), eager():
             model(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return [public_name(n) for n, s in shapes.items()
             if len(s) == 1 and s[0] is not None and len(s[0]) == 4 and s[0][2] * s[0][3] >= 2]
 

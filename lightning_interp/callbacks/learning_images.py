@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
-import torch
 from typing_extensions import override
 
 from ..batch import Batch
 from ..metrics.tip import avou
 from ..nns import (
-    iter_filter_learning_images,
-    knowledge_quantity,
+    filter_knowledge_quantity,
+    filter_learning_images,
     layer_activations,
     layer_knowledge_quantity,
     layer_learning_image,
@@ -31,7 +30,7 @@ class LearningImageLogger(InterpCallback):
     * scalars ``interp/nns/<layer>/activation_count`` and ``.../activation_intensity``: a
       filter-level knowledge quantity, the mean over probe samples and the scanned filters (the
       ``max_filters`` most active) of each *filter* learning image's active-element count and
-      |intensity| relative to the input's. This is not the thesis' definition (3.3.1), which
+      |intensity| relative to the input's (:func:`~lightning_interp.nns.filter_knowledge_quantity`). This is not the thesis' definition (3.3.1), which
       averages over *all neurons'* learning images: that one is
       :func:`~lightning_interp.nns.layer_knowledge_quantity`, one product per neuron (a filter
       learning image, the activation-weighted sum of its neurons' images, has a support at least
@@ -50,7 +49,8 @@ class LearningImageLogger(InterpCallback):
         top_filters: most active filters shown per layer.
         max_filters: scan at most this many (most active) filters for the knowledge quantity;
             all filters when None (one vector-Jacobian product per filter).
-        rectify: apply ReLU to the layer output (name the conv, scan the "conv layer").
+        rectify: apply ReLU to the layer output (default True: name the conv, scan the thesis'
+            "conv layer" = convolution + activation; a no-op after a ReLU).
         thesis_neurons: neurons sampled per layer for the thesis' knowledge quantity (one
             vector-Jacobian product each); 0 (default) skips it.
         **kwargs: :class:`~lightning_interp.callbacks.base.InterpCallback` options
@@ -73,7 +73,7 @@ class LearningImageLogger(InterpCallback):
         num_images: int = 8,
         top_filters: int = 4,
         max_filters: int | None = None,
-        rectify: bool = False,
+        rectify: bool = True,
         thesis_neurons: int = 0,
         **kwargs,
     ):
@@ -101,30 +101,21 @@ class LearningImageLogger(InterpCallback):
             order = mean_activation.argsort(descending=True)
             scanned = order if self.max_filters is None else order[: self.max_filters]
             shown = order[: self.top_filters].tolist()
-            counted = set(scanned.tolist())  # knowledge quantity: over the scanned filters only
-            count = intensity = 0.0
-            shown_images: dict[int, torch.Tensor] = {}
-            wanted = order[: max(scanned.numel(), len(shown))]  # the shown ones too when top_filters > max_filters
-            for filters, li in iter_filter_learning_images(pl_module, layer, x, filters=wanted, rectify=self.rectify):
-                keep = torch.tensor([k in counted for k in filters.tolist()])
-                kq = knowledge_quantity(check_finite(li, f"learning images of {layer}"), x)
-                count += kq.activation_count[:, keep].sum().item()
-                intensity += kq.activation_intensity[:, keep].sum().item()
-                for j, k in enumerate(filters.tolist()):
-                    if k in shown:
-                        shown_images[k] = li[: self.num_images, j]
-            total = x.shape[0] * scanned.numel()
-            scalars[f"{self.log_prefix}/nns/{layer}/activation_count"] = count / total
-            scalars[f"{self.log_prefix}/nns/{layer}/activation_intensity"] = intensity / total
+            kq = filter_knowledge_quantity(pl_module, layer, x, filters=scanned, rectify=self.rectify)
+            scalars[f"{self.log_prefix}/nns/{layer}/activation_count"] = kq["activation_count"]
+            scalars[f"{self.log_prefix}/nns/{layer}/activation_intensity"] = kq["activation_intensity"]
             if self.thesis_neurons:
                 kq_thesis = layer_knowledge_quantity(pl_module, layer, x, rectify=self.rectify,
                                                      max_neurons=self.thesis_neurons, seed=self.seed)
                 scalars[f"{self.log_prefix}/nns/{layer}/thesis_activation_count"] = kq_thesis["activation_count"]
                 scalars[f"{self.log_prefix}/nns/{layer}/thesis_activation_intensity"] = kq_thesis["activation_intensity"]
             if self.num_images > 0 and trainer.is_global_zero:
-                layer_image = layer_learning_image(pl_module, layer, x[: self.num_images], rectify=self.rectify)
-                columns = [display_inputs(x[: self.num_images]), heatmap(layer_image)]
-                columns += [heatmap(shown_images[k]) for k in shown]
+                shown_x = x[: self.num_images]
+                layer_image = layer_learning_image(pl_module, layer, shown_x, rectify=self.rectify)
+                columns = [display_inputs(shown_x), heatmap(layer_image)]
+                if shown:
+                    images = filter_learning_images(pl_module, layer, shown_x, filters=shown, rectify=self.rectify)
+                    columns += [heatmap(images[:, j]) for j in range(len(shown))]
                 caption = f"epoch {trainer.current_epoch}: input | layer | filters {shown} (most active first)"
                 self.log_image(trainer, f"{self.log_prefix}/nns/{layer}/learning_images", image_grid(columns), caption)
         return scalars

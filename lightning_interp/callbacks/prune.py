@@ -16,7 +16,7 @@ from ..layers import public_name
 from ..metrics.aipc import accuracy
 from ..pruning import check_prunable, prune_filters
 from ..scores import Scorer, ScoreSource, Selection, check_source, resolve_scores
-from .base import guarded, log_root
+from .base import guarded, log_root, send_metrics
 
 __all__ = ["PruneFlaggedFilters", "save_pruned", "load_pruned"]
 
@@ -179,8 +179,7 @@ class PruneFlaggedFilters(Callback):
         self.saved_to = save_pruned(out, pruned, result, scores=scores.to_dict())
         self.summary = result
         metrics = {f"interp/prune/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        send_metrics(trainer, metrics)
         rank_zero_info(
             f"PruneFlaggedFilters: {sum(len(v) for v in filters.values())} filters removed, parameters "
             f"{summary.params_before} -> {summary.params_after}; saved {out}"

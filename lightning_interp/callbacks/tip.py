@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from ..batch import Batch
 from ..metrics.aipc import DEFAULT_FRACTIONS, aipc, filter_types, type_masking
-from ..metrics.tip import PROPERTIES, layer_properties, spearman
+from ..metrics.tip import PROPERTIES, check_tip_mode, layer_properties, spearman
 from ..nns import filter_learning_images
 from ..progress import progress, trainer_shows_progress
 from ..scores import FilterScores
@@ -77,8 +77,7 @@ class TIPMonitor(InterpCallback):
         **kwargs,
     ):
         super().__init__(layers, probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
-        if mode not in ("exact", "sketch"):
-            raise ValueError(f"Expected `mode` to be one of ['exact', 'sketch'] but got {mode!r}.")
+        check_tip_mode(mode)
         self.mode = mode
         self.num_projections = num_projections
         if not 0 < per <= 0.5:

@@ -2,9 +2,11 @@
 
 from .aipc import aipc, filter_types, type_masking
 from .anomaly import (
+    AnomalyCriteria,
     AnomalyFilters,
     FilterClusters,
     anomaly_features,
+    anomaly_scores,
     apply_criteria,
     cluster_filters,
     detect_anomaly_filters,
@@ -15,11 +17,13 @@ from .fq import feature_quantity, fq_diversity, neuron_feature_quantity
 from .tip import TIPAggregate, avou, interpretable_properties, layer_properties, sou, spearman
 
 __all__ = [
+    "AnomalyCriteria",
     "AnomalyFilters",
     "FilterClusters",
     "TIPAggregate",
     "aipc",
     "anomaly_features",
+    "anomaly_scores",
     "apply_criteria",
     "avou",
     "cluster_filters",

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..batch import BatchAdapter, default_batch_adapter
+from ..layers import eval_mode
 from ..masking import FilterMask
 
 __all__ = ["accuracy", "evaluate", "aipc", "AIPC", "DEFAULT_FRACTIONS", "filter_types", "FILTER_TYPES", "type_masking"]
@@ -47,12 +48,10 @@ def evaluate(
     number of samples) of ``model`` in eval mode (restored after): ``(accuracy, loss)``.
 
     The loss is what table 4-3 reports the % change of when filters are masked."""
-    was_training = model.training
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
     correct = total = 0
     loss_sum = 0.0
-    try:
+    with eval_mode(model):
         for i, raw in enumerate(dataloader):
             if max_batches is not None and i >= max_batches:
                 break
@@ -64,8 +63,6 @@ def evaluate(
             correct += (logits.argmax(1) == y).sum().item()
             loss_sum += float(loss_fn(logits, y, reduction="sum"))
             total += len(y)
-    finally:
-        model.train(was_training)
     if total == 0:
         raise ValueError("Expected the dataloader to yield at least one sample but it yielded none.")
     return correct / total, loss_sum / total

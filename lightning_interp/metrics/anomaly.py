@@ -29,7 +29,14 @@ import torch
 from torch import nn
 
 from ..gmm import gmm_sweep
-from ..nns import check_finite, iter_filter_learning_images, layer_activations, sketch_learning_images
+from ..nns import (
+    check_finite,
+    check_scan_mode,
+    iter_filter_learning_images,
+    layer_activations,
+    pooled_learning_images,
+    sketch_learning_images,
+)
 from ..scores import FilterScores
 from .tip import avou
 
@@ -441,24 +448,32 @@ def anomaly_features(
     num_projections: int = 64,
     rectify: bool = True,
     seed: int = 0,
+    grid: int | tuple[int, ...] = 2,
 ) -> torch.Tensor:
     """The per-filter features :func:`scan_anomaly_filters` clusters, ``B x K x F``.
 
     ``mode="exact"`` — the filter learning images projected to 2-D by a per-filter PCA
     (:func:`project_filters_2d`, F = 2), chunked so all K images are never held at once;
     ``mode="sketch"`` — ``num_projections`` random projections of every filter's learning images
-    (:func:`lightning_interp.nns.sketch_learning_images`, F = P).
+    (:func:`lightning_interp.nns.sketch_learning_images`, F = P);
+    ``mode="pooled"`` — every filter's learning images pooled onto a ``grid`` of cells, channels
+    summed (:func:`lightning_interp.nns.pooled_learning_images`, F = cells: 4 for the default 2×2),
+    exact, from F forward-mode products for all filters at once. The per-filter PCA of
+    :func:`cluster_filters` then runs on these F coordinates instead of the full learning images: a
+    redefinition of the thesis' embedding, judged on the overfitting-signal benchmark
+    (``experiments/cheap_scan_signal.py``).
 
     Raises:
         FloatingPointError: NaN/inf in the learning images.
     """
+    check_scan_mode(mode)
     if mode == "sketch":
         features = sketch_learning_images(model, layer, x, num_projections=num_projections, seed=seed, rectify=rectify)
-    elif mode == "exact":
+    elif mode == "pooled":
+        features = pooled_learning_images(model, layer, x, grid=grid, rectify=rectify)
+    else:
         embeddings = [project_filters_2d(li)[0] for _, li in iter_filter_learning_images(model, layer, x, rectify=rectify)]
         features = torch.cat(embeddings, 0).transpose(0, 1)  # (B, K, 2)
-    else:
-        raise ValueError(f"Expected `mode` to be one of ['exact', 'sketch'] but got {mode!r}.")
     return check_finite(features, f"learning images of {layer}")
 
 
@@ -471,11 +486,12 @@ def scan_anomaly_filters(
     num_projections: int = 64,
     rectify: bool = True,
     seed: int = 0,
+    grid: int | tuple[int, ...] = 2,
     **criteria,
 ) -> AnomalyFilters:
     """Anomaly filters of ``layer`` on inputs ``x`` (``B x C x H x W``): what ``AnomalyFilterMonitor`` scans.
 
-    The activations (AVoU) and :func:`anomaly_features` (exact or sketch) go to
+    The activations (AVoU) and :func:`anomaly_features` (exact, sketch or pooled on ``grid``) go to
     :func:`detect_anomaly_filters` with ``criteria`` (``k_max``, ``min_cluster_size``, ``alpha``,
     ``beta``, ``theta``, ``backend``) and ``seed``.
 
@@ -483,7 +499,8 @@ def scan_anomaly_filters(
         FloatingPointError: NaN/inf in the activations or the learning images.
     """
     f = check_finite(layer_activations(model, layer, x, rectify=rectify), f"activations of {layer}")
-    features = anomaly_features(model, layer, x, mode=mode, num_projections=num_projections, rectify=rectify, seed=seed)
+    features = anomaly_features(model, layer, x, mode=mode, num_projections=num_projections, rectify=rectify, seed=seed,
+                                grid=grid)
     return detect_anomaly_filters(features, avou(f), seed=seed, **criteria)
 
 

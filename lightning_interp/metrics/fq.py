@@ -28,12 +28,20 @@ ratio, first factor), ``vf`` (the "valid feature" ratio, second factor), ``l``, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..nns import check_inputs, layer_activations, neuron_learning_images
+from ..batch import BatchAdapter, default_batch_adapter
+from ..nns import (
+    check_finite,
+    check_inputs,
+    iter_filter_learning_images,
+    layer_activations,
+    neuron_learning_images,
+)
+from .aipc import evaluate
 from .tip import _check_mask
 
 __all__ = [
@@ -41,10 +49,12 @@ __all__ = [
     "feature_quantity",
     "fq_components",
     "neuron_feature_quantity",
+    "layer_feature_quantity",
     "all_neuron_feature_quantity",
     "sample_positions",
     "fq_layer_stats",
     "fq_diversity",
+    "diversity_masking",
 ]
 
 C1, C2, C3 = 1e-4, 3e-4, 1.5e-4
@@ -161,6 +171,46 @@ def neuron_feature_quantity(
     return feature_quantity(li, x, fg_mask).amax(0).reshape(k, n)
 
 
+def layer_feature_quantity(
+    model: nn.Module,
+    layer: str,
+    x: torch.Tensor,
+    fg_mask: torch.Tensor,
+    *,
+    top_neurons: int = 16,
+    rectify: bool = True,
+) -> dict[str, torch.Tensor]:
+    """What :class:`~lightning_interp.callbacks.FeatureQuantityMonitor` scans in one layer (thesis 4.3.1, 4.3.2).
+
+    * ``filter_fq`` (``K``): the FQ of every filter, max over the samples of F (eq. 4-7) of its
+      filter learning image L^k (eq. 5-2);
+    * ``neuron_fq`` (``K x n``): the FQ of each filter's ``n = min(top_neurons, h·w)`` most activated
+      neurons (:func:`neuron_feature_quantity`), most activated first;
+    * ``neuron_activation`` (``K x n``): those neurons' mean activation over the samples, in the same
+      order, so ``fq_layer_stats(neuron_fq, neuron_activation)`` gives r(activation, FQ) (eq. 4-12).
+
+    Args:
+        x: ``B x C x H x W``; fg_mask: boolean ``B x 1|C x H x W`` (True = foreground).
+
+    Raises:
+        FloatingPointError: NaN/inf in the learning images.
+
+    Example:
+        >>> r = layer_feature_quantity(SimpleCNN(in_channels=3), "relu3", x, mask, top_neurons=4)
+        >>> r["filter_fq"].shape, r["neuron_fq"].shape
+        (torch.Size([64]), torch.Size([64, 4]))
+    """
+    filter_fq = torch.cat([
+        feature_quantity(check_finite(li, f"learning images of {layer}"), x, fg_mask).amax(0)
+        for _, li in iter_filter_learning_images(model, layer, x, rectify=rectify)
+    ])
+    neuron_fq = neuron_feature_quantity(model, layer, x, fg_mask, top_neurons=top_neurons, rectify=rectify)
+    f = layer_activations(model, layer, x, rectify=rectify).mean(0)  # (K, H, W)
+    k = f.shape[0]
+    activation = f.reshape(k, -1).sort(1, descending=True).values[:, : neuron_fq.shape[1]]
+    return {"filter_fq": filter_fq, "neuron_fq": neuron_fq, "neuron_activation": activation}
+
+
 def sample_positions(h: int, w: int, max_neurons: int | None, seed: int = 0) -> torch.Tensor:
     """Flat spatial positions (``N`` long tensor, sorted) of an ``h x w`` map: all of them when
     ``max_neurons`` is None or ≥ h·w, else a seeded uniform subsample of ``max_neurons``."""
@@ -268,3 +318,40 @@ def fq_diversity(
         labels = DBSCAN(eps=eps, min_samples=min_samples).fit_predict(row.reshape(-1, 1))
         counts.append(len(set(labels.tolist()) - {-1}))
     return torch.tensor(counts, dtype=torch.long)
+
+
+def diversity_masking(
+    model: nn.Module,
+    diversity: Mapping[str, torch.Tensor],
+    dataloader: Iterable,
+    *,
+    num_diverse: int = 20,
+    batch_adapter: BatchAdapter = default_batch_adapter,
+    max_batches: int | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Table 4-3: the % change in loss and the accuracy change when the ``num_diverse`` most and least
+    diverse filters of each layer are masked (:func:`fq_diversity` scores, ties broken by filter index).
+
+    Args:
+        diversity: ``{layer: K tensor}`` of diversity scores (e.g. from :func:`fq_diversity`).
+        num_diverse: filters masked per side (thesis: 20), at most K.
+
+    Returns:
+        ``{layer: {"most": r, "least": r}}``, each ``r`` with ``filters`` (the masked count) and what
+        :func:`~lightning_interp.metrics.thesis.masked_loss_change` returns: ``loss_pct``
+        = 100·(L_masked − L)/L (NaN when L = 0), ``accuracy_change``, ``loss``, ``base_loss``. The
+        unmasked model is evaluated once.
+    """
+    from .thesis import masked_loss_change  # thesis.py imports this module
+
+    base = evaluate(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for layer, div in diversity.items():
+        n = min(num_diverse, len(div))
+        order = torch.as_tensor(div).double().argsort(descending=True, stable=True).tolist()
+        out[layer] = {}
+        for tag, idx in (("most", order[:n]), ("least", order[::-1][:n])):
+            r = masked_loss_change(model, layer, idx, dataloader, batch_adapter=batch_adapter,
+                                   max_batches=max_batches, base=base)
+            out[layer][tag] = {"filters": n, **r}
+    return out

@@ -118,14 +118,14 @@ def winning_neuron_stats(
         whose winner image is the closest of all outputs' images to the sample).
     """
     check_inputs(x)
-    out = layer_activations(model, layer, x[:1])
+    out = layer_activations(model, layer, x[:1], rectify=False)  # logits: signed, not rectified
     if out.dim() != 2:
         raise ValueError(f"Expected layer {layer!r} to output (B, O) logits but got {tuple(out.shape)}.")
     o = out.shape[1]
     y = torch.as_tensor(y, device=x.device).long().flatten()
     if y.numel() != x.shape[0] or (y < 0).any() or (y >= o).any():
         raise ValueError(f"Expected one label in [0, {o - 1}] per sample ({x.shape[0]}) but got {y.tolist()[:8]}.")
-    li = neuron_learning_images(model, layer, x, [(c,) for c in range(o)])  # (B, O, ...)
+    li = neuron_learning_images(model, layer, x, [(c,) for c in range(o)], rectify=False)  # (B, O, ...)
     dist = sample_distance(li, x)  # (B, O)
     c = num_classes or o
     class_distance = torch.full((c, o), float("nan"), dtype=dist.dtype, device=dist.device)
@@ -334,10 +334,10 @@ def fq_saliency_iou(
     from ..cam import normalize_maps
 
     mask = _check_mask(fg_mask, x)
-    out = layer_activations(model, layer, x[:1])
+    out = layer_activations(model, layer, x[:1], rectify=False)  # logits: signed, not rectified
     if out.dim() != 2:
         raise ValueError(f"Expected layer {layer!r} to output (B, O) logits but got {tuple(out.shape)}.")
-    li = neuron_learning_images(model, layer, x, [(c,) for c in range(out.shape[1])])  # (B, O, ...)
+    li = neuron_learning_images(model, layer, x, [(c,) for c in range(out.shape[1])], rectify=False)  # (B, O, ...)
     best = feature_quantity(li, x, mask).argmax(1)
     chosen = li[torch.arange(x.shape[0], device=x.device), best]  # (B, C, H, W)
     return map_iou(normalize_maps(chosen.abs().sum(1)), mask[:, :1], threshold)

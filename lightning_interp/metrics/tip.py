@@ -22,10 +22,11 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import Metric
 
-from ..layers import get_layer, layer_channels
+from ..layers import filter_owner, get_layer
 from ..nns import (
     check_finite,
     check_inputs,
+    check_scan_mode,
     iter_filter_learning_images,
     layer_activations,
     scan_mode,
@@ -36,6 +37,8 @@ __all__ = [
     "PROPERTIES",
     "interpretable_properties",
     "layer_properties",
+    "TIP_MODES",
+    "check_tip_mode",
     "TIPAggregate",
     "avou",
     "sou",
@@ -151,35 +154,10 @@ def avou(activations: torch.Tensor) -> torch.Tensor:
 
 
 def weight_layer_for(model: nn.Module, layer: str) -> str:
-    """The module whose weights make the filters of ``layer``: itself when it has a weight with
-    one row per channel; for a block (a module with children, e.g. torchvision's ``InvertedResidual``
-    or ``BasicBlock``) the last conv or linear layer inside it, which makes the block's output
-    channels; otherwise the nearest module before it (in ``named_modules`` order) that declares the
-    same channel count (the conv of a conv → BN → ReLU chain)."""
-    module = get_layer(model, layer)
-    if getattr(module, "weight", None) is not None and layer_channels(module) is not None:
-        if not isinstance(module, nn.modules.batchnorm._NormBase):
-            return layer
-    if list(module.children()):
-        inner = [name for name, m in module.named_modules()
-                 if name and isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-        if inner:
-            return f"{layer}.{inner[-1]}"
-    names = [n for n, _ in model.named_modules()]
-    channels = layer_channels(module)
-    candidates = []
-    for name, m in model.named_modules():
-        if m is module:  # by identity: names differ under torch.compile (`_orig_mod.`)
-            break
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-            candidates.append((name, layer_channels(m)))
-    for name, c in reversed(candidates):
-        if channels is None or c == channels:
-            return name
-    raise ValueError(
-        f"Expected a conv or linear layer producing the filters of {layer!r} but found none before it; "
-        f"name the conv directly (layers: {names[:8]}...)."
-    )
+    """The module whose weights make the filters of ``layer``: :func:`lightning_interp.layers.filter_owner`,
+    the conv or linear layer pruning cuts too (the conv of a conv → BN → ReLU chain, the last conv of
+    a block)."""
+    return filter_owner(model, layer)
 
 
 SOU_ESTIMATES = ("snip", "per_sample")
@@ -248,6 +226,21 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return spearman_corrcoef(a, b)
 
 
+#: The :data:`~lightning_interp.nns.SCAN_MODES` TIP computes (``"pooled"`` is an anomaly embedding only).
+TIP_MODES = ("exact", "sketch")
+
+
+def check_tip_mode(mode: str) -> str:
+    """``mode`` if TIP computes it; ``ValueError`` naming :data:`TIP_MODES` otherwise."""
+    check_scan_mode(mode)
+    if mode not in TIP_MODES:
+        raise ValueError(
+            f"Expected `mode` to be one of {list(TIP_MODES)} for TIP but got {mode!r}: pooled learning images "
+            "summarise where a filter's energy comes from, their mean/variance/covariance are not T^k."
+        )
+    return mode
+
+
 def layer_properties(
     model: nn.Module,
     layer: str,
@@ -265,8 +258,11 @@ def layer_properties(
     ``mode="exact"``: :func:`interpretable_properties` of the filter learning images, chunked over
     filters (overall, and with a foreground ``mask`` also ``fg_``/``bg_``); ``mode="sketch"``:
     :func:`lightning_interp.nns.sketch_properties` (T_m, T_c exact from forward-mode products, T_v and
-    T_cor from ``num_projections`` Hutchinson directions). Adds ``avou`` (eq. 5-8) and, with labels
-    ``y``, ``sou`` (eqs. 5-9, 5-10; the SNIP estimate of :func:`sou`).
+    T_cor from ``num_projections`` Hutchinson directions, drawn independently for every sample so the
+    error of the mean over the B samples shrinks as 1/√B). ``mode="pooled"`` is an anomaly-scan
+    embedding (:func:`lightning_interp.nns.pooled_learning_images`): the properties of a pooled image
+    are not T^k, so TIP refuses it. Adds ``avou`` (eq. 5-8) and, with labels ``y``, ``sou``
+    (eqs. 5-9, 5-10; the SNIP estimate of :func:`sou`).
 
     Returns:
         ``{name: K tensor}``.
@@ -274,21 +270,26 @@ def layer_properties(
     Raises:
         FloatingPointError: NaN/inf in the learning images or the activations.
     """
+    check_tip_mode(mode)
     if mode == "sketch":
-        props = sketch_properties(model, layer, x, mask, num_projections=num_projections, seed=seed, rectify=rectify)
+        props = sketch_properties(model, layer, x, mask, num_projections=num_projections, seed=seed, rectify=rectify,
+                                  per_sample=True)
         out = {name: value.mean(0) for name, value in props.items()}
-    elif mode == "exact":
+    else:
         parts: dict[str, list[torch.Tensor]] = {}
         for _, li in iter_filter_learning_images(model, layer, x, rectify=rectify):
             check_finite(li, f"learning images of {layer}")
             for name, value in interpretable_properties(li, x, mask).items():
                 parts.setdefault(name, []).append(value.mean(0))
         out = {name: torch.cat(chunks) for name, chunks in parts.items()}
-    else:
-        raise ValueError(f"Expected `mode` to be one of ['exact', 'sketch'] but got {mode!r}.")
     f = layer_activations(model, layer, x, rectify=rectify)
     out["avou"] = avou(check_finite(f, f"activations of {layer}"))
     if y is not None:
+        try:
+            filter_owner(model, layer)
+        except ValueError as err:  # an optional side metric: a layer no conv owns (e.g. a custom module)
+            warnings.warn(f"SoU of {layer!r} skipped: {err}", stacklevel=2)
+            return out
         saliency = sou(model, layer, x, y)
         if saliency.shape == out["avou"].shape:
             out["sou"] = saliency

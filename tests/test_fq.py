@@ -1,0 +1,103 @@
+"""lightning_interp.metrics.fq: the per-layer FQ scan and the diversity masking of table 4-3, each
+against the equations written out (a 1x1 conv whose learning images are known in closed form; masked
+filters as zeroed weights)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_interp.metrics.fq import diversity_masking, layer_feature_quantity
+from lightning_interp.models import SimpleCNN
+
+torch.set_num_threads(1)
+
+
+def np_f(li: np.ndarray, x: np.ndarray, m: np.ndarray) -> float:
+    """F(I, x) of eq. 4-6 (standard SSIM constants, nf = N_x/N, no scale) for one C x H x W image."""
+    s = np.abs(li) > 1e-8
+    if not s.any():
+        return 0.0
+    act = np.abs(x) > 1e-8
+    ie, ife = (li * m)[s], (x * m)[s]
+    mu_e, mu_f, sd_e, sd_f = ie.mean(), ife.mean(), ie.std(), ife.std()
+    cov = ((ie - mu_e) * (ife - mu_f)).mean()
+    nf = s.sum() / act.sum()
+    vf = (s & m).sum() / (act & m).sum()
+    lum = (2 * mu_f * mu_e + 1e-4) / (mu_f**2 + mu_e**2 + 1e-4)
+    con = (2 * sd_f * sd_e + 3e-4) / (sd_f**2 + sd_e**2 + 3e-4)
+    struct = (cov + 1.5e-4) / (sd_f * sd_e + 1.5e-4)
+    return float(nf * vf * lum * con * struct)
+
+
+def test_layer_feature_quantity_equals_the_closed_form_of_a_1x1_conv():
+    # f_k = ReLU(w_k x + b_k): filter image L^k = x ⊙ w_k f_k (eq. 5-2); neuron (k, i, j): x_ij w_k at (i, j) if active.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 1), nn.ReLU()).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 1, 5, 5, generator=g, dtype=torch.float64) - 0.3
+    mask = torch.zeros(4, 1, 5, 5, dtype=torch.bool)
+    mask[:, :, 1:4, 1:4] = True
+    w = net[0].weight.detach().numpy().reshape(-1)
+    b = net[0].bias.detach().numpy()
+    xs, ms = x[:, 0].numpy(), mask[:, 0].numpy()
+    f = np.maximum(w[None, :, None, None] * xs[:, None] + b[None, :, None, None], 0)  # B x K x 5 x 5
+    n = 6
+    got = layer_feature_quantity(net, "1", x, mask, top_neurons=n)
+
+    filter_fq = [max(np_f(xs[i] * w[k] * f[i, k], xs[i], ms[i]) for i in range(4)) for k in range(3)]
+    np.testing.assert_allclose(got["filter_fq"].numpy(), filter_fq, rtol=1e-6, atol=1e-12)
+
+    mean_act = f.mean(0).reshape(3, -1)  # K x 25
+    for k in range(3):
+        top = np.argsort(-mean_act[k], kind="stable")[:n]
+        np.testing.assert_allclose(got["neuron_activation"][k].numpy(), mean_act[k][top], rtol=1e-12)
+        for j, p in enumerate(top):
+            r, c = divmod(int(p), 5)
+            values = []
+            for i in range(4):
+                img = np.zeros((5, 5))
+                if f[i, k, r, c] > 0:
+                    img[r, c] = xs[i, r, c] * w[k]
+                values.append(np_f(img, xs[i], ms[i]))
+            assert got["neuron_fq"][k, j].item() == pytest.approx(max(values), abs=1e-12), (k, j)
+
+
+def test_diversity_masking_equals_zeroed_weights():
+    torch.manual_seed(0)
+    net = SimpleCNN(width=(4, 6, 6), num_classes=3).double().eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    diversity = torch.tensor([2, 0, 3, 2, 1, 0])
+    got = diversity_masking(net, {"relu3": diversity}, loader, num_diverse=2)
+
+    def acc_loss(model):
+        with torch.no_grad():
+            logits = model(x)
+        return (logits.argmax(1) == y).double().mean().item(), F.cross_entropy(logits, y).item()
+
+    def zeroed(filters):
+        copy = SimpleCNN(width=(4, 6, 6), num_classes=3).double().eval()
+        copy.load_state_dict(net.state_dict())
+        with torch.no_grad():
+            copy.conv3.weight[filters] = 0  # ReLU(0) = 0: the same as masking relu3's filters
+            copy.conv3.bias[filters] = 0
+        return copy
+
+    acc0, loss0 = acc_loss(net)
+    most = sorted(range(6), key=lambda k: (-int(diversity[k]), k))[:2]  # ties: lower index first
+    least = sorted(range(6), key=lambda k: (int(diversity[k]), -k))[:2]
+    assert (most, least) == ([2, 0], [5, 1])
+    for tag, filters in (("most", most), ("least", least)):
+        acc, loss = acc_loss(zeroed(filters))
+        r = got["relu3"][tag]
+        assert r["filters"] == 2
+        assert r["accuracy_change"] == pytest.approx(acc - acc0)
+        assert r["loss_pct"] == pytest.approx(100 * (loss - loss0) / loss0)
+        assert r["base_loss"] == pytest.approx(loss0)
+    capped = diversity_masking(net, {"relu3": diversity}, loader, num_diverse=50)
+    assert capped["relu3"]["most"]["filters"] == 6
