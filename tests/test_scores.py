@@ -164,3 +164,27 @@ def test_prune_and_mask_by_tip_saliency_in_a_real_run(tmp_path, digits):
     assert pruned(torch.randn(2, 1, 16, 16)).shape == (2, 10)
     html = open(report.path).read()
     assert "Filter scores: tip/sou (lowest 2)" in html
+
+
+def test_fq_diversity_is_a_source_for_masking_in_a_real_run(tmp_path):
+    """FeatureQuantityMonitor's diversity and FQ travel the same way (shapes carry the masks FQ needs)."""
+    from lightning_interp.callbacks import FeatureQuantityMonitor
+    from lightning_interp.data import ShapesDataModule
+
+    data = ShapesDataModule(num_train=64, num_val=32, num_test=16, batch_size=32, image_size=16)
+    fq = FeatureQuantityMonitor("model.relu3", probe_size=8, top_neurons=4, num_diverse=2)
+    least_diverse = Selection("diversity", amount=3, lowest=True)
+    masking = FilterMasking(fq, select=least_diverse, start_epoch=1, when="eval_only")
+    module = ImageClassifier(SimpleCNN(in_channels=3, num_classes=4, width=(4, 8, 8)))
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[fq, masking], max_epochs=2)
+    trainer.fit(module, datamodule=data)
+
+    diversity = fq.filter_scores()
+    assert diversity.scorer == "fq/diversity" and diversity.scores["model.relu3"].shape == (8,)
+    torch.testing.assert_close(diversity.scores["model.relu3"], fq.diversity["model.relu3"].float())
+    assert fq.filter_scores("fq").scores["model.relu3"].shape == (8,)
+    # The flags a consumer gets now are the 3 least diverse filters of the last scan (ties: lower index).
+    expected = sorted(torch.argsort(fq.diversity["model.relu3"].double(), stable=True)[:3].tolist())
+    assert resolve_scores(fq, least_diverse).flags() == {"model.relu3": expected}
+    # Epoch 1 masked 3 filters chosen from epoch 0's scan.
+    assert masking.history[0]["num_masked"] == 0 and masking.history[1]["num_masked"] == 3

@@ -18,6 +18,7 @@ from ..metrics.fq import (
     fq_layer_stats,
     layer_feature_quantity,
 )
+from ..scores import FilterScores
 from .base import InterpCallback, guarded
 
 __all__ = ["FeatureQuantityMonitor"]
@@ -86,6 +87,7 @@ class FeatureQuantityMonitor(InterpCallback):
         self.eval_max_batches = eval_max_batches
         self._warned_no_mask = False
         self.diversity: dict[str, torch.Tensor] = {}
+        self.filter_fq: dict[str, torch.Tensor] = {}
 
     def layer_fq(self, pl_module: pl.LightningModule, layer: str, probe: Batch) -> dict[str, torch.Tensor]:
         """Filter FQ (``K``), neuron FQ (``K x n``) and the neurons' mean activation (``K x n``) on the
@@ -117,6 +119,7 @@ class FeatureQuantityMonitor(InterpCallback):
                                          scale=self.dbscan_scale)
                 self.diversity[layer] = diversity
                 scalars[f"{prefix}/diversity_mean"] = diversity.double().mean().item()
+            self.filter_fq[layer] = r["filter_fq"].detach().cpu()
             scalars[f"{prefix}/filter_fq_mean"] = r["filter_fq"].mean().item()
             depth["fq_mean"].append(stats["fq_mean"])
             depth["fq_variance"].append(stats["fq_variance"])
@@ -154,10 +157,34 @@ class FeatureQuantityMonitor(InterpCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "warned_no_mask": self._warned_no_mask,
-                "diversity": {k: v.tolist() for k, v in self.diversity.items()}}
+                "diversity": {k: v.tolist() for k, v in self.diversity.items()},
+                "filter_fq": {k: v.tolist() for k, v in self.filter_fq.items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._warned_no_mask = bool(state_dict.get("warned_no_mask", False))
         self.diversity = {k: torch.tensor(v) for k, v in state_dict.get("diversity", {}).items()}
+        self.filter_fq = {k: torch.tensor(v) for k, v in state_dict.get("filter_fq", {}).items()}
+
+    # ---- filter scores -------------------------------------------------------------------------
+    #: ``"diversity"``: DBSCAN clusters of the FQ of each filter's neurons (the diversity layers only);
+    #: ``"fq"``: each filter's FQ (max over probe samples of F of its learning images, every watched layer).
+    score_names = ("diversity", "fq")
+
+    def filter_scores(self, score: str | None = None) -> FilterScores:
+        """The last scan's :class:`~lightning_interp.scores.FilterScores` of ``"diversity"`` (default;
+        thesis 4.3.3, the ranking of table 4-3) or ``"fq"``: a score per filter, no flags — flag filters
+        with a :class:`~lightning_interp.scores.Selection` (no layers before the first scan)."""
+        score = score or "diversity"
+        if score not in self.score_names:
+            raise ValueError(f"Expected `score` to be one of {list(self.score_names)} but got {score!r}.")
+        values = self.diversity if score == "diversity" else self.filter_fq
+        epoch = self.history[-1]["epoch"] if self.history else None
+        return FilterScores(
+            scores={layer: v.float() for layer, v in values.items()}, flagged={}, scorer=f"fq/{score}",
+            higher_is="more diverse (clusters)" if score == "diversity" else "more foreground feature quantity",
+            epoch=epoch, settings={"probe_size": self.probe_size, "rectify": self.rectify,
+                                   "dbscan_eps": self.dbscan_eps, "dbscan_min_samples": self.dbscan_min_samples,
+                                   "dbscan_scale": self.dbscan_scale, "diversity_neurons": self.diversity_neurons},
+        )
