@@ -104,3 +104,45 @@ def test_hard_sample_loss_is_the_mean_of_the_top_fraction():
     assert hard_sample_loss(loss, 0.01) == pytest.approx(3.0)  # at least one sample
     with pytest.raises(ValueError, match="fraction"):
         hard_sample_loss(loss, 0.0)
+
+
+def test_alarm_rule_matches_rise_alarm_and_the_count_rule():
+    from lightning_interp.overfitting import AlarmRule, best_epoch, overfit_alarm
+
+    losses = [1.0, 0.8, 0.7, 0.72, 0.75, 0.9]
+    epochs = list(range(6))
+    rule = AlarmRule("val_loss", rel=0.01, patience=2, min_epoch=3)
+    # Hand check: best 0.70 at epoch 2; 0.72 and 0.75 are > 1 % above it on two consecutive scans -> fires at 4.
+    assert not rule.fired(epochs[:4], [0] * 4, losses[:4]) and rule.fired(epochs[:5], [0] * 5, losses[:5])
+    assert rule.fired(epochs, [0] * 6, losses) == (rise_alarm(losses, rel=0.01, patience=2) is not None)
+    # Scans without validation are skipped, not counted as breaks.
+    assert rule.fired([0, 1, 2, 3, 4, 5], [0] * 6, [1.0, 0.8, 0.7, None, 0.72, 0.75])
+    # min_epoch: nothing fires before 6 epochs have been trained.
+    assert not AlarmRule("val_loss", rel=0.01, patience=2, min_epoch=6).fired(epochs[:5], [0] * 5, losses[:5])
+    counts = [3, 3, 4, 5, 5]
+    assert AlarmRule("count", rel=0.0, margin=0.5, patience=2, min_epoch=0).fired(epochs[:5], counts, [None] * 5)
+    both = AlarmRule("count_and_val_loss", patience=2, min_epoch=0)
+    assert both.fired(epochs[:4], [3, 3, 4, 5], [0.5, 0.6, 0.6, 0.7]) == overfit_alarm([3, 3, 4, 5], [0.5, 0.6, 0.6, 0.7])
+    for bad in (dict(rule="loss"), dict(patience=0), dict(rel=-1.0), dict(min_epoch=True)):
+        with pytest.raises(ValueError, match="Expected `alarm"):
+            AlarmRule(**bad)
+    history = [{"epoch": 0, "val_acc": 0.5}, {"epoch": 1}, {"epoch": 2, "val_acc": 0.7}, {"epoch": 3, "val_acc": 0.7}]
+    assert best_epoch(history, "val_acc") == 2 and best_epoch(history, "val_acc", mode="min") == 0
+    assert best_epoch([], "val_acc") is None
+
+
+def test_grouped_gradient_magnitude_is_the_group_means_of_per_sample_gradients():
+    from lightning_interp.gradients import per_sample_gradient_magnitude
+    from lightning_interp.models import SimpleCNN
+    from lightning_interp.overfitting import grouped_gradient_magnitude
+
+    torch.manual_seed(0)
+    model = SimpleCNN(width=(4, 8, 8))
+    x, y = torch.randn(10, 1, 16, 16), torch.randint(0, 10, (10,))
+    groups = torch.tensor([True, False] * 5)
+    g = per_sample_gradient_magnitude(model, x, y)
+    out, normal = grouped_gradient_magnitude(model, x, y, groups)
+    assert out == pytest.approx(g[groups].mean().item()) and normal == pytest.approx(g[~groups].mean().item())
+    assert grouped_gradient_magnitude(model, x, y, torch.zeros(10, dtype=torch.bool)) is None
+    with pytest.raises(ValueError, match="one group flag per sample"):
+        grouped_gradient_magnitude(model, x, y, groups[:3])

@@ -80,6 +80,11 @@ class AnomalyFilterMonitor(InterpCallback):
         min_cluster_size: λ: int (samples) or fraction of the probe (default 0.1 ≈ the thesis' 50
             of 512 for small CNNs; use 10 / 0.02 for ResNet-18-sized models).
         k_max, alpha, beta, theta: see :func:`detect_anomaly_filters` (thesis table 6-1).
+        criteria: all of the detector's settings at once, an
+            :class:`~lightning_interp.metrics.anomaly.AnomalyCriteria` (then ``min_cluster_size``,
+            ``k_max``, ``alpha``, ``beta``, ``theta``, ``ch_reference`` and ``backend`` are ignored);
+            the keywords are shorthands that build one. Either way the monitor holds one validated
+            ``criteria`` and passes it down whole.
         ch_reference: criterion 2's layer reference: ``"mean"`` (the thesis) or ``"median"``
             (robust to one filter with a huge CH index; see
             :func:`~lightning_interp.metrics.anomaly.apply_criteria`).
@@ -91,7 +96,9 @@ class AnomalyFilterMonitor(InterpCallback):
             README, "Sketch vs exact"; ``benchmarks/sketch.py``.
         backend: GMM backend, ``"auto"``, ``"batched"`` or ``"sklearn"``.
         val_acc_key, val_loss_key: ``trainer.callback_metrics`` keys of validation accuracy and loss.
-        alarm: the overfitting alarm's rule (:func:`~lightning_interp.overfitting.rise_alarm`):
+        alarm: the overfitting alarm's rule, a name or a whole
+            :class:`~lightning_interp.overfitting.AlarmRule` (then the ``alarm_*`` keywords are ignored)
+            (:func:`~lightning_interp.overfitting.rise_alarm`):
             ``"val_loss"`` — the validation loss (``val_loss_key``) rose more than ``alarm_rel`` over
             its best for ``alarm_patience`` consecutive scans; ``"count"`` — the anomaly count rose
             more than ``max(alarm_rel · its running minimum, alarm_margin)`` for ``alarm_patience``
@@ -118,7 +125,7 @@ class AnomalyFilterMonitor(InterpCallback):
         self,
         layers: str | Sequence[str],
         *,
-        probe_size: int = 512,
+        probe_size: int = 128,
         every_n_epochs: int = 1,
         min_cluster_size: int | float = 0.1,
         k_max: int = 10,
@@ -130,7 +137,7 @@ class AnomalyFilterMonitor(InterpCallback):
         val_acc_key: str = "val/acc",
         val_loss_key: str = "val/loss",
         ch_reference: str = "mean",
-        alarm: str = "val_loss",
+        alarm: str | AlarmRule = "val_loss",
         alarm_rel: float = 0.01,
         alarm_margin: float = 0.0,
         alarm_patience: int = 2,
@@ -139,9 +146,10 @@ class AnomalyFilterMonitor(InterpCallback):
         num_scatter: int = 4,
         num_outlier_images: int = 16,
         outlier_gradients: bool = True,
-        mode: str = "exact",
+        mode: str = "pooled",
         num_projections: int = 64,
         grid: int | tuple[int, int] = 2,
+        criteria: AnomalyCriteria | None = None,
         **kwargs,
     ):
         super().__init__(layers, probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
@@ -154,14 +162,16 @@ class AnomalyFilterMonitor(InterpCallback):
         if mode == "pooled":
             pooling_basis((1, 64, 64), grid)  # a bad `grid` fails now (its size is checked at the first scan)
         # The settings, validated once and passed down whole (the report writes them with `asdict`).
-        self.criteria = AnomalyCriteria(min_cluster_size=min_cluster_size, k_max=k_max, alpha=alpha, beta=beta,
-                                        theta=theta, ch_reference=ch_reference, backend=backend)
+        if criteria is not None and not isinstance(criteria, AnomalyCriteria):
+            raise TypeError(f"Expected `criteria` to be an AnomalyCriteria but got {type(criteria).__name__}.")
+        self.criteria = criteria or AnomalyCriteria(min_cluster_size=min_cluster_size, k_max=k_max, alpha=alpha,
+                                                    beta=beta, theta=theta, ch_reference=ch_reference, backend=backend)
         try:
             self.criteria.check_probe(probe_size)  # fail now, not at the first scan
         except ValueError as err:
             raise ValueError(f"AnomalyFilterMonitor(probe_size={probe_size}): {err}") from None
-        self.alarm_rule = AlarmRule(alarm, rel=alarm_rel, margin=alarm_margin, patience=alarm_patience,
-                                    min_epoch=alarm_min_epoch)
+        self.alarm_rule = alarm if isinstance(alarm, AlarmRule) else AlarmRule(
+            alarm, rel=alarm_rel, margin=alarm_margin, patience=alarm_patience, min_epoch=alarm_min_epoch)
         self.rectify = rectify
         self.val_acc_key = val_acc_key
         self.val_loss_key = val_loss_key
