@@ -1,6 +1,8 @@
 """lightning_interp.losses: every key names its function (``<key>_loss``), ``cam_background`` is the
-unnormalised background evidence, and the old names still work for one release with a FutureWarning."""
+unnormalised background evidence, and the old names still work for one release with a FutureWarning; every loss passes gradcheck in the input and
+in the weights, and the background evidence equals its construction written out pixel by pixel."""
 
+import copy
 import warnings
 
 import numpy as np
@@ -9,15 +11,20 @@ import torch
 from torch import nn
 
 from lightning_interp import losses
-from lightning_interp.batch import Batch
+from lightning_interp.batch import Batch, default_batch_adapter
 from lightning_interp.callbacks import AttentionGuidance
+from lightning_interp.cam import grad_cam
 from lightning_interp.layers import capture_output
 from lightning_interp.losses import (
     LOSSES,
+    attention_mining_loss,
+    attention_supervision_loss,
     cam_background_loss,
     cam_background_share_loss,
     canonical_weights,
+    class_evidence_maps,
     guidance_terms,
+    rrr_loss,
 )
 from lightning_interp.models import SimpleCNN
 
@@ -109,3 +116,117 @@ def test_the_old_function_names_warn_and_give_the_same_values():
     with pytest.warns(FutureWarning, match="use `attention_mining_loss`"):
         torch.testing.assert_close(losses.gain_attention_mining_loss(net, b.x, cam, b.y),
                                    losses.attention_mining_loss(net, b.x, cam, b.y))
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.act = nn.Softplus()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+
+def test_losses_pass_gradcheck():
+    torch.manual_seed(0)
+    net = Tiny().double()
+    x = torch.rand(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1])
+    mask = torch.zeros(2, 1, 5, 5, dtype=torch.bool)
+    mask[:, :, 1:4, 1:4] = True
+
+    def mining(inp):
+        return attention_mining_loss(net, inp, grad_cam(net, "act", inp, y, create_graph=True), y)
+
+    def supervision(inp):
+        return attention_supervision_loss(grad_cam(net, "act", inp, y, create_graph=True), mask)
+
+    def rrr(inp):
+        return rrr_loss(net, inp, ~mask)
+
+    for fn in (mining, supervision, rrr):
+        assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5), fn.__name__
+    # ... and in the parameters, which is what training uses (double backward through the net).
+    def mining_in_weight(w):
+        functional = copy.deepcopy(net)
+        del functional.conv.weight
+        functional.conv.weight = w  # a plain tensor: the loss becomes a function of it
+        cam = grad_cam(functional, "act", x.detach(), y, create_graph=True)
+        return attention_mining_loss(functional, x.detach(), cam, y)
+
+    weight = net.conv.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(mining_in_weight, (weight,), eps=1e-6, atol=1e-5)
+
+
+def _penalty_of(net, layer, inp, mask, normalize):
+    with capture_output(getattr(net, layer), layer) as store:
+        logits = net(inp)
+    return (cam_background_share_loss if normalize else cam_background_loss)(store["output"], logits, mask)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cam_background_penalty_passes_gradcheck(normalize):
+    torch.manual_seed(0)
+    net = Tiny().double()
+    x = torch.rand(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(2, 1, 5, 5, dtype=torch.bool)
+    mask[:, :, 1:4, 1:4] = True
+    assert torch.autograd.gradcheck(lambda inp: _penalty_of(net, "act", inp, mask, normalize), (x,), eps=1e-6, atol=1e-5)
+
+    def in_weight(w):  # in the parameters, which is what training uses (double backward)
+        functional = copy.deepcopy(net)
+        del functional.conv.weight
+        functional.conv.weight = w
+        return _penalty_of(functional, "act", x.detach(), mask, normalize)
+
+    weight = net.conv.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(in_weight, (weight,), eps=1e-6, atol=1e-5)
+
+
+def test_class_evidence_maps_sum_to_the_logits_for_global_pooling():
+    # GAP + linear: ∂z_c/∂A_k = W_ck / (h·w), so Σ_cells S_c = z_c − b_c (signed, all classes).
+    torch.manual_seed(0)
+    net = Tiny().double()
+    x = torch.rand(3, 1, 5, 5, dtype=torch.float64)
+    with capture_output(net.act, "act") as store:
+        logits = net(x)
+    s = class_evidence_maps(store["output"], logits)
+    assert s.shape == (3, 2, 5, 5)
+    torch.testing.assert_close(s.sum((2, 3)), logits - net.fc.bias)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cam_background_penalty_equals_explicit_construction(normalize):
+    # One sample and one class at a time, and the background cells found by looping over the pixels.
+    torch.manual_seed(0)
+    model = SimpleCNN(in_channels=3, num_classes=4, width=(4, 8, 8)).double().eval()
+    with torch.no_grad():
+        model.conv2.bias.fill_(0.1)
+    x = torch.randn(5, 3, 16, 16, dtype=torch.float64)
+    mask = torch.rand(5, 1, 16, 16) > 0.93
+    mask[0] = False
+    mask[1, :, 3:9, 5:11] = True
+    with capture_output(model.relu2, "relu2") as store:
+        logits = model(x)
+    ours = (cam_background_share_loss if normalize else cam_background_loss)(store["output"], logits, mask)
+    terms = guidance_terms(model, "relu2", default_batch_adapter({"image": x, "label": logits.argmax(1), "mask": mask}),
+                           {"cam_background_share" if normalize else "cam_background": 1.0})
+    torch.testing.assert_close(next(iter(terms.values())), ours)
+    per_sample = []
+    for b in range(5):
+        bg_sq, all_sq = [], []
+        for c in range(4):
+            with capture_output(model.relu2, "relu2") as store:
+                z = model(x[b : b + 1])
+            (g,) = torch.autograd.grad(z[0, c], store["output"])
+            s = (store["output"][0] * g[0]).sum(0)  # 8 x 8 (relu2 of a 16 x 16 input)
+            h, w = s.shape
+            fh, fw = 16 // h, 16 // w
+            bg = torch.tensor([[not mask[b, 0, i * fh : (i + 1) * fh, j * fw : (j + 1) * fw].any() for j in range(w)]
+                               for i in range(h)], dtype=torch.float64)
+            bg_sq.append((bg * s**2).sum())
+            all_sq.append((s**2).sum())
+        per_sample.append(sum(bg_sq) / (sum(all_sq) + 1e-8) if normalize else sum(bg_sq) / 4)
+    torch.testing.assert_close(ours.detach(), torch.stack(per_sample).mean())

@@ -1,12 +1,15 @@
 """Pruning follows real networks: every elementwise activation passes through, blocks map to the
-layer that owns their output channels (or are refused), latency is measured before and after."""
+layer that owns their output channels (or are refused), latency is measured before and after; masking then pruning leaves a network's outputs unchanged, and bad
+requests are refused with the valid range."""
 
 import pytest
 import torch
 import torchvision
+from conftest import randomise_bn
 from torch import nn
 
 from lightning_interp.masking import FilterMask
+from lightning_interp.models import LeNet5, SimpleCNN, resnet18_cifar
 from lightning_interp.pruning import (
     check_prunable,
     is_pass_through,
@@ -67,3 +70,45 @@ def test_latency_is_measured_before_and_after():
     assert d["latency_ms_before"] > 0 and d["latency_ms_after"] > 0 and d["latency_device"] == "cpu"
     _, quiet = prune_filters(net, {"1": [0]}, x, latency=False)
     assert "latency_ms_before" not in quiet.as_dict()
+
+
+def mask_then_prune(model, filters, x):
+    model.eval()
+    with FilterMask(model, filters), torch.no_grad():
+        masked = model(x)
+    pruned, summary = prune_filters(model, filters, x)
+    with torch.no_grad():
+        out = pruned(x)
+    return masked, out, summary
+
+
+@pytest.mark.parametrize(
+    "model,filters,shape",
+    [
+        (lambda: SimpleCNN(in_channels=3), {"relu1": [0, 31], "relu2": [1, 5, 9], "relu3": [0, 63], "relu4": [7]}, (2, 3, 32, 32)),
+        (lambda: LeNet5(), {"relu1": [2], "relu2": [0, 15], "relu3": [0, 5], "relu4": [3]}, (2, 1, 32, 32)),
+        (lambda: randomise_bn(resnet18_cifar()), {"layer1.0.bn1": [3, 7], "layer2.1.bn1": [0], "layer4.0.bn1": [5, 500]}, (2, 3, 32, 32)),
+    ],
+)
+def test_masking_then_pruning_leaves_outputs_unchanged(model, filters, shape):
+    torch.manual_seed(0)
+    net = model()
+    x = torch.randn(*shape)
+    masked, out, summary = mask_then_prune(net, filters, x)
+    torch.testing.assert_close(out, masked, atol=1e-5, rtol=1e-5)
+    assert summary.params_after < summary.params_before and summary.macs_after < summary.macs_before
+    for target, (before, after) in summary.channels.items():
+        assert after == before - len(summary.pruned[target])
+
+
+def test_pruning_errors():
+    net = SimpleCNN()
+    x = torch.randn(1, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"\[0, 63\]"):
+        prune_filters(net, {"relu2": [64]}, x)
+    with pytest.raises(ValueError, match="no channels|channels to prune"):
+        prune_filters(net, {"flatten": [0]}, x)
+    with pytest.raises(ValueError, match="ignored layer"):
+        prune_filters(net, {"fc2": [0]}, x)
+    with pytest.raises(ValueError, match="without channels"):
+        prune_filters(net, {"relu1": list(range(32))}, x)

@@ -1,9 +1,9 @@
+"""lightning_interp.data: the digits, shapes and image-folder data modules."""
+
 import pytest
 import torch
 
-from lightning_interp.batch import Batch, default_batch_adapter
 from lightning_interp.data import DigitsDataModule, ShapesDataModule, make_shapes
-from lightning_interp.models import LeNet5, SimpleCNN, build_model, resnet18_cifar
 
 
 def test_digits_split_masks_and_label_noise():
@@ -57,30 +57,6 @@ def test_shapes_masks_bboxes_and_decoy():
     assert changed == pytest.approx(0.2, abs=0.01)
     with pytest.raises(ValueError, match="decoy"):
         make_shapes(10, decoy="sometimes")
-
-
-def test_models_forward_shapes():
-    assert SimpleCNN(in_channels=3)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    assert SimpleCNN()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
-    assert LeNet5()(torch.randn(2, 1, 32, 32)).shape == (2, 10)
-    assert LeNet5(image_size=28, in_channels=3)(torch.randn(2, 3, 28, 28)).shape == (2, 10)
-    assert resnet18_cifar()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    assert isinstance(build_model("lenet5"), LeNet5)
-    with pytest.raises(ValueError, match="resnet18_cifar"):
-        build_model("vgg")
-
-
-def test_batch_adapter_formats():
-    x, y, m = torch.randn(2, 1, 4, 4), torch.tensor([0, 1]), torch.ones(2, 1, 4, 4)
-    assert default_batch_adapter((x, y)).mask is None
-    assert default_batch_adapter([x, y, m]).mask.dtype == torch.bool
-    b = default_batch_adapter({"input": x, "target": y, "mask": m > 0})
-    assert torch.equal(b.x, x) and torch.equal(b.y, y)
-    assert isinstance(default_batch_adapter(Batch(x)), Batch)
-    with pytest.raises(ValueError, match=r"\['image', 'input', 'x'\]"):
-        default_batch_adapter({"pixels": x})
-    with pytest.raises(ValueError, match="batch_adapter"):
-        default_batch_adapter("nope")
 
 
 def test_image_folder_datamodule_on_real_layout(tmp_path):

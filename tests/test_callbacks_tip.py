@@ -1,10 +1,12 @@
+"""lightning_interp.callbacks.tip: TIPMonitor in a fit (with FeatureQuantityMonitor beside it, both
+logged to CSV and W&B), its argument checks and its AIPC progress bars."""
+
 import csv
 import glob
 import os
 
 import lightning.pytorch as pl
 import pytest
-import torch
 from conftest import make_trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
@@ -45,23 +47,19 @@ def test_fit_with_both_monitors_logs_scalars_tables_and_images(tmp_path):
     assert any("depth" in p for p in images)
 
 
-def test_no_masks_warn_once_and_skip(tmp_path):
-    pl.seed_everything(0)
-    x, y = torch.rand(64, 1, 16, 16), torch.randint(0, 10, (64,))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
-    module = ImageClassifier(SimpleCNN(width=(4, 8, 8)))
-    tip = TIPMonitor("model.relu3", probe_size=8, aipc_fractions=[1.0], top_filters=0)
-    fq = FeatureQuantityMonitor("model.relu3", probe_size=8)
-    trainer = make_trainer(tmp_path, logger=False, callbacks=[tip, fq], max_epochs=2)
-    with pytest.warns(UserWarning, match="no foreground masks") as record:
-        trainer.fit(module, loader, loader)
-    assert sum("no foreground masks" in str(w.message) for w in record) == 2  # once per monitor
-    assert fq.history == [] and "interp/tip/model.relu3/mean" in tip.history[0]
-    assert not any(k.startswith("interp/tip/model.relu3/fg_") for k in tip.history[0])
-
-
 def test_bad_arguments():
     with pytest.raises(ValueError, match="per"):
         TIPMonitor("model.relu3", per=0.7)
     with pytest.raises(ValueError, match="type_property"):
         TIPMonitor("model.relu3", type_property="median")
+
+
+def test_aipc_sweep_shows_progress(tmp_path, capfd):
+    data = ShapesDataModule(num_train=64, num_val=32, num_test=32)
+    module = ImageClassifier(arch="simple_cnn", arch_kwargs={"in_channels": 3, "num_classes": 4, "width": [8, 8, 8]})
+    tip = TIPMonitor(["model.relu2", "model.relu3"], probe_size=8, aipc_fractions=(0.0, 0.5), aipc_max_batches=1)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
+                         logger=False, enable_checkpointing=False, enable_model_summary=False, callbacks=[tip])
+    trainer.fit(module, datamodule=data)
+    err = capfd.readouterr().err
+    assert "AIPC model.relu2" in err and "AIPC model.relu3" in err and "TIP scan" in err

@@ -1,0 +1,53 @@
+"""lightning_interp.html_report: the page a recipe writes renders its figures in headless Chromium."""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from conftest import run_recipe
+from PIL import Image
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_html_report_renders_its_figures_in_headless_chromium(tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("LIGHTNING_INTERP_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is required (LIGHTNING_INTERP_REQUIRE_CHROMIUM is set) but not installed")
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    run_recipe("demo", tmp_path)
+    page = tmp_path / "interp_report" / "index.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=10000"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    total = len(glob.glob(str(tmp_path / "interp_report" / "figures" / "*.png")))
+    assert total >= 4  # training curves, anomaly timeline, learning images of four layers
+    assert f'data-figures-loaded="{total}"' in dom and f'data-figures-total="{total}"' in dom
+    for key in ("training/loss", "interp/anomaly/timeline", "interp/nns/model.relu3/learning_images"):
+        assert f'alt="{key}"' in dom
+    # Layout from the DOM (html_report's load script): no figure covers another, every figure is drawn
+    # with a real size, and the timeline (legend below its plot area) is wider than tall.
+    assert 'data-figures-overlapping="0"' in dom
+    rendered = re.findall(r'alt="([^"]+)"[^>]*data-rendered="(\d+x\d+)"', dom)
+    assert len(rendered) == total, "the load script did not record every figure's rendered size"
+    sizes = {key: tuple(map(int, size.split("x"))) for key, size in rendered}
+    assert all(w > 0 and h > 0 for w, h in sizes.values()), sizes
+    width, height = sizes["interp/anomaly/timeline"]
+    assert width > height, f"the timeline is drawn {width}x{height}"
+    if "interp/anomaly/outlier_samples" in sizes:  # a labelled grid, not a one-thumbnail column
+        width, height = sizes["interp/anomaly/outlier_samples"]
+        assert width >= height, f"the outlier samples are drawn {width}x{height}"
+    shot = tmp_path / "page.png"
+    subprocess.run([browser, *flags, "--window-size=1280,2000", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    pixels = torch.from_numpy(__import__("numpy").asarray(Image.open(shot).convert("L")))
+    assert pixels.float().std() > 10  # a rendered page with pictures, not a blank one
