@@ -192,3 +192,26 @@ def test_probe_losses_are_the_per_sample_cross_entropy():
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, y, reduction="none"))
     assert pred.tolist() == logits.argmax(1).tolist()
     assert AnomalyFilterMonitor.probe_losses(module, Batch(x=x)) is None  # no labels
+
+
+def test_settings_are_one_validated_criteria_and_alarm_rule_passed_whole():
+    from dataclasses import asdict
+
+    from lightning_interp.metrics.anomaly import AnomalyCriteria
+    from lightning_interp.overfitting import AlarmRule
+
+    criteria = AnomalyCriteria(min_cluster_size=5, k_max=4, ch_reference="median")
+    rule = AlarmRule("count", rel=0.2, patience=3, min_epoch=1)
+    mon = AnomalyFilterMonitor("model.relu3", probe_size=32, criteria=criteria, alarm=rule, mode="exact")
+    assert mon.criteria is criteria and mon.alarm_rule is rule and mon.alarm == "count"
+    settings = mon.settings()
+    assert {k: settings[k] for k in asdict(criteria)} == asdict(criteria)
+    assert (settings["alarm"], settings["alarm_rel"], settings["alarm_patience"]) == ("count", 0.2, 3)
+    # The keyword shorthands build the same dataclasses.
+    short = AnomalyFilterMonitor("model.relu3", probe_size=32, min_cluster_size=5, k_max=4, ch_reference="median",
+                                 alarm="count", alarm_rel=0.2, alarm_patience=3, alarm_min_epoch=1)
+    assert short.criteria == criteria and short.alarm_rule == rule
+    with pytest.raises(TypeError, match="AnomalyCriteria"):
+        AnomalyFilterMonitor("model.relu3", criteria={"k_max": 4})
+    with pytest.raises(ValueError, match=r"probe_size=5\): Expected more probe samples"):
+        AnomalyFilterMonitor("model.relu3", probe_size=5, criteria=criteria)
