@@ -13,7 +13,13 @@ from .anomaly import (
     project_filters_2d,
     scan_anomaly_filters,
 )
-from .fq import feature_quantity, fq_diversity, neuron_feature_quantity
+from .fq import (
+    diversity_masking,
+    feature_quantity,
+    fq_diversity,
+    layer_feature_quantity,
+    neuron_feature_quantity,
+)
 from .tip import TIPAggregate, avou, interpretable_properties, layer_properties, sou, spearman
 
 __all__ = [
@@ -28,10 +34,12 @@ __all__ = [
     "avou",
     "cluster_filters",
     "detect_anomaly_filters",
+    "diversity_masking",
     "feature_quantity",
     "filter_types",
     "fq_diversity",
     "interpretable_properties",
+    "layer_feature_quantity",
     "layer_properties",
     "neuron_feature_quantity",
     "project_filters_2d",
