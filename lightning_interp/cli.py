@@ -32,6 +32,8 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 
+from .nns import SCAN_MODES
+
 #: Short names accepted by ``--datamodule``.
 DATAMODULES = {
     "digits": "lightning_interp.data.DigitsDataModule",

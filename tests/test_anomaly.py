@@ -171,3 +171,18 @@ def test_median_reference_is_robust_to_one_huge_ch():
     assert direct.anomaly.tolist() == robust.anomaly.tolist()
     with pytest.raises(ValueError, match="ch_reference"):
         apply_criteria(clusters, act, min_cluster_size=6, ch_reference="max")
+
+
+def test_pooled_anomaly_features_are_exact_images_pooled_by_hand():
+    from lightning_interp.metrics.anomaly import anomaly_features
+    from lightning_interp.models import SimpleCNN
+    from lightning_interp.nns import filter_learning_images
+
+    torch.manual_seed(0)
+    model = SimpleCNN(in_channels=3).double().eval()
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    feats = anomaly_features(model, "relu3", x, mode="pooled", grid=2)
+    oracle = torch.nn.functional.adaptive_avg_pool2d(filter_learning_images(model, "relu3", x).sum(2), 2).flatten(2)
+    torch.testing.assert_close(feats, oracle)
+    with pytest.raises(ValueError, match="'exact', 'sketch', 'pooled'"):
+        anomaly_features(model, "relu3", x, mode="cheap")

@@ -139,7 +139,7 @@ def test_integer_training_data(tmp_path):
     ({"min_cluster_size": 1.5}, r"min_cluster_size"),
     ({"k_max": 1}, r"`k_max` to be an int >= 2 but got 1"),
     ({"probe_size": 5}, r"probe_size=5\): Expected more probe samples than `k_max` \+ 1"),
-    ({"mode": "fast"}, r"\['exact', 'sketch'\]"),
+    ({"mode": "fast"}, r"\['exact', 'sketch', 'pooled'\]"),
 ])
 def test_anomaly_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):

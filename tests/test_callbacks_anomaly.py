@@ -55,9 +55,14 @@ def test_fit_logs_counts_writes_report_and_resumes(tmp_path, digits):
     assert report["wt_epoch"] in (0, 1) and report["final_count"] == totals[-1]
     assert report["layers"]["model.relu3"]["num_filters"] == 16
     scores = FilterScores.load(report_path)  # the report is the monitor's FilterScores plus the run's story
-    assert scores.scorer == "anomaly" and scores.count == totals[-1]
+    # The scans ran in the default (pooled) mode; the flags consumers get were rescanned exactly at fit end.
+    assert mon.mode == "pooled" and scores.settings["mode"] == "pooled"
+    assert scores.settings["flags_mode"] == "exact" and scores.settings["flags_scanned"] == "fit end"
+    exact = mon.exact_scores(trainer.lightning_module, mon.probe)  # the same scan again: the same flags
+    assert scores.scorer == "anomaly" and scores.flags() == exact.flags() == mon.filter_scores().flags()
     assert scores.scores["model.relu3"].shape == (16,)
-    assert scores.flags() == mon.filter_scores().flags()
+    exact_counts = [float(r[k]) for r in rows for k in r if k.endswith("/count_exact") and r[k]]
+    assert sum(exact_counts) == scores.count
     for _layer, entry in report["layers"].items():
         for item in entry["flagged"]:
             assert item["outlier_clusters"] > 0.2 * item["num_clusters"]

@@ -10,6 +10,8 @@ from torch import nn
 from lightning_interp.layers import capture_output, get_layer, list_layers
 from lightning_interp.models import LeNet5, SimpleCNN, resnet18_cifar
 from lightning_interp.nns import (
+    SCAN_MODES,
+    check_scan_mode,
     filter_knowledge_quantity,
     filter_learning_images,
     knowledge_quantity,
@@ -17,6 +19,8 @@ from lightning_interp.nns import (
     layer_knowledge_quantity,
     layer_learning_image,
     neuron_learning_images,
+    pooled_learning_images,
+    pooling_basis,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -272,3 +276,61 @@ def test_rectify_defaults_to_true_everywhere():
                 found.append((f"{info.name}.{name}", param.default))
     assert len(found) > 15
     assert [n for n, default in found if default is not True] == []
+
+
+# ---- pooled mode: learning images pooled onto a fixed grid, from forward-mode products ------------------
+
+
+def _bn_cnn():
+    model = SimpleCNN(in_channels=3, batch_norm=True).double().eval()
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("grid", [2, 3, (2, 4)])
+@pytest.mark.parametrize("layer", ["conv2", "relu3"])
+def test_pooled_learning_images_equal_exact_images_pooled_by_hand(layer, grid):
+    model = _bn_cnn()
+    x = torch.randn(4, 3, 18, 18, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # 18: cells overlap at 4
+    pooled = pooled_learning_images(model, layer, x, grid=grid)
+    exact = filter_learning_images(model, layer, x)  # (B, K, C, H, W)
+    # Oracle: the channel sum of each exact image, averaged over adaptive_avg_pool2d's cells.
+    oracle = torch.nn.functional.adaptive_avg_pool2d(exact.sum(2), grid).flatten(2)
+    assert pooled.shape == oracle.shape
+    torch.testing.assert_close(pooled, oracle, rtol=1e-9, atol=1e-12)
+    assert model.training is False and all(p.grad is None for p in model.parameters())
+
+
+def test_pooled_learning_images_of_vectors_and_one_cell():
+    model = nn.Sequential(nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = filter_learning_images(model, "1", x)  # (B, 7, 12)
+    pooled = pooled_learning_images(model, "1", x, grid=3)
+    torch.testing.assert_close(pooled, exact.view(5, 7, 3, 4).mean(-1))
+    # One cell: the mean of the whole learning image (TIP's P_m, eq. 5-7), channels summed.
+    cnn = _bn_cnn()
+    xi = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    whole = pooled_learning_images(cnn, "relu3", xi, grid=1)
+    torch.testing.assert_close(whole[..., 0], filter_learning_images(cnn, "relu3", xi).sum(2).mean((2, 3)))
+
+
+def test_pooling_basis_is_adaptive_average_pooling():
+    basis = pooling_basis((2, 7, 5), (3, 2), dtype=torch.float64)  # (6, 2, 7, 5)
+    image = torch.randn(2, 7, 5, dtype=torch.float64)
+    reference = torch.nn.functional.adaptive_avg_pool2d(image.sum(0, keepdim=True), (3, 2)).flatten()
+    torch.testing.assert_close((basis * image).flatten(1).sum(1), reference)
+    with pytest.raises(ValueError, match="grid"):
+        pooling_basis((3, 4, 4), 0)
+    with pytest.raises(ValueError, match="no finer"):
+        pooling_basis((3, 4, 4), 5)
+
+
+def test_scan_modes_are_checked_in_one_place():
+    assert check_scan_mode("pooled") == "pooled"
+    assert set(SCAN_MODES) == {"exact", "sketch", "pooled"}
+    with pytest.raises(ValueError, match=r"Expected `mode` to be one of \['exact', 'sketch', 'pooled'\] but got 'fast'"):
+        check_scan_mode("fast")

@@ -113,3 +113,19 @@ def test_ops_vmap_cannot_batch_fall_back_to_forward_ad():
     with pytest.warns(UserWarning, match="replicated-batch"):
         proj, r = sketch_learning_images(model, "net.relu3", x, num_projections=5, rectify=True, return_directions=True)
     torch.testing.assert_close(proj, torch.einsum("bk...,p...->bkp", exact, r), atol=1e-6, rtol=1e-6)
+
+
+def test_sketch_properties_per_sample_directions_are_hutchinson_by_hand():
+    torch.manual_seed(0)
+    model = SimpleCNN(in_channels=3).double().eval()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    shared = sketch_properties(model, "relu3", x, num_projections=5, seed=7)
+    own = sketch_properties(model, "relu3", x, num_projections=5, seed=7, per_sample=True)
+    for name in ("mean", "covariance"):  # exact either way
+        torch.testing.assert_close(own[name], shared[name])
+    # Oracle: directions drawn as documented, one set per sample, against exact learning images.
+    r = torch.Generator().manual_seed(7)
+    r = (torch.randint(0, 2, (3 * 5, 3, 16, 16), generator=r).double() * 2 - 1).view(3, 5, -1)
+    li = filter_learning_images(model, "relu3", x).flatten(2)  # (B, K, E)
+    sq = (torch.einsum("bpe,bke->bkp", r, li) ** 2).mean(-1) / li.shape[-1]
+    torch.testing.assert_close(own["variance"], (sq - li.mean(-1) ** 2).clamp_min(0))

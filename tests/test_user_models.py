@@ -257,7 +257,7 @@ def test_same_layers_in_another_mode_get_the_mode_in_their_prefix(tmp_path):
     trainer = make_trainer(tmp_path, logger=False, callbacks=[a, b], max_epochs=1, limit_train_batches=1,
                            limit_val_batches=1, enable_checkpointing=False)
     trainer.fit(UserModule(tiny_net()), *loaders())
-    assert (a.log_prefix, b.log_prefix) == ("interp/net.2+exact", "interp/net.2+sketch")
+    assert (a.log_prefix, b.log_prefix) == ("interp/net.2+pooled", "interp/net.2+sketch")
 
 
 def test_without_a_logger_files_go_under_default_root_dir(tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ from ..overfitting import (
 from ..progress import progress, trainer_shows_progress
 from ..scores import ANOMALY_REPORT_FORMAT, FilterScores, write_json
 from ..viz import cluster_scatter, labelled_image_grid
-from .base import InterpCallback, rank_zero_decides, send_metrics
+from .base import InterpCallback, guarded, rank_zero_decides, send_metrics
 
 __all__ = ["ALARMS", "AnomalyFilterMonitor", "overfit_alarm"]  # the last two live in lightning_interp.overfitting
 
@@ -46,9 +46,18 @@ def _class_names(pl_module: pl.LightningModule):
 class AnomalyFilterMonitor(InterpCallback):
     """Count anomaly filters of the watched layers every few epochs and raise an overfitting alarm.
 
-    On a fixed training probe (default 512 samples), for each layer: every filter's learning
+    On a fixed training probe (default 128 samples), for each layer: every filter's learning
     images → per-filter 2-D PCA → GMM sweep K = 2..k_max by Calinski-Harabasz → the three
-    criteria (:func:`~lightning_interp.metrics.anomaly.detect_anomaly_filters`). Logs
+    criteria (:func:`~lightning_interp.metrics.anomaly.detect_anomaly_filters`). By default
+    (``mode="pooled"``) the learning images are seen on a 2×2 grid, channels summed
+    (:func:`~lightning_interp.nns.pooled_learning_images`: exact, 4 forward-mode products for all
+    filters at once); ``mode="exact"`` clusters the full images, as the thesis does (one backward pass
+    per filter: the reference). Measured cost of the defaults (``benchmarks/overhead.py``, 2-core CPU,
+    SimpleCNN ``relu3``, 5,000 samples/epoch): see the README's "Monitoring overhead"; exact mode
+    with a 256-image probe cost 3.7× the epoch there. Whether the pooled count carries exact mode's
+    overfitting signal is measured in ``experiments/cheap_scan_signal.py``: on 4 SimpleCNN runs it
+    did **not** pass issue 16's criterion — its count's Spearman with exact mode's across epochs was
+    0.58-0.65 where exact mode with another GMM seed reached 0.91-0.93 (README). Logs
 
     * ``interp/anomaly/<layer>/count`` and ``interp/anomaly/count`` (all layers) — monitorable by
       ``EarlyStopping``/``ModelCheckpoint`` (``mode="min"``);
@@ -75,7 +84,7 @@ class AnomalyFilterMonitor(InterpCallback):
 
     Args:
         layers: module paths of the LightningModule (e.g. ``"model.relu3"``).
-        probe_size: probe samples (default 512).
+        probe_size: probe samples (default 128; it was 512 before the pooled default).
         every_n_epochs: cadence.
         min_cluster_size: λ: int (samples) or fraction of the probe (default 0.1 ≈ the thesis' 50
             of 512 for small CNNs; use 10 / 0.02 for ResNet-18-sized models).
@@ -89,11 +98,14 @@ class AnomalyFilterMonitor(InterpCallback):
             (robust to one filter with a huge CH index; see
             :func:`~lightning_interp.metrics.anomaly.apply_criteria`).
         rectify: scan ReLU(layer output) (the thesis' conv layer); default True.
-        mode: ``"exact"`` (one backward pass per filter) or ``"sketch"`` (``num_projections``
-            random projections of all filters' learning images from forward-mode products).
-            Sketch features are 17-34× cheaper on a GPU for a 512-filter layer, but its flags
-            matched exact mode's on only 65-84 % of filters (95 % between two exact runs):
-            README, "Sketch vs exact"; ``benchmarks/sketch.py``.
+        mode: one of :data:`~lightning_interp.nns.SCAN_MODES`: ``"pooled"`` (default: learning images
+            pooled onto ``grid``, exact in that definition, one forward-mode product per cell for all
+            filters), ``"exact"`` (full learning images, one backward pass per filter: the thesis'
+            embedding and the reference) or ``"sketch"`` (``num_projections`` random projections of
+            all filters' learning images). Sketch features are 17-34× cheaper on a GPU for a
+            512-filter layer, but its flags matched exact mode's on only 65-84 % of filters (95 %
+            between two exact runs): README, "Sketch vs exact"; ``benchmarks/sketch.py``.
+        grid: cells per side of pooled mode's grid (int or ``(rows, columns)``); default 2 (2×2).
         backend: GMM backend, ``"auto"``, ``"batched"`` or ``"sklearn"``.
         val_acc_key, val_loss_key: ``trainer.callback_metrics`` keys of validation accuracy and loss.
         alarm: the overfitting alarm's rule, a name or a whole
@@ -115,6 +127,11 @@ class AnomalyFilterMonitor(InterpCallback):
         report_path: JSON report path; ``<log dir>/anomaly_report.json`` when None.
         num_scatter: flagged filters drawn per layer; num_outlier_images: outlier samples shown, as a
             grid captioned with each sample's given label, predicted class and the filters that flag it.
+        exact_flags_at_fit_end: when ``mode`` is not ``"exact"``, scan the probe once more in exact
+            mode at fit end, so that the flags the report, ``FilterMasking`` and ``PruneFlaggedFilters``
+            take afterwards are exact mode's (issue 16: cheap counts during training, exact per-filter
+            flags for the layers being pruned). Costs one exact scan (about one epoch-end scan of the
+            old default); logged as ``interp/anomaly/<layer>/count_exact``.
         outlier_gradients: compute the outlier vs normal per-sample gradient magnitudes (table 6-3)
             at every scan; within the scan memory budget, but one backward pass per probe sample
             on a large model — turn off to save the time.
@@ -146,6 +163,7 @@ class AnomalyFilterMonitor(InterpCallback):
         num_scatter: int = 4,
         num_outlier_images: int = 16,
         outlier_gradients: bool = True,
+        exact_flags_at_fit_end: bool = True,
         mode: str = "pooled",
         num_projections: int = 64,
         grid: int | tuple[int, int] = 2,
@@ -179,6 +197,7 @@ class AnomalyFilterMonitor(InterpCallback):
         self.num_scatter = num_scatter
         self.num_outlier_images = num_outlier_images
         self.outlier_gradients = outlier_gradients
+        self.exact_flags_at_fit_end = exact_flags_at_fit_end
         # Run progress (state_dict): validation curve, the scores and flags of the last scan.
         self.val_history: list[dict[str, float]] = []
         self.latest: FilterScores = self._no_scores()
@@ -267,6 +286,15 @@ class AnomalyFilterMonitor(InterpCallback):
             pl_module, layer, x, mode=self.mode, num_projections=self.num_projections, rectify=self.rectify,
             seed=self.seed, grid=self.grid, criteria=self.criteria,
         )
+
+    def exact_scores(self, pl_module: pl.LightningModule, probe: Batch) -> FilterScores:
+        """Exact-mode :class:`~lightning_interp.scores.FilterScores` of every watched layer on ``probe``
+        (this monitor's criteria and seed): what ``exact_flags_at_fit_end`` puts in the report."""
+        results = {layer: scan_anomaly_filters(pl_module, layer, probe.x, mode="exact", rectify=self.rectify,
+                                               seed=self.seed, criteria=self.criteria) for layer in self.layers}
+        epoch = self.history[-1]["epoch"] if self.history else None
+        return anomaly_scores(results, epoch=epoch, settings={**asdict(self.criteria), "mode": "exact",
+                                                              "scanned": "fit end"})
 
     @override
     def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
@@ -443,7 +471,9 @@ class AnomalyFilterMonitor(InterpCallback):
             "format": ANOMALY_REPORT_FORMAT,
             "epoch": self.history[-1]["epoch"] if self.history else None,
             **self.summary(),
-            "settings": self.settings(),
+            # The scan settings, and which scan the flags come from (the exact fit-end rescan, or the last scan).
+            "settings": {**self.settings(), "flags_mode": self.latest.settings.get("mode", self.mode),
+                         "flags_scanned": self.latest.settings.get("scanned", "last scan")},
             "history": history,
         }
         path = self.resolve_report_path(trainer)
@@ -463,11 +493,22 @@ class AnomalyFilterMonitor(InterpCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.history:
             return
+        exact_counts: dict[str, float] = {}
+        if self.mode != "exact" and self.exact_flags_at_fit_end and self.probe is not None:
+            # Decided on rank zero (one scan) and broadcast: every rank holds the same flags.
+            exact = rank_zero_decides(trainer, lambda: guarded(
+                "AnomalyFilterMonitor", self.strict, "kept the last scan's flags (no exact scan at fit end)",
+                lambda: self.exact_scores(pl_module, self.probe.to(pl_module.device))))
+            if exact is not None:
+                self.latest = exact
+                exact_counts = {f"{self.log_prefix}/anomaly/{layer}/count_exact": float(len(idx))
+                                for layer, idx in exact.flagged.items()}
         summary = self.summary()
         if trainer.is_global_zero:
             metrics = {
                 f"{self.log_prefix}/anomaly/count_wt": summary["wt_count"],
                 f"{self.log_prefix}/anomaly/count_final": summary["final_count"],
+                **exact_counts,
             }
             metrics = {k: v for k, v in metrics.items() if v is not None}
             send_metrics(trainer, metrics)

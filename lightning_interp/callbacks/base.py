@@ -554,10 +554,23 @@ class InterpCallback(Callback):
         self.history.append({"epoch": trainer.current_epoch, **{k: float(v) for k, v in scalars.items()}})
 
     def log_fit_end(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        """Fit-end results: to every logger (rank zero; ``pl_module.log`` is not allowed there) and the history."""
+        """Fit-end results: to every logger (rank zero; ``pl_module.log`` is not allowed there) and the history.
+
+        Compute ``metrics`` inside :func:`rank_zero_decides` (see :meth:`fit_end_analysis`), so that
+        every rank records rank zero's values, as for the scans."""
         if trainer.is_global_zero:
             send_metrics(trainer, metrics)
         self.history.append({"epoch": trainer.current_epoch, "fit_end": 1.0, **metrics})
+
+    def fit_end_analysis(self, trainer: pl.Trainer, what: str, fn: Callable[[], dict[str, float] | None]) -> None:
+        """Run a fit-end analysis ``fn`` (returns the scalars to log, or None) on every rank, keep rank zero's
+        scalars everywhere and log them. Fit-end evaluations may see a different share of the validation
+        data on each rank; a failure warns (``strict=True`` raises) and never loses the run, and no rank is
+        left waiting in the broadcast (:func:`rank_zero_decides` catches before it broadcasts)."""
+        metrics = guarded(type(self).__name__, self.strict, f"skipped {what}",
+                          lambda: rank_zero_decides(trainer, fn))
+        if metrics:
+            self.log_fit_end(trainer, metrics)
 
     @rank_zero_only
     def log_image(self, trainer: pl.Trainer, key: str, image: np.ndarray, caption: str = "") -> None:

@@ -19,7 +19,7 @@ from ..metrics.fq import (
     layer_feature_quantity,
 )
 from ..scores import FilterScores
-from .base import InterpCallback, guarded
+from .base import InterpCallback
 
 __all__ = ["FeatureQuantityMonitor"]
 
@@ -134,10 +134,9 @@ class FeatureQuantityMonitor(InterpCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.diversity:
             return
-        guarded("FeatureQuantityMonitor", self.strict, "skipped its fit-end analysis",
-                lambda: self._mask_diverse(trainer, pl_module))
+        self.fit_end_analysis(trainer, "its fit-end analysis", lambda: self._mask_diverse(trainer, pl_module))
 
-    def _mask_diverse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _mask_diverse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
         loader = self.eval_dataloader(trainer)
         if loader is None:
             rank_zero_warn("FeatureQuantityMonitor: no validation data; diversity masking is skipped.")
@@ -152,7 +151,7 @@ class FeatureQuantityMonitor(InterpCallback):
                 rows.append([layer, tag, r["filters"], r["accuracy_change"], r["loss_pct"]])
         self.log_table(trainer, f"{self.log_prefix}/fq/diversity_masking",
                        ["layer", "which", "filters", "accuracy_change", "loss_change_pct"], rows)
-        self.log_fit_end(trainer, metrics)
+        return metrics
 
     @override
     def state_dict(self) -> dict[str, Any]:

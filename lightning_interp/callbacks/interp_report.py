@@ -64,7 +64,10 @@ def _anomaly_section(cb: AnomalyFilterMonitor, curves: Curves) -> tuple[Section,
         section.figures.append(Figure(f"{cb.log_prefix}/anomaly/timeline", timeline,
                                       "anomaly filters per layer per scan, against the loss curves"))
     section.figures.extend(Figure(k, img, cap) for k, (img, cap, _) in cb.figures.items())
-    table = _flagged_table(cb.filter_scores(), "Flagged filters (last scan)")
+    scores = cb.filter_scores()
+    scanned = scores.settings.get("scanned")
+    table = _flagged_table(scores, f"Flagged filters ({scores.settings.get('mode')} scan at {scanned})" if scanned
+                           else "Flagged filters (last scan)")
     if table is not None:
         section.tables.append(table)
     else:

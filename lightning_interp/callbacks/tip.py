@@ -17,7 +17,7 @@ from ..nns import filter_learning_images
 from ..progress import progress, trainer_shows_progress
 from ..scores import FilterScores
 from ..viz import heatmap, image_grid
-from .base import InterpCallback, guarded
+from .base import InterpCallback
 
 __all__ = ["TIPMonitor"]
 
@@ -50,13 +50,17 @@ class TIPMonitor(InterpCallback):
 
     Args:
         layers: module paths of the LightningModule.
-        probe_size: probe samples (default 128).
+        probe_size: probe samples (default 64; 128 before the sketch default).
         rectify: scan ReLU(layer output) (default True).
         per: fraction for the filter types (thesis: 0.3); type_property: the property ranked.
         top_filters: filters shown per property; aipc_fractions: masked fractions;
         aipc_max_batches: validation batches used per AIPC point (all when None).
-        mode: ``"exact"`` or ``"sketch"`` (T_m and T_c exact from forward-mode products, T_v and
-            T_cor from a Hutchinson estimate with ``num_projections`` directions).
+        mode: ``"sketch"`` (default: T_m and T_c exact from forward-mode products, T_v and T_cor from
+            a Hutchinson estimate with ``num_projections`` directions per sample, default 4, so the
+            default scan is 6 forward-mode products of the probe for all filters at once) or
+            ``"exact"`` (one backward pass per filter: the reference). No ``"pooled"`` mode:
+            :func:`~lightning_interp.metrics.tip.check_tip_mode`. Measured cost of the defaults:
+            README, "Monitoring overhead".
         **kwargs: :class:`~lightning_interp.callbacks.base.InterpCallback` options.
     """
 
@@ -64,7 +68,7 @@ class TIPMonitor(InterpCallback):
         self,
         layers: str | Sequence[str],
         *,
-        probe_size: int = 128,
+        probe_size: int = 64,
         every_n_epochs: int = 1,
         rectify: bool = True,
         per: float = 0.3,
@@ -72,8 +76,8 @@ class TIPMonitor(InterpCallback):
         top_filters: int = 4,
         aipc_fractions: Sequence[float] = DEFAULT_FRACTIONS,
         aipc_max_batches: int | None = None,
-        mode: str = "exact",
-        num_projections: int = 64,
+        mode: str = "sketch",
+        num_projections: int = 4,
         **kwargs,
     ):
         super().__init__(layers, probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
@@ -145,13 +149,13 @@ class TIPMonitor(InterpCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.last:
             return
-        guarded("TIPMonitor", self.strict, "skipped its fit-end analyses", lambda: self._post_fit(trainer, pl_module))
+        self.fit_end_analysis(trainer, "its fit-end analyses", lambda: self._post_fit(trainer, pl_module))
 
-    def _post_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _post_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
         loader = self.eval_dataloader(trainer)
         if loader is None:
             rank_zero_warn("TIPMonitor: no validation data; AIPC and type masking are skipped.")
-            return
+            return None
         metrics: dict[str, float] = {}
         for layer, t in self.last.items():
             curves = {}
@@ -175,7 +179,7 @@ class TIPMonitor(InterpCallback):
                                ["type", "filters", "accuracy_change"], rows)
                 for name, change in changes.items():
                     metrics[f"{self.log_prefix}/tip/{layer}/type_masking/{name}"] = change
-        self.log_fit_end(trainer, metrics)
+        return metrics
 
     @override
     def state_key_fields(self) -> dict[str, Any]:
