@@ -158,11 +158,30 @@ def peak_memory(device: str) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (peak RSS of the process so far)"
 
 
+def cifar10(root: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` of a seeded shuffle of ``root/train`` (an ImageFolder of CIFAR-10), standardised:
+    real images, so the scans flag filters and draw their pictures as in a user's run (random data does
+    not). Decoded once into ``runs/cifar10_uint8.pt`` (the overfitting benchmark's cache)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+    import overfitting_signals as ofs
+
+    raw = ofs.load_cifar(root, Path("runs/cifar10_uint8.pt"))
+    idx = torch.randperm(len(raw["train_y"]), generator=torch.Generator().manual_seed(0))[:n]
+    x = (raw["train_x"][idx].float() / 255 - ofs.MEAN) / ofs.STD
+    return x, raw["train_y"][idx].clone()
+
+
 def run(monitored: bool, args, device: str, parts: PartTimer | None = None) -> list[float]:
     pl.seed_everything(0)
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(args.samples, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (args.samples,), generator=g)
+    if args.data:
+        x, y = cifar10(args.data, args.samples)
+    else:
+        x = torch.rand(args.samples, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (args.samples,), generator=g)
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True)
     gpu = device == "cuda"
     net = resnet18_cifar() if gpu else SimpleCNN(in_channels=3)
@@ -198,6 +217,8 @@ def run(monitored: bool, args, device: str, parts: PartTimer | None = None) -> l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data", default=None,
+                        help="a CIFAR-10 ImageFolder root (e.g. ../shared/data/cifar10) for real images; random data when omitted")
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=None)
@@ -228,7 +249,7 @@ def main() -> None:
     mean_mon = sum(monitored[1:]) / max(1, len(monitored) - 1)
     measured = max(1, len(monitored) - 1)
     model = "resnet18_cifar" if gpu else "SimpleCNN"
-    print(f"{model} on {args.device} ({torch.get_num_threads()} threads), {args.samples} samples/epoch, epochs "
+    print(f"{model} on {args.device} ({torch.get_num_threads()} threads), {args.samples} {'CIFAR-10' if args.data else 'random'} samples/epoch, epochs "
           f"{args.epochs}; monitors: {'their defaults' if not (args.mode or args.probe_size or args.num_projections) else ''}"
           f"{f' mode={args.mode}' if args.mode else ''}{f' probe={args.probe_size}' if args.probe_size else ''}"
           f"{f' P={args.num_projections}' if args.num_projections else ''}")
