@@ -45,6 +45,7 @@ __all__ = [
     "sketch_properties",
     "rademacher_directions",
     "SCAN_MODES",
+    "ScanSpec",
     "check_scan_mode",
     "pooling_basis",
     "pooled_learning_images",
@@ -67,6 +68,38 @@ def check_scan_mode(mode: str) -> str:
     if mode not in SCAN_MODES:
         raise ValueError(f"Expected `mode` to be one of {list(SCAN_MODES)} but got {mode!r}.")
     return mode
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    """How a layer's learning images are scanned, validated once and passed down whole.
+
+    Args:
+        mode: one of :data:`SCAN_MODES` — ``"exact"`` (one vector-Jacobian product per filter, the
+            reference), ``"sketch"`` (``num_projections`` random projections from forward-mode
+            products) or ``"pooled"`` (learning images pooled onto ``grid`` cells, one forward-mode
+            product per cell: :func:`pooled_learning_images`).
+        num_projections: P of sketch mode (an int >= 2).
+        grid: cells per spatial side of pooled mode (an int, or one int per spatial dimension).
+        rectify: scan ReLU(layer output), the thesis' conv layer.
+
+    ``dataclasses.asdict(spec)`` is what monitors write to their reports.
+    """
+
+    mode: str = "exact"
+    num_projections: int = 64
+    grid: int | tuple[int, ...] = 2
+    rectify: bool = True
+
+    def __post_init__(self) -> None:
+        check_scan_mode(self.mode)
+        if isinstance(self.num_projections, bool) or not isinstance(self.num_projections, int) or self.num_projections < 2:
+            raise ValueError(f"Expected `num_projections` to be an int >= 2 but got {self.num_projections!r}.")
+        _grid_of(self.grid, 1 if isinstance(self.grid, int) else len(self.grid))
+        if isinstance(self.grid, list):
+            object.__setattr__(self, "grid", tuple(self.grid))
+        if not isinstance(self.rectify, bool):
+            raise TypeError(f"Expected `rectify` to be a bool but got {self.rectify!r}.")
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:

@@ -154,3 +154,8 @@ def test_anomaly_settings(kwargs, match):
 def test_guidance_loss_weights(weights, match):
     with pytest.raises(ValueError, match=match):
         AttentionGuidance("model.relu3", weights)
+
+
+def test_a_pooled_grid_finer_than_the_inputs_is_refused_before_training(tmp_path, shapes):
+    cb = AnomalyFilterMonitor("model.relu3", probe_size=16, k_max=3, mode="pooled", grid=32)
+    refused_before_training(tmp_path, shapes, cb, r"grid.*no finer than the input's spatial size")

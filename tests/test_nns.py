@@ -334,3 +334,18 @@ def test_scan_modes_are_checked_in_one_place():
     assert set(SCAN_MODES) == {"exact", "sketch", "pooled"}
     with pytest.raises(ValueError, match=r"Expected `mode` to be one of \['exact', 'sketch', 'pooled'\] but got 'fast'"):
         check_scan_mode("fast")
+
+
+def test_scan_spec_is_validated_once():
+    from lightning_interp.nns import ScanSpec
+
+    assert ScanSpec(mode="pooled", grid=[2, 3]).grid == (2, 3)
+    for bad, error, match in (
+        (dict(mode="fast"), ValueError, r"\['exact', 'sketch', 'pooled'\]"),
+        (dict(num_projections=1), ValueError, "num_projections"),
+        (dict(grid=0), ValueError, "grid"),
+        (dict(grid=(2, True)), ValueError, "grid"),
+        (dict(rectify=1), TypeError, "rectify"),
+    ):
+        with pytest.raises(error, match=match):
+            ScanSpec(**bad)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from ..batch import Batch
 from ..metrics.anomaly import AnomalyCriteria, AnomalyFilters, anomaly_scores, scan_anomaly_filters
-from ..nns import check_scan_mode, pooling_basis, scan_mode
+from ..nns import ScanSpec, pooling_basis, scan_mode
 from ..overfitting import (
     ALARMS,
     AlarmRule,
@@ -171,14 +171,10 @@ class AnomalyFilterMonitor(InterpCallback):
         **kwargs,
     ):
         super().__init__(layers, probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
-        check_scan_mode(mode)
-        if not isinstance(num_projections, int) or num_projections < 2:
-            raise ValueError(f"Expected `num_projections` to be an int >= 2 but got {num_projections!r}.")
-        self.mode = mode
-        self.num_projections = num_projections
-        self.grid = grid
-        if mode == "pooled":
-            pooling_basis((1, 64, 64), grid)  # a bad `grid` fails now (its size is checked at the first scan)
+        # How the layers are scanned, validated once and passed down whole (a grid too fine for the
+        # inputs is refused at the first scan, when their size is known).
+        self.spec = ScanSpec(mode=mode, num_projections=num_projections, grid=grid, rectify=rectify)
+        self.mode, self.num_projections, self.grid = self.spec.mode, self.spec.num_projections, self.spec.grid
         # The settings, validated once and passed down whole (the report writes them with `asdict`).
         if criteria is not None and not isinstance(criteria, AnomalyCriteria):
             raise TypeError(f"Expected `criteria` to be an AnomalyCriteria but got {type(criteria).__name__}.")
@@ -275,6 +271,8 @@ class AnomalyFilterMonitor(InterpCallback):
         # `__init__` checked the default probe size; a given `probe=` is checked here, before the first step.
         try:
             self.criteria.check_probe(len(probe.x))
+            if self.mode == "pooled":
+                pooling_basis(tuple(probe.x.shape[1:]), self.grid)  # a grid finer than the inputs
         except ValueError as err:
             raise ValueError(f"AnomalyFilterMonitor's probe does not fit its settings: {err}") from None
 
@@ -283,15 +281,15 @@ class AnomalyFilterMonitor(InterpCallback):
         """Anomaly filters of one layer on inputs ``x`` with this monitor's settings
         (:func:`~lightning_interp.metrics.anomaly.scan_anomaly_filters`)."""
         return scan_anomaly_filters(
-            pl_module, layer, x, mode=self.mode, num_projections=self.num_projections, rectify=self.rectify,
-            seed=self.seed, grid=self.grid, criteria=self.criteria,
+            pl_module, layer, x, spec=self.spec, seed=self.seed, criteria=self.criteria,
         )
 
     def exact_scores(self, pl_module: pl.LightningModule, probe: Batch) -> FilterScores:
         """Exact-mode :class:`~lightning_interp.scores.FilterScores` of every watched layer on ``probe``
         (this monitor's criteria and seed): what ``exact_flags_at_fit_end`` puts in the report."""
-        results = {layer: scan_anomaly_filters(pl_module, layer, probe.x, mode="exact", rectify=self.rectify,
-                                               seed=self.seed, criteria=self.criteria) for layer in self.layers}
+        spec = replace(self.spec, mode="exact")
+        results = {layer: scan_anomaly_filters(pl_module, layer, probe.x, spec=spec, seed=self.seed,
+                                               criteria=self.criteria) for layer in self.layers}
         epoch = self.history[-1]["epoch"] if self.history else None
         return anomaly_scores(results, epoch=epoch, settings={**asdict(self.criteria), "mode": "exact",
                                                               "scanned": "fit end"})

@@ -13,7 +13,7 @@ from typing_extensions import override
 from ..batch import Batch
 from ..metrics.aipc import DEFAULT_FRACTIONS, aipc, filter_types, type_masking
 from ..metrics.tip import PROPERTIES, check_tip_mode, layer_properties, spearman
-from ..nns import filter_learning_images
+from ..nns import ScanSpec, filter_learning_images
 from ..progress import progress, trainer_shows_progress
 from ..scores import FilterScores
 from ..viz import heatmap, image_grid
@@ -82,8 +82,9 @@ class TIPMonitor(InterpCallback):
     ):
         super().__init__(layers, probe_size=probe_size, every_n_epochs=every_n_epochs, **kwargs)
         check_tip_mode(mode)
-        self.mode = mode
-        self.num_projections = num_projections
+        # How the layers are scanned, validated once and passed down whole.
+        self.spec = ScanSpec(mode=mode, num_projections=num_projections, rectify=rectify)
+        self.mode, self.num_projections = self.spec.mode, self.spec.num_projections
         if not 0 < per <= 0.5:
             raise ValueError(f"Expected `per` in (0, 0.5] but got {per}.")
         if type_property not in PROPERTIES:
@@ -100,8 +101,7 @@ class TIPMonitor(InterpCallback):
     def properties(self, pl_module: pl.LightningModule, layer: str, probe: Batch) -> dict[str, torch.Tensor]:
         """T^k of every property (and AVoU/SoU) of one layer on the probe: dict of ``K`` tensors
         (:func:`~lightning_interp.metrics.tip.layer_properties` with this monitor's settings)."""
-        return layer_properties(pl_module, layer, probe.x, probe.mask, probe.y, mode=self.mode,
-                                num_projections=self.num_projections, seed=self.seed, rectify=self.rectify)
+        return layer_properties(pl_module, layer, probe.x, probe.mask, probe.y, spec=self.spec, seed=self.seed)
 
     @override
     def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..gmm import gmm_sweep
 from ..nns import (
+    ScanSpec,
     check_finite,
     check_scan_mode,
     iter_filter_learning_images,
@@ -487,20 +488,23 @@ def scan_anomaly_filters(
     rectify: bool = True,
     seed: int = 0,
     grid: int | tuple[int, ...] = 2,
+    spec: ScanSpec | None = None,
     **criteria,
 ) -> AnomalyFilters:
     """Anomaly filters of ``layer`` on inputs ``x`` (``B x C x H x W``): what ``AnomalyFilterMonitor`` scans.
 
     The activations (AVoU) and :func:`anomaly_features` (exact, sketch or pooled on ``grid``) go to
-    :func:`detect_anomaly_filters` with ``criteria`` (``k_max``, ``min_cluster_size``, ``alpha``,
-    ``beta``, ``theta``, ``backend``) and ``seed``.
+    :func:`detect_anomaly_filters` with ``criteria`` (an :class:`AnomalyCriteria` as ``criteria=``, or
+    its fields as keywords) and ``seed``. ``spec``, a :class:`~lightning_interp.nns.ScanSpec`, gives
+    ``mode``, ``num_projections``, ``grid`` and ``rectify`` at once (the keywords are then ignored).
 
     Raises:
         FloatingPointError: NaN/inf in the activations or the learning images.
     """
-    f = check_finite(layer_activations(model, layer, x, rectify=rectify), f"activations of {layer}")
-    features = anomaly_features(model, layer, x, mode=mode, num_projections=num_projections, rectify=rectify, seed=seed,
-                                grid=grid)
+    spec = spec or ScanSpec(mode=mode, num_projections=num_projections, grid=grid, rectify=rectify)
+    f = check_finite(layer_activations(model, layer, x, rectify=spec.rectify), f"activations of {layer}")
+    features = anomaly_features(model, layer, x, mode=spec.mode, num_projections=spec.num_projections,
+                                rectify=spec.rectify, seed=seed, grid=spec.grid)
     return detect_anomaly_filters(features, avou(f), seed=seed, **criteria)
 
 

@@ -24,6 +24,7 @@ from torchmetrics import Metric
 
 from ..layers import filter_owner, get_layer
 from ..nns import (
+    ScanSpec,
     check_finite,
     check_inputs,
     check_scan_mode,
@@ -252,8 +253,12 @@ def layer_properties(
     num_projections: int = 64,
     seed: int = 0,
     rectify: bool = True,
+    spec: ScanSpec | None = None,
 ) -> dict[str, torch.Tensor]:
     """T^k of every filter of ``layer`` on inputs ``x``, averaged over the batch: what ``TIPMonitor`` scans.
+
+    ``spec`` (a :class:`~lightning_interp.nns.ScanSpec`) gives ``mode``, ``num_projections`` and
+    ``rectify`` at once (the keywords are then ignored).
 
     ``mode="exact"``: :func:`interpretable_properties` of the filter learning images, chunked over
     filters (overall, and with a foreground ``mask`` also ``fg_``/``bg_``); ``mode="sketch"``:
@@ -270,6 +275,8 @@ def layer_properties(
     Raises:
         FloatingPointError: NaN/inf in the learning images or the activations.
     """
+    if spec is not None:
+        mode, num_projections, rectify = spec.mode, spec.num_projections, spec.rectify
     check_tip_mode(mode)
     if mode == "sketch":
         props = sketch_properties(model, layer, x, mask, num_projections=num_projections, seed=seed, rectify=rectify,
