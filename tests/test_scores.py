@@ -188,3 +188,17 @@ def test_fq_diversity_is_a_source_for_masking_in_a_real_run(tmp_path):
     assert resolve_scores(fq, least_diverse).flags() == {"model.relu3": expected}
     # Epoch 1 masked 3 filters chosen from epoch 0's scan.
     assert masking.history[0]["num_masked"] == 0 and masking.history[1]["num_masked"] == 3
+
+
+def test_a_source_that_cannot_answer_masks_nothing_and_never_loses_the_run(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.rand(64, 1, 16, 16), torch.randint(0, 10, (64,)))  # (x, y): no foreground masks
+    tip = TIPMonitor("model.relu3", probe_size=16, top_filters=0, aipc_fractions=(0.5,))
+    # `fg_mean` needs foreground masks, which these batches do not have: known only once the probe exists.
+    masking = FilterMasking(tip, select=Selection("fg_mean", amount=2), start_epoch=1)
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[tip, masking], max_epochs=2)
+    with pytest.warns(UserWarning, match="FilterMasking masks nothing at epoch 1.*no 'fg_mean' scores"):
+        trainer.fit(ImageClassifier(SimpleCNN(width=(8, 16, 16))), DataLoader(data, batch_size=16),
+                    DataLoader(data, batch_size=16))
+    assert trainer.current_epoch == 2 and masking.history[1]["num_masked"] == 0

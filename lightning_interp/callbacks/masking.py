@@ -15,7 +15,7 @@ from typing_extensions import override
 from ..layers import get_layer
 from ..masking import FilterMask
 from ..scores import ScoreSource, Selection, check_source, resolve_scores
-from .base import rank_zero_decides
+from .base import guarded, rank_zero_decides
 
 __all__ = ["FilterMasking"]
 
@@ -111,8 +111,12 @@ class FilterMasking(Callback):
         self._remove()
         if epoch < self.start_epoch:
             return
-        # Decided on rank zero and broadcast (every rank calls this hook): identical masks everywhere.
-        self.in_force = rank_zero_decides(trainer, lambda: {k: v for k, v in self._wanted().items() if v})
+        # Decided on rank zero and broadcast (every rank calls this hook): identical masks everywhere. A
+        # source that cannot answer now (e.g. `fg_` scores of a probe without masks) masks nothing and
+        # warns; it never loses the run.
+        wanted = guarded("FilterMasking", False, f"masks nothing at epoch {epoch}",
+                         lambda: rank_zero_decides(trainer, lambda: {k: v for k, v in self._wanted().items() if v}))
+        self.in_force = wanted or {}
         if self.in_force:
             self._mask = FilterMask(pl_module, self.in_force).apply()
 
