@@ -1,3 +1,7 @@
+"""lightning_interp.callbacks.anomaly: AnomalyFilterMonitor in a fit (counts logged, report written,
+resumed; early stopping on the count and on the overfit alarm), its alarm rules, captions, probe losses and
+argument checks, and the anomaly and TIP monitors running in sketch mode."""
+
 import csv
 import glob
 import json
@@ -10,7 +14,7 @@ from conftest import make_trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from lightning_interp.callbacks import AnomalyFilterMonitor
+from lightning_interp.callbacks import AnomalyFilterMonitor, TIPMonitor
 from lightning_interp.callbacks.anomaly import overfit_alarm
 from lightning_interp.masking import FilterMask
 from lightning_interp.models import ImageClassifier, SimpleCNN
@@ -220,3 +224,15 @@ def test_settings_are_one_validated_criteria_and_alarm_rule_passed_whole():
         AnomalyFilterMonitor("model.relu3", criteria={"k_max": 4})
     with pytest.raises(ValueError, match=r"probe_size=5\): Expected more probe samples"):
         AnomalyFilterMonitor("model.relu3", probe_size=5, criteria=criteria)
+
+
+def test_monitors_run_in_sketch_mode(tmp_path, digits):
+    module = ImageClassifier(SimpleCNN(width=(4, 8, 8)))
+    anomaly = AnomalyFilterMonitor("model.relu3", probe_size=48, k_max=4, mode="sketch", num_projections=16)
+    tip = TIPMonitor("model.relu3", probe_size=16, mode="sketch", num_projections=8, aipc_fractions=[1.0], top_filters=0)
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[anomaly, tip], max_epochs=1)
+    trainer.fit(module, datamodule=digits)
+    assert "interp/anomaly/count" in anomaly.history[0]
+    assert "interp/tip/model.relu3/fg_covariance" in tip.history[0]
+    with pytest.raises(ValueError, match="mode"):
+        AnomalyFilterMonitor("model.relu3", mode="fast")

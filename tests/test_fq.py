@@ -1,15 +1,23 @@
-"""lightning_interp.metrics.fq: the per-layer FQ scan and the diversity masking of table 4-3, each
-against the equations written out (a 1x1 conv whose learning images are known in closed form; masked
-filters as zeroed weights)."""
+"""lightning_interp.metrics.fq: feature quantity F (its limits, the foreground-to-background leak, each
+factor of eqs. 4-1..4-6 and the ablations, all neurons of a layer), the DBSCAN diversity against sklearn,
+the per-layer FQ scan and the diversity masking of table 4-3, each against the equations written out (a
+1x1 conv whose learning images are known in closed form; masked filters as zeroed weights)."""
 
 import numpy as np
 import pytest
 import torch
+from sklearn.cluster import DBSCAN
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp.metrics.fq import diversity_masking, layer_feature_quantity
+from lightning_interp.metrics.fq import (
+    diversity_masking,
+    feature_quantity,
+    fq_diversity,
+    fq_layer_stats,
+    layer_feature_quantity,
+)
 from lightning_interp.models import SimpleCNN
 
 torch.set_num_threads(1)
@@ -101,3 +109,73 @@ def test_diversity_masking_equals_zeroed_weights():
         assert r["base_loss"] == pytest.approx(loss0)
     capped = diversity_masking(net, {"relu3": diversity}, loader, num_diverse=50)
     assert capped["relu3"]["most"]["filters"] == 6
+
+
+def test_feature_quantity_limits_and_leak():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 8, 8, generator=gen, dtype=torch.float64) + 0.1
+    mask = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    mask[:, :, 2:6, 2:6] = True
+    same = feature_quantity(x.unsqueeze(1), x, mask)
+    torch.testing.assert_close(same, torch.ones_like(same))
+    assert torch.all(feature_quantity(torch.zeros(2, 1, 1, 8, 8, dtype=torch.float64), x, mask) == 0)
+    # The unit's image moves from the foreground to the background: F falls to 0.
+    values = []
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        li = x * ((1 - t) * mask + (t + (t == 0) * 1.0) * (~mask))  # t = 0: the whole input
+        values.append(feature_quantity(li.unsqueeze(1), x, mask)[0, 0].item())
+    assert values[0] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(values, values[1:])), values
+    assert values[-1] == 0.0
+    stats = fq_layer_stats(torch.tensor([0.1, 0.2, 0.4]), torch.tensor([1.0, 2.0, 4.0]))
+    assert stats["r_activation_fq"] == pytest.approx(1.0)
+
+
+def test_dbscan_diversity_equals_sklearn():
+    gen = torch.Generator().manual_seed(0)
+    fq = torch.cat([torch.rand(4, 12, generator=gen) * 0.1, torch.rand(4, 12, generator=gen) * 0.1 + 0.8], 1)
+    got = fq_diversity(fq)
+    for k in range(4):
+        labels = DBSCAN(eps=0.3, min_samples=6).fit_predict(fq[k].double().numpy().reshape(-1, 1))
+        assert got[k].item() == len(set(labels) - {-1}) == 2
+
+
+def test_fq_components_ablation_and_all_neurons():
+    from lightning_interp.metrics.fq import FQ_COMPONENTS, all_neuron_feature_quantity, fq_components
+    from lightning_interp.nns import neuron_learning_images
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 1, 6, 6, generator=gen, dtype=torch.float64)
+    mask = torch.zeros(3, 1, 6, 6, dtype=torch.bool)
+    mask[:, :, 1:5, 1:4] = True
+    li = torch.randn(3, 2, 1, 6, 6, generator=gen, dtype=torch.float64) * (torch.rand(3, 2, 1, 6, 6, generator=gen) > 0.4)
+    parts = fq_components(li, x, mask)
+    # The thesis' factors written out (eqs. 4-1..4-6) with standard SSIM constants, for one image.
+    b, k = 1, 0
+    xi, lk, m = x[b, 0].numpy(), li[b, k, 0].numpy(), mask[b, 0].numpy()
+    s = np.abs(lk) > 1e-8
+    ie, ife = (lk * m)[s], (xi * m)[s]
+    mu_e, mu_f, sd_e, sd_f = ie.mean(), ife.mean(), ie.std(), ife.std()
+    cov = ((ie - mu_e) * (ife - mu_f)).mean()
+    want = {"nf": s.sum() / (np.abs(xi) > 1e-8).sum(), "vf": (s & m).sum() / ((np.abs(xi) > 1e-8) & m).sum(),
+            "l": (2 * mu_f * mu_e + 1e-4) / (mu_f**2 + mu_e**2 + 1e-4),
+            "c": (2 * sd_f * sd_e + 3e-4) / (sd_f**2 + sd_e**2 + 3e-4), "s": (cov + 1.5e-4) / (sd_f * sd_e + 1.5e-4)}
+    for name, value in want.items():
+        assert parts[name][b, k].item() == pytest.approx(value), name
+    for drop in FQ_COMPONENTS:
+        rest = torch.stack([parts[n] for n in FQ_COMPONENTS if n != drop]).prod(0)
+        torch.testing.assert_close(feature_quantity(li, x, mask, drop=drop), torch.where(parts["active"], rest, 0 * rest))
+    with pytest.raises(ValueError, match="Expected `drop`"):
+        feature_quantity(li, x, mask, drop="q")
+    # All neurons of every filter = FQ of the neuron learning images of every position.
+    torch.manual_seed(0)
+    net = SimpleCNN(in_channels=1, width=(2, 3, 3)).double()
+    img = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    fg = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    fg[:, :, 2:6, 2:6] = True
+    got = all_neuron_feature_quantity(net, "relu3", img, fg, filters_per_chunk=2)
+    neurons = [(c, i, j) for c in range(3) for i in range(2) for j in range(2)]
+    ref = feature_quantity(neuron_learning_images(net, "relu3", img, neurons, rectify=True), img, fg).amax(0)
+    torch.testing.assert_close(got, ref.reshape(3, 4))
+    sub = all_neuron_feature_quantity(net, "relu3", img, fg, max_neurons=3, seed=1)
+    assert sub.shape == (3, 3)

@@ -1,4 +1,5 @@
-"""lightning_interp.masking: FilterMask zeroes the named channels, removes its hooks, names bad layers."""
+"""lightning_interp.masking: FilterMask zeroes the named channels, removes its hooks, names bad layers,
+and two masks nested compose like one."""
 
 import pytest
 import torch
@@ -37,3 +38,14 @@ def test_filter_mask_errors():
     mask = FilterMask(net, {"relu1": [7]})  # channels unknown statically: checked at forward
     with pytest.raises(ValueError, match="relu1"), mask:
         net(torch.randn(1, 1, 32, 32))
+
+
+def test_filter_mask_composes():
+    torch.manual_seed(0)
+    net = SimpleCNN(width=(4, 6, 6)).eval()
+    x = torch.randn(2, 1, 12, 12)
+    with FilterMask(net, {"relu2": [0, 1]}), FilterMask(net, {"relu3": [2]}):
+        both = net(x)
+    with FilterMask(net, {"relu2": [0, 1], "relu3": [2]}):
+        together = net(x)
+    torch.testing.assert_close(both, together)

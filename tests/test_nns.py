@@ -1,3 +1,9 @@
+"""lightning_interp.nns: filter, neuron and layer learning images (against Captum's InputXGradient and the
+thesis' explicit construction of eqs. 3-1..3-14 written independently in NumPy), chunking, scan hygiene and
+errors, knowledge quantity, the rectify default, pooled mode (images pooled onto a grid), the scan-mode
+checks and ScanSpec, and sketch mode (random projections of the learning images, the vmapped and
+replicated-batch forward-mode paths, sketched interpretable properties)."""
+
 import gc
 import weakref
 
@@ -8,6 +14,7 @@ from captum.attr import InputXGradient
 from torch import nn
 
 from lightning_interp.layers import capture_output, get_layer, list_layers
+from lightning_interp.metrics.tip import interpretable_properties
 from lightning_interp.models import LeNet5, SimpleCNN, resnet18_cifar
 from lightning_interp.nns import (
     SCAN_MODES,
@@ -21,6 +28,8 @@ from lightning_interp.nns import (
     neuron_learning_images,
     pooled_learning_images,
     pooling_basis,
+    sketch_learning_images,
+    sketch_properties,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -349,3 +358,287 @@ def test_scan_spec_is_validated_once():
     ):
         with pytest.raises(error, match=match):
             ScanSpec(**bad)
+
+
+# ---- the thesis' explicit construction (eqs. 3-1..3-14), written independently in NumPy -----------------
+# The oracle splits the input into one-pixel images (eqs. 3-1..3-3, 3-14), assigns them to the input
+# neurons and pushes them along active paths: a neuron's image is the weighted sum of its inputs'
+# images (eqs. 3-4, 3-5, 3-11, 3-13; bias excluded), zeroed when the ReLU is off (eqs. 3-6, 3-9,
+# 3-10); a max-pool neuron takes the image of the unit it selects (3.2.3). Filter learning images
+# combine neuron images weighted by the neuron values (eq. 5-2).
+
+
+def split_input(x: np.ndarray) -> np.ndarray:
+    """Eqs. 3-1..3-3 / 3-14: one one-pixel image per input neuron, shape (*x.shape, *x.shape)."""
+    n = x.size
+    images = np.zeros((n, n))
+    for p in range(n):
+        images[p, p] = x.flat[p]
+    assert np.allclose(images.sum(0), x.ravel())  # eq. 3-1: the split images add up to the input
+    return images.reshape(*x.shape, *x.shape)
+
+
+def dense_images(prev_images: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Eqs. 3-4/3-5: I'_q = Σ_p w_qp I_p (bias excluded)."""
+    n_in = weight.shape[1]
+    flat = prev_images.reshape(n_in, -1)
+    out = np.zeros((weight.shape[0], flat.shape[1]))
+    for q in range(weight.shape[0]):
+        for p in range(n_in):
+            out[q] += weight[q, p] * flat[p]
+    return out.reshape(weight.shape[0], *prev_images.shape[-(prev_images.ndim - 1):])
+
+
+def gate(images: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Eqs. 3-6/3-9/3-10: a neuron's image is zero when its value is not positive."""
+    s = (values > 0).astype(float)
+    return images * s.reshape(s.shape + (1,) * (images.ndim - s.ndim))
+
+
+def conv_images(prev_images: np.ndarray, weight: np.ndarray, padding: int) -> np.ndarray:
+    """3.2.3: a conv neuron (k, i, j) is a dense neuron over its receptive field."""
+    c_in, h, w = prev_images.shape[:3]
+    k_out, _, kh, kw = weight.shape
+    h_out, w_out = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    img_shape = prev_images.shape[3:]
+    out = np.zeros((k_out, h_out, w_out, *img_shape))
+    for k in range(k_out):
+        for i in range(h_out):
+            for j in range(w_out):
+                for c in range(c_in):
+                    for di in range(kh):
+                        for dj in range(kw):
+                            ii, jj = i + di - padding, j + dj - padding
+                            if 0 <= ii < h and 0 <= jj < w:
+                                out[k, i, j] += weight[k, c, di, dj] * prev_images[c, ii, jj]
+    return out
+
+
+def maxpool_images(prev_images: np.ndarray, values: np.ndarray, size: int):
+    """3.2.3: a max-pool neuron takes, unchanged, the image of the unit it selects."""
+    k, h, w = values.shape
+    out_vals = np.zeros((k, h // size, w // size))
+    out = np.zeros((k, h // size, w // size, *prev_images.shape[3:]))
+    for c in range(k):
+        for i in range(h // size):
+            for j in range(w // size):
+                window = values[c, i * size : (i + 1) * size, j * size : (j + 1) * size]
+                a, b = np.unravel_index(np.argmax(window), window.shape)
+                out_vals[c, i, j] = window[a, b]
+                out[c, i, j] = prev_images[c, i * size + a, j * size + b]
+    return out_vals, out
+
+
+def filter_images_from_neurons(images: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Eq. 5-2: L^k = Σ_ij I_{k,ij} f_{k,ij}."""
+    k = values.shape[0]
+    v = values.reshape(k, -1)
+    imgs = images.reshape(k, v.shape[1], -1)
+    return np.einsum("kn,knp->kp", v, imgs).reshape(k, *images.shape[values.ndim:])
+
+
+class FCNet(nn.Module):
+    def __init__(self, d=12, h=(9, 7), out=4):
+        super().__init__()
+        self.fc1, self.relu1 = nn.Linear(d, h[0]), nn.ReLU()
+        self.fc2, self.relu2 = nn.Linear(h[0], h[1]), nn.ReLU()
+        self.fc3 = nn.Linear(h[1], out)
+
+    def forward(self, x):
+        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.relu1, self.pool = nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+        self.conv2, self.relu2 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.flatten, self.fc = nn.Flatten(), nn.Linear(4 * 3 * 3, 5)
+
+    def forward(self, x):
+        x = self.pool(self.relu1(self.conv1(x)))
+        return self.fc(self.flatten(self.relu2(self.conv2(x))))
+
+
+def np_(t):
+    return t.detach().double().numpy()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fully_connected_every_neuron_and_filter(seed):
+    torch.manual_seed(seed)
+    net = FCNet().double()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    for b in range(3):
+        xb = np_(x[b])
+        i0 = split_input(xb)  # (12, 12)
+        z1 = np_(net.fc1.weight) @ xb + np_(net.fc1.bias)
+        i1_lin = dense_images(i0, np_(net.fc1.weight))
+        i1 = gate(i1_lin, z1)
+        a1 = np.maximum(z1, 0)
+        z2 = np_(net.fc2.weight) @ a1 + np_(net.fc2.bias)
+        i2_lin = dense_images(i1, np_(net.fc2.weight))
+        i2 = gate(i2_lin, z2)
+        z3 = np_(net.fc3.weight) @ np.maximum(z2, 0) + np_(net.fc3.bias)
+        i3 = dense_images(i2, np_(net.fc3.weight))
+        cases = [
+            ("fc1", False, i1_lin, z1), ("relu1", False, i1, a1), ("fc1", True, i1, a1),
+            ("fc2", False, i2_lin, z2), ("fc2", True, i2, np.maximum(z2, 0)), ("fc3", False, i3, z3),
+        ]
+        for layer, rectify, oracle, values in cases:
+            units = [(q,) for q in range(values.shape[0])]
+            got = neuron_learning_images(net, layer, x, units, rectify=rectify)[b]
+            np.testing.assert_allclose(np_(got), oracle, atol=1e-12, err_msg=f"{layer} neurons")
+            got_f = filter_learning_images(net, layer, x, rectify=rectify)[b]
+            np.testing.assert_allclose(
+                np_(got_f), filter_images_from_neurons(oracle, values), atol=1e-12, err_msg=f"{layer} filters"
+            )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_conv_maxpool_linear_every_neuron_and_filter(seed):
+    torch.manual_seed(seed)
+    net = ConvNet().double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    for b in range(2):
+        xb = np_(x[b])
+        i0 = split_input(xb)  # (2, 6, 6, 2, 6, 6)
+        z1 = np_(net.conv1(x[b : b + 1])[0])
+        i1_lin = conv_images(i0, np_(net.conv1.weight), padding=1)
+        i1 = gate(i1_lin, z1)
+        p_vals, p_imgs = maxpool_images(i1, np.maximum(z1, 0), 2)
+        z2 = np_(net.conv2(torch.from_numpy(p_vals)[None])[0])
+        i2_lin = conv_images(p_imgs, np_(net.conv2.weight), padding=1)
+        i2 = gate(i2_lin, z2)
+        a2 = np.maximum(z2, 0)
+        z3 = np_(net.fc.weight) @ a2.ravel() + np_(net.fc.bias)
+        i3 = dense_images(i2.reshape(-1, *xb.shape), np_(net.fc.weight))
+        cases = [
+            ("conv1", False, i1_lin, z1), ("relu1", False, i1, np.maximum(z1, 0)), ("pool", False, p_imgs, p_vals),
+            ("conv2", True, i2, a2), ("relu2", False, i2, a2), ("fc", False, i3, z3),
+        ]
+        for layer, rectify, oracle, values in cases:
+            units = [tuple(idx) for idx in np.ndindex(values.shape)]
+            got = neuron_learning_images(net, layer, x, units, rectify=rectify)[b]
+            np.testing.assert_allclose(
+                np_(got), oracle.reshape(len(units), *xb.shape), atol=1e-12, err_msg=f"{layer} neurons"
+            )
+            got_f = filter_learning_images(net, layer, x, rectify=rectify)[b]
+            expected = filter_images_from_neurons(oracle, values)
+            np.testing.assert_allclose(np_(got_f), expected, atol=1e-12, err_msg=f"{layer} filters")
+            np.testing.assert_allclose(
+                np_(layer_learning_image(net, layer, x, rectify=rectify)[b]), expected.sum(0), atol=1e-12
+            )
+
+
+# ---- sketch mode: random projections of the learning images, from forward-mode products ---------------
+
+
+def resnet_with_statistics():
+    torch.manual_seed(0)
+    model = resnet18_cifar().double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return model
+
+
+CASES = [
+    (lambda: SimpleCNN(in_channels=3).double(), "conv3", True, (3, 3, 16, 16)),
+    (lambda: LeNet5().double(), "relu3", False, (2, 1, 32, 32)),
+    (resnet_with_statistics, "layer2.1.bn2", True, (2, 3, 16, 16)),
+]
+
+
+@pytest.mark.parametrize("make,layer,rectify,shape", CASES)
+def test_sketch_projections_equal_projected_exact_images(make, layer, rectify, shape):
+    model = make().train()
+    x = torch.randn(*shape, dtype=torch.float64)
+    exact = filter_learning_images(model, layer, x, rectify=rectify)
+    proj, r = sketch_learning_images(model, layer, x, num_projections=6, seed=3, rectify=rectify, return_directions=True)
+    assert proj.shape == (shape[0], exact.shape[1], 6) and r.shape == (6, *shape[1:])
+    torch.testing.assert_close(proj, torch.einsum("bk...,p...->bkp", exact, r), atol=1e-6, rtol=1e-6)
+    per, rs = sketch_learning_images(model, layer, x, num_projections=4, rectify=rectify, per_sample=True,
+                                     return_directions=True, chunk_size=3)
+    assert rs.shape == (shape[0], 4, *shape[1:])
+    torch.testing.assert_close(per, torch.einsum("bk...,bp...->bkp", exact, rs), atol=1e-6, rtol=1e-6)
+    assert model.training, "mode restored"
+    assert not any("forward" in vars(m) for m in model.modules()), "BatchNorm forwards restored"
+
+
+@pytest.mark.parametrize("make,layer,rectify,shape", CASES)
+def test_vmap_and_dual_forward_modes_agree(make, layer, rectify, shape):
+    # The vmapped torch.func.jvp (default) against the replicated-batch forward_ad path it replaced.
+    from lightning_interp.nns import _elementwise_eval_batchnorm, _jvp_projections, scan_mode
+
+    model = make().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    tangents = torch.randn(shape[0], 5, *shape[1:], dtype=torch.float64)
+    with scan_mode(model), torch.no_grad(), _elementwise_eval_batchnorm(model):
+        got = _jvp_projections(model, layer, x, tangents, rectify, 2, impl="vmap")
+        ref = _jvp_projections(model, layer, x, tangents, rectify, 5, impl="dual")
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match=r"\['vmap', 'dual'\]"):
+        _jvp_projections(model, layer, x, tangents, rectify, 2, impl="loop")
+
+
+@pytest.mark.parametrize("make,layer,rectify,shape", CASES)
+def test_sketch_mean_and_covariance_are_exact(make, layer, rectify, shape):
+    model = make().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    mask = torch.rand(shape[0], 1, *shape[2:]) > 0.5
+    exact = interpretable_properties(filter_learning_images(model, layer, x, rectify=rectify), x, mask)
+    sketch = sketch_properties(model, layer, x, mask, num_projections=4, rectify=rectify)
+    for name in ("mean", "covariance", "fg_mean", "fg_covariance", "bg_mean", "bg_covariance"):
+        torch.testing.assert_close(sketch[name], exact[name], atol=1e-10, rtol=1e-8, msg=name)
+    assert all(torch.isfinite(v).all() for v in sketch.values())
+
+
+def test_hutchinson_variance_converges():
+    torch.manual_seed(0)
+    model = SimpleCNN(in_channels=1, width=(4, 8, 8)).double()
+    x = torch.randn(2, 1, 12, 12, dtype=torch.float64)
+    exact = interpretable_properties(filter_learning_images(model, "relu2", x), x)["variance"]
+    errors = []
+    for p in (8, 512):
+        est = sketch_properties(model, "relu2", x, num_projections=p, seed=1)["variance"]
+        errors.append(((est - exact).abs() / exact.clamp_min(1e-12)).median().item())
+    assert errors[1] < errors[0] and errors[1] < 0.15
+
+
+class _ChannelsLastInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = SimpleCNN(in_channels=3, width=(4, 8, 8)).double().to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+
+def test_ops_vmap_cannot_batch_fall_back_to_forward_ad():
+    # A channels_last clone has no vmap batching rule: the replicated-batch path takes over, same values.
+    torch.manual_seed(0)
+    model = _ChannelsLastInside().eval()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    exact = filter_learning_images(model, "net.relu3", x, rectify=True)
+    with pytest.warns(UserWarning, match="replicated-batch"):
+        proj, r = sketch_learning_images(model, "net.relu3", x, num_projections=5, rectify=True, return_directions=True)
+    torch.testing.assert_close(proj, torch.einsum("bk...,p...->bkp", exact, r), atol=1e-6, rtol=1e-6)
+
+
+def test_sketch_properties_per_sample_directions_are_hutchinson_by_hand():
+    torch.manual_seed(0)
+    model = SimpleCNN(in_channels=3).double().eval()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    shared = sketch_properties(model, "relu3", x, num_projections=5, seed=7)
+    own = sketch_properties(model, "relu3", x, num_projections=5, seed=7, per_sample=True)
+    for name in ("mean", "covariance"):  # exact either way
+        torch.testing.assert_close(own[name], shared[name])
+    # Oracle: directions drawn as documented, one set per sample, against exact learning images.
+    r = torch.Generator().manual_seed(7)
+    r = (torch.randint(0, 2, (3 * 5, 3, 16, 16), generator=r).double() * 2 - 1).view(3, 5, -1)
+    li = filter_learning_images(model, "relu3", x).flatten(2)  # (B, K, E)
+    sq = (torch.einsum("bpe,bke->bkp", r, li) ** 2).mean(-1) / li.shape[-1]
+    torch.testing.assert_close(own["variance"], (sq - li.mean(-1) ** 2).clamp_min(0))
