@@ -43,6 +43,9 @@ def _anomaly_section(cb: AnomalyFilterMonitor, curves: Curves) -> tuple[Section,
         f"Mode {cb.mode}, probe of {cb.probe_size} samples, λ = {cb.min_cluster_size}. "
         f"Best validation accuracy (WT) at epoch {s['wt_epoch']} with {s['wt_count']} anomaly filters; "
         f"the last scan (epoch {s['final_epoch']}) has {s['final_count']}."
+        + (f" The flagged filters below, which masking and pruning take, come from one exact rescan of the "
+           f"probe at fit end ({cb.filter_scores().count} flagged)."
+           if cb.filter_scores().settings.get("scanned") == "fit end" else "")
     )
     val = [(e["epoch"], e["val_loss"]) for e in cb.val_history if "val_loss" in e]
     best_loss = f" (validation loss lowest at epoch {min(val, key=lambda p: p[1])[0]})" if val else ""
