@@ -71,6 +71,7 @@ LOSSES = ("attention_mining", "attention_supervision", "rrr", "cam_background", 
 MASK_LOSSES = ("attention_supervision", "rrr", "cam_background", "cam_background_share")
 #: Old keys still accepted for one release: old key → new key.
 DEPRECATED_LOSSES = {"cam_background_raw": "cam_background"}
+_WARNED_CHANGED_MEANING = False
 
 
 def canonical_weights(weights: Mapping[str, float]) -> dict[str, float]:
@@ -79,6 +80,16 @@ def canonical_weights(weights: Mapping[str, float]) -> dict[str, float]:
     Raises a ``FutureWarning`` naming the new key for each old one, and a ``ValueError`` when an old key
     and its new key are both given (they name the same term).
     """
+    global _WARNED_CHANGED_MEANING
+    if "cam_background" in weights and not _WARNED_CHANGED_MEANING:
+        # The key stays valid but names another term than before this release: say it once per process.
+        _WARNED_CHANGED_MEANING = True
+        warnings.warn(
+            "The loss key 'cam_background' changed meaning in this release: it is now the unnormalised "
+            "background penalty (the recommended one, formerly 'cam_background_raw'); the share-normalised "
+            "term it named before is 'cam_background_share'. Its scale differs: check your weight.",
+            UserWarning, stacklevel=3,
+        )
     out: dict[str, float] = {}
     for name, weight in weights.items():
         new = DEPRECATED_LOSSES.get(name)

@@ -114,7 +114,10 @@ def labelled_image_grid(images: torch.Tensor, captions: Sequence[str], ncols: in
         canvas[top:top + thumb, left:left + thumb] = (small[i].clip(0, 1) * 255).round().astype(np.uint8)
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=9)
+    try:
+        font = ImageFont.load_default(size=9)  # Pillow >= 10.1
+    except TypeError:  # an older Pillow: its fixed bitmap font
+        font = ImageFont.load_default()
     for i in range(n):
         r, c = divmod(i, cols)
         left, top = pad + c * (thumb + pad), pad + r * (thumb + cap + pad)

@@ -230,3 +230,17 @@ def test_cam_background_penalty_equals_explicit_construction(normalize):
             all_sq.append((s**2).sum())
         per_sample.append(sum(bg_sq) / (sum(all_sq) + 1e-8) if normalize else sum(bg_sq) / 4)
     torch.testing.assert_close(ours.detach(), torch.stack(per_sample).mean())
+
+
+def test_the_changed_cam_background_key_warns_once(monkeypatch):
+    import warnings
+
+    import lightning_interp.losses as losses
+
+    monkeypatch.setattr(losses, "_WARNED_CHANGED_MEANING", False)
+    with pytest.warns(UserWarning, match="'cam_background' changed meaning"):
+        assert losses.canonical_weights({"cam_background": 2.0}) == {"cam_background": 2.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        losses.canonical_weights({"cam_background": 2.0})  # once per process
+        losses.canonical_weights({"cam_background_share": 1.0})  # the other key never warns

@@ -125,3 +125,19 @@ def test_resumed_after_the_last_scan_still_runs_the_fit_end_analyses(runs):
     fit_end = expected["TIPMonitor.history"][-1]
     assert any("aipc_area" in key for key in fit_end), fit_end
     assert after_end["TIPMonitor.history"] == expected["TIPMonitor.history"]
+
+
+def test_resuming_with_a_state_key_that_changed_warns_instead_of_starting_over_silently(tmp_path):
+    data = ShapesDataModule(num_train=32, num_val=16, num_test=8, batch_size=16, image_size=16)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    old = AnomalyFilterMonitor("model.relu3", probe_size=16, k_max=3, mode="exact")
+    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[old, ckpt], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    module = ImageClassifier(SimpleCNN(in_channels=3, num_classes=4, width=(4, 8, 8)))
+    trainer.fit(module, datamodule=data)
+    new = AnomalyFilterMonitor("model.relu3", probe_size=16, k_max=3)  # the default mode changed: another key
+    trainer = pl.Trainer(max_epochs=2, logger=False, callbacks=[new], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"holds this monitor's state under .*'mode': 'exact'.*start over"):
+        trainer.fit(module, datamodule=data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [h["epoch"] for h in new.history] == [1]  # started over, as the warning said

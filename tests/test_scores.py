@@ -3,6 +3,7 @@
 import json
 import math
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -144,23 +145,39 @@ def test_a_monitor_is_a_source_and_its_score_names_are_checked_before_training()
     assert tip.filter_scores("sou").layers == []  # before its first scan: nothing to mask
 
 
+class RecordSoU(pl.Callback):
+    """Placed after the TIP monitor: each epoch's SoU of relu3, as the monitor scanned it."""
+
+    def __init__(self, tip):
+        self.tip, self.sou = tip, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.sou.append(self.tip.last["model.relu3"]["sou"].clone())
+
+
 def test_prune_and_mask_by_tip_saliency_in_a_real_run(tmp_path, digits):
     """Users prune by a TIP score as easily as by anomaly flags: the same consumers, one Selection."""
     tip = TIPMonitor("model.relu3", probe_size=16, top_filters=0, aipc_fractions=(0.0, 0.5))
+    record = RecordSoU(tip)
     lowest_two = Selection("sou", amount=2, lowest=True)
     masking = FilterMasking(tip, select=lowest_two, start_epoch=1)
-    prune = PruneFlaggedFilters(tip, select=lowest_two, out_path=str(tmp_path / "pruned.pt"))
+    prune = PruneFlaggedFilters(tip, select=lowest_two, out_path=str(tmp_path / "pruned.pt"), evaluate=False)
     report = InterpReport(str(tmp_path / "report"), scores=[(tip, lowest_two)])
     module = ImageClassifier(SimpleCNN(width=(8, 16, 16)))
-    trainer = make_trainer(tmp_path, logger=False, callbacks=[tip, masking, prune, report], max_epochs=2)
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[tip, record, masking, prune, report], max_epochs=2)
     trainer.fit(module, datamodule=digits)
 
-    sou = tip.last["model.relu3"]["sou"]
-    expected = sorted(torch.argsort(sou.double(), stable=True)[:2].tolist())
-    assert tip.filter_scores("sou").select(2, lowest=True).flags() == {"model.relu3": expected}
-    assert masking.history[1]["num_masked"] == 2  # epoch 1 masked the two least salient filters of epoch 0
+    def two_lowest(sou):  # the oracle: NumPy's stable argsort of the scanned SoU
+        return sorted(np.argsort(sou.double().numpy(), kind="stable")[:2].tolist())
+
+    # Epoch 1 masked the two least salient filters of epoch 0's scan.
+    assert masking.history[1]["filters"] == {"model.relu3": two_lowest(record.sou[0])}
+    # Pruning removed the two least salient filters of the last scan: the other conv3 filters are kept as they were.
+    removed = two_lowest(record.sou[-1])
+    keep = [k for k in range(16) if k not in removed]
     pruned, summary = load_pruned(str(tmp_path / "pruned.pt"))
-    assert pruned.conv3.out_channels == 14 and summary["channels"]["conv3"] == [16, 14]
+    assert summary["channels"]["conv3"] == [16, 14]
+    torch.testing.assert_close(pruned.conv3.weight, module.model.conv3.weight.detach()[keep])
     assert pruned(torch.randn(2, 1, 16, 16)).shape == (2, 10)
     html = open(report.path).read()
     assert "Filter scores: tip/sou (lowest 2)" in html

@@ -53,11 +53,13 @@ class AnomalyFilterMonitor(InterpCallback):
     (:func:`~lightning_interp.nns.pooled_learning_images`: exact, 4 forward-mode products for all
     filters at once); ``mode="exact"`` clusters the full images, as the thesis does (one backward pass
     per filter: the reference). Measured cost of the defaults (``benchmarks/overhead.py``, 2-core CPU,
-    SimpleCNN ``relu3``, 5,000 samples/epoch): see the README's "Monitoring overhead"; exact mode
-    with a 256-image probe cost 3.7× the epoch there. Whether the pooled count carries exact mode's
-    overfitting signal is measured in ``experiments/cheap_scan_signal.py``: on 4 SimpleCNN runs it
-    did **not** pass issue 16's criterion — its count's Spearman with exact mode's across epochs was
-    0.58-0.65 where exact mode with another GMM seed reached 0.91-0.93 (README). Logs
+    SimpleCNN ``relu3``, 5,000 samples/epoch): the three default monitors together 1.3-1.5× the
+    epoch (README, "Monitoring overhead"); exact mode with a 256-image probe 6.9×. Whether the pooled
+    count carries exact mode's overfitting signal is measured in ``experiments/cheap_scan_signal.py``:
+    on the 12 runs of the overfitting benchmark it did **not** pass issue 16's criterion — on
+    SimpleCNN its count's Spearman with exact mode's across epochs was 0.66 (probe 128) where exact
+    mode with another GMM seed reached 0.91-0.93 (README). The flags that masking and pruning take
+    come from one exact rescan at fit end (``exact_flags_at_fit_end``). Logs
 
     * ``interp/anomaly/<layer>/count`` and ``interp/anomaly/count`` (all layers) — monitorable by
       ``EarlyStopping``/``ModelCheckpoint`` (``mode="min"``);
@@ -322,7 +324,9 @@ class AnomalyFilterMonitor(InterpCallback):
             scalars[f"{self.log_prefix}/anomaly/hard_loss"] = hard_sample_loss(hardest[0], 0.2)
 
         self.latest = anomaly_scores(results, epoch=epoch, settings=self.criteria)
-        self._log_pictures(trainer, results, probe, outliers, hardest)
+        # A picture must never cost the scan: its counts, alarm and flags are kept whatever happens here.
+        guarded(type(self).__name__, self.strict, f"drew no pictures at epoch {epoch}",
+                lambda: self._log_pictures(trainer, results, probe, outliers, hardest))
         return scalars
 
     @staticmethod
@@ -488,19 +492,45 @@ class AnomalyFilterMonitor(InterpCallback):
             self._write_report(trainer)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._exact_counts: dict[str, float] | None = None
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before every callback's `on_fit_end`: the consumers there (PruneFlaggedFilters, the report) see
+        # the exact flags whatever the order of the callbacks.
+        self.rescan_exact(trainer, pl_module)
+
+    def rescan_exact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The ``exact_flags_at_fit_end`` rescan, once per fit (call on every rank: a collective)."""
+        if getattr(self, "_exact_counts", None) is not None or not self.history:
+            return
+        self._exact_counts = {}
+        if self.mode == "exact" or not self.exact_flags_at_fit_end or self.probe is None:
+            return
+        # Training is over: FilterMasking's masks come off now (they would at its own train end), so the
+        # flags describe the network that pruning will cut, every filter included.
+        from .masking import FilterMasking
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, FilterMasking):
+                cb.remove_masks()
+        # Decided on rank zero (one scan) and broadcast: every rank holds the same flags.
+        exact = rank_zero_decides(trainer, lambda: guarded(
+            "AnomalyFilterMonitor", self.strict, "kept the last scan's flags (no exact scan at fit end)",
+            lambda: self.exact_scores(pl_module, self.probe.to(pl_module.device))))
+        if exact is not None:
+            self.latest = exact
+            self._exact_counts = {f"{self.log_prefix}/anomaly/{layer}/count_exact": float(len(idx))
+                                  for layer, idx in exact.flagged.items()}
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.history:
             return
-        exact_counts: dict[str, float] = {}
-        if self.mode != "exact" and self.exact_flags_at_fit_end and self.probe is not None:
-            # Decided on rank zero (one scan) and broadcast: every rank holds the same flags.
-            exact = rank_zero_decides(trainer, lambda: guarded(
-                "AnomalyFilterMonitor", self.strict, "kept the last scan's flags (no exact scan at fit end)",
-                lambda: self.exact_scores(pl_module, self.probe.to(pl_module.device))))
-            if exact is not None:
-                self.latest = exact
-                exact_counts = {f"{self.log_prefix}/anomaly/{layer}/count_exact": float(len(idx))
-                                for layer, idx in exact.flagged.items()}
+        self.rescan_exact(trainer, pl_module)  # done at train end in a fit; here for a one-off scan
+        exact_counts = self._exact_counts or {}
         summary = self.summary()
         if trainer.is_global_zero:
             metrics = {

@@ -349,6 +349,25 @@ class InterpCallback(Callback):
         """What identifies this instance among callbacks of its class (subclasses add settings)."""
         return {"layers": tuple(self.layers)}
 
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning restores a callback's state only under its exact state key and skips it silently
+        # otherwise: say so when the checkpoint holds this class's state under another key (a setting
+        # that names the state differs, e.g. a `mode` whose default changed), so the history does not
+        # start over unnoticed.
+        saved = checkpoint.get("callbacks", {}) if isinstance(checkpoint, dict) else {}
+        if self.state_key in saved:
+            return
+        prefix = f"{type(self).__qualname__}{{"
+        others = [k for k in saved if isinstance(k, str) and k.startswith(prefix)]
+        if others:
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint holds this monitor's state under {others} but this "
+                f"instance's key is {self.state_key!r}; its history, flags and probe start over. To continue "
+                f"them, pass the settings the checkpoint was written with (e.g. `mode=` — AnomalyFilterMonitor's "
+                f"default changed from 'exact' to 'pooled', TIPMonitor's to 'sketch')."
+            )
+
     # ---- configuration, before the first step ---------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

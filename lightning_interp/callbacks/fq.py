@@ -19,7 +19,7 @@ from ..metrics.fq import (
     layer_feature_quantity,
 )
 from ..scores import FilterScores
-from .base import InterpCallback
+from .base import InterpCallback, rank_zero_decides
 
 __all__ = ["FeatureQuantityMonitor"]
 
@@ -132,7 +132,8 @@ class FeatureQuantityMonitor(InterpCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.diversity:
+        # Rank zero's answer everywhere: `fit_end_analysis` is a collective every rank must enter.
+        if not rank_zero_decides(trainer, lambda: bool(self.diversity)):
             return
         self.fit_end_analysis(trainer, "its fit-end analysis", lambda: self._mask_diverse(trainer, pl_module))
 

@@ -208,7 +208,7 @@ def report_sections(
     for source, select in scores:
         try:
             sections.append(_scores_section(resolve_scores(source, select)))
-        except (OSError, ValueError) as err:  # e.g. a monitor that never scanned
+        except Exception as err:  # one source that cannot answer (a malformed file, ...) costs its section only
             sections.append(Section("Filter scores", paragraphs=[f"Not available: {err}"]))
     if curves:
         groups = {"loss": {k: v for k, v in curves.items() if _names(k, "loss")},

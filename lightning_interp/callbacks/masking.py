@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from typing_extensions import override
 
 from ..layers import get_layer
 from ..masking import FilterMask
-from ..scores import ScoreSource, Selection, check_source, resolve_scores
+from ..scores import Scorer, ScoreSource, Selection, check_source, resolve_scores
 from .base import guarded, rank_zero_decides
 
 __all__ = ["FilterMasking"]
@@ -94,7 +95,12 @@ class FilterMasking(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        wanted = self._wanted()
+        if isinstance(self.source, (str, os.PathLike)) and not os.path.isfile(self.source):
+            wanted = {}  # written later in the run (by a monitor): checked when it is read
+        elif callable(self.source) and not isinstance(self.source, Scorer):
+            wanted = {}  # evaluated when the masks are applied
+        else:
+            wanted = self._wanted()
         for layer in wanted:
             get_layer(pl_module, layer)
         FilterMask(pl_module, wanted)  # validates indices before the first step
@@ -119,6 +125,10 @@ class FilterMasking(Callback):
         self.in_force = wanted or {}
         if self.in_force:
             self._mask = FilterMask(pl_module, self.in_force).apply()
+
+    def remove_masks(self) -> None:
+        """Take the masks off now (training is over; they go back on at the next epoch start, if any)."""
+        self._remove()
 
     def _remove(self) -> None:
         if self._mask is not None:
@@ -165,6 +175,11 @@ class FilterMasking(Callback):
     @override
     def on_test_end(self, trainer, pl_module):
         self._eval_end(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Training is over: fit-end work (the exact anomaly rescan, pruning) sees the network unmasked.
+        self._remove()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

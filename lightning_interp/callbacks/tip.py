@@ -17,7 +17,7 @@ from ..nns import ScanSpec, filter_learning_images
 from ..progress import progress, trainer_shows_progress
 from ..scores import FilterScores
 from ..viz import heatmap, image_grid
-from .base import InterpCallback
+from .base import InterpCallback, rank_zero_decides
 
 __all__ = ["TIPMonitor"]
 
@@ -147,7 +147,8 @@ class TIPMonitor(InterpCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.last:
+        # Rank zero's answer everywhere: `fit_end_analysis` is a collective every rank must enter.
+        if not rank_zero_decides(trainer, lambda: bool(self.last)):
             return
         self.fit_end_analysis(trainer, "its fit-end analyses", lambda: self._post_fit(trainer, pl_module))
 
