@@ -37,7 +37,13 @@ from torch.utils.data import DataLoader, Subset
 from lightning_interp.cam import grad_cam
 from lightning_interp.data import ImageFolderDataModule, ShapesDataModule
 from lightning_interp.metrics.aipc import aipc, evaluate
-from lightning_interp.metrics.fq import FQ_COMPONENTS, all_neuron_feature_quantity, fq_diversity
+from lightning_interp.metrics.fq import (
+    FQ_COMPONENTS,
+    all_neuron_feature_quantity,
+    combine_fq,
+    fq_diversity,
+)
+from lightning_interp.metrics.fq import diversity_masking as fq_diversity_masking
 from lightning_interp.metrics.thesis import (
     feature_map_correlation,
     filter_type_phases,
@@ -299,16 +305,11 @@ def shapes_part(cfg, results, md, cifar_52=None):
     num = min(20, k // 3)
 
     def fq_without(drop=()):
-        f = torch.ones_like(comp["nf"])
-        for name in FQ_COMPONENTS:
-            if name not in drop:
-                f = f * comp[name]
-        return torch.where(comp["active"], f, torch.zeros_like(f)).amax(0)  # (K, N)
+        return combine_fq(comp, drop=drop).amax(0)  # (K, N)
 
     def diversity_masking(div):
-        order = div.double().argsort(descending=True, stable=True).tolist()
-        top = masked_loss_change(final, LAST, order[:num], val_loader, base=base)
-        bottom = masked_loss_change(final, LAST, order[::-1][:num], val_loader, base=base)
+        r = fq_diversity_masking(final, {LAST: div}, val_loader, num_diverse=num, base=base)[LAST]
+        top, bottom = r["most"], r["least"]
         return {"top": top["loss_pct"], "bottom": bottom["loss_pct"], "top_acc": top["accuracy_change"],
                 "bottom_acc": bottom["accuracy_change"], "distinct_values": sorted(set(div.tolist())),
                 "diversity_mean": float(div.double().mean())}

@@ -20,8 +20,9 @@ inside ``torch.no_grad()`` and ``torch.inference_mode()`` blocks (Lightning's va
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -39,7 +40,10 @@ __all__ = [
     "layer_activations",
     "knowledge_quantity",
     "layer_knowledge_quantity",
+    "sample_indices",
+    "sample_neurons",
     "filter_knowledge_quantity",
+    "reduce_knowledge_quantity",
     "KnowledgeQuantity",
     "sketch_learning_images",
     "sketch_properties",
@@ -418,6 +422,34 @@ def knowledge_quantity(learning_images: torch.Tensor, x: torch.Tensor, *, eps: f
 
 
 
+def sample_indices(n: int, max_neurons: int | None, seed: int = 0) -> torch.Tensor:
+    """Flat indices in ``[0, n)`` (an ``N`` long tensor, sorted): all of them when ``max_neurons`` is
+    None or ≥ n, else a uniform subsample of ``max_neurons`` drawn from a CPU generator seeded with
+    ``seed`` (the same indices on every call and device).
+
+    Example:
+        >>> sample_indices(64, 3, seed=0).shape
+        torch.Size([3])
+    """
+    if max_neurons is not None and (not isinstance(max_neurons, int) or max_neurons < 1):
+        raise ValueError(f"Expected `max_neurons` to be a positive int or None but got {max_neurons!r}.")
+    if max_neurons is None or max_neurons >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:max_neurons].sort().values
+
+
+def sample_neurons(unit_shape: Sequence[int], max_neurons: int | None, seed: int = 0) -> list[tuple[int, ...]]:
+    """Neuron positions of a layer whose output is ``B x <unit_shape>`` (``(channel, i, j)`` for a
+    ``B x K x H x W`` output, ``(unit,)`` for ``B x K``), as :func:`neuron_learning_images` takes them:
+    all units, or the seeded subsample of :func:`sample_indices` of the flattened unit grid, in
+    flat (row-major) order.
+    """
+    unit_shape = tuple(int(s) for s in unit_shape)
+    flat = sample_indices(math.prod(unit_shape), max_neurons, seed)
+    return list(zip(*(c.tolist() for c in torch.unravel_index(flat, unit_shape)), strict=True))
+
+
 def layer_knowledge_quantity(
     model: nn.Module,
     layer: str,
@@ -446,15 +478,7 @@ def layer_knowledge_quantity(
         ``{"activation_count": float, "activation_intensity": float, "neurons": int}``.
     """
     f = layer_activations(model, layer, x[:1], rectify=rectify)
-    unit_shape = tuple(f.shape[1:])
-    total = int(torch.tensor(unit_shape).prod())
-    if max_neurons is not None and (not isinstance(max_neurons, int) or max_neurons < 1):
-        raise ValueError(f"Expected `max_neurons` to be a positive int or None but got {max_neurons!r}.")
-    if max_neurons is None or max_neurons >= total:
-        flat = torch.arange(total)
-    else:
-        flat = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_neurons].sort().values
-    neurons = [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), unit_shape)) for i in flat.tolist()]
+    neurons = sample_neurons(tuple(f.shape[1:]), max_neurons, seed)
     count = intensity = 0.0
     step = 64
     for start in range(0, len(neurons), step):
@@ -502,10 +526,41 @@ def filter_knowledge_quantity(
     Example:
         >>> filter_knowledge_quantity(SimpleCNN(), "relu2", torch.randn(4, 1, 16, 16))["activation_count"]
     """
+    chunks = iter_filter_learning_images(model, layer, x, filters=filters, rectify=rectify, chunk_size=chunk_size)
+    return reduce_knowledge_quantity(chunks, x, eps=eps, what=f"learning images of {layer}")
+
+
+def reduce_knowledge_quantity(
+    chunks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    *,
+    eps: float = 0.0,
+    what: str = "learning images",
+) -> dict[str, float]:
+    """:func:`filter_knowledge_quantity` of learning images given chunk by chunk: the mean over the
+    samples and the filters of :func:`knowledge_quantity`, without holding all the images at once.
+
+    A caller that also needs some of the images (a monitor drawing its most active filters) feeds
+    :func:`iter_filter_learning_images` through a generator that keeps them, so they cost no second
+    backward pass.
+
+    Args:
+        chunks: ``(filters, learning_images)`` pairs as :func:`iter_filter_learning_images` yields
+            them: an ``n`` long tensor and ``B x n x <x.shape[1:]>`` images.
+        x: the inputs, ``B x ...``.
+        eps: an element is active when ``|value| > eps``.
+        what: names the images in the ``FloatingPointError`` raised on NaN/inf.
+
+    Returns:
+        ``{"activation_count": float, "activation_intensity": float, "filters": int}``.
+
+    Example:
+        >>> reduce_knowledge_quantity(iter_filter_learning_images(model, "relu2", x), x)["filters"]
+    """
     count = intensity = 0.0
     scanned = 0
-    for idx, li in iter_filter_learning_images(model, layer, x, filters=filters, rectify=rectify, chunk_size=chunk_size):
-        kq = knowledge_quantity(check_finite(li, f"learning images of {layer}"), x, eps=eps)
+    for idx, li in chunks:
+        kq = knowledge_quantity(check_finite(li, what), x, eps=eps)
         count += kq.activation_count.sum().item()
         intensity += kq.activation_intensity.sum().item()
         scanned += idx.numel()

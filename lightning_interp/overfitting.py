@@ -108,36 +108,23 @@ def rise_alarm(
     return None
 
 
-def _ranks(v: np.ndarray) -> np.ndarray:
-    order = np.argsort(v, kind="mergesort")
-    ranks = np.empty(len(v))
-    ranks[order] = np.arange(len(v), dtype=np.float64)
-    # average ranks of ties
-    sorted_v = v[order]
-    start = 0
-    for i in range(1, len(v) + 1):
-        if i == len(v) or sorted_v[i] != sorted_v[start]:
-            ranks[order[start:i]] = (start + i - 1) / 2
-            start = i
-    return ranks
-
-
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation of two series (average ranks for ties; pairs with a NaN dropped).
 
     NaN when fewer than 3 pairs remain or either series is constant.
     """
+    # SciPy's ranks (a dependency of scikit-learn); the same Pearson correlation of them as
+    # `scipy.stats.spearmanr`, without its p-value.
+    from scipy.stats import rankdata
+
     x, y = _as_array(a), _as_array(b)
     if len(x) != len(y):
         raise ValueError(f"Expected series of equal length but got {len(x)} and {len(y)}.")
     keep = ~(np.isnan(x) | np.isnan(y))
     x, y = x[keep], y[keep]
-    if len(x) < 3:
+    if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):
         return float("nan")
-    rx, ry = _ranks(x), _ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(np.corrcoef(rankdata(x), rankdata(y))[0, 1])
 
 
 def precision_at_k(scores: Sequence[float], positives: Sequence[bool], k: int) -> float:

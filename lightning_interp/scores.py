@@ -47,6 +47,7 @@ __all__ = [
     "ScoreSource",
     "Selection",
     "check_source",
+    "resolve_if_ready",
     "resolve_scores",
 ]
 
@@ -308,16 +309,14 @@ def check_source(source: Any, select: Selection | None = None, *, owner: str = "
             raise ValueError(f"Expected `select.score` to be one of {list(names)} (the scores of "
                              f"{type(source).__name__}) but got {select.score!r}.")
         return
-    if isinstance(source, FilterScores) or isinstance(source, Mapping) or (
-        isinstance(source, (str, os.PathLike)) and os.path.isfile(source)
-    ):
+    if _answers_later(source):
+        return
+    if isinstance(source, (FilterScores, Mapping, str, os.PathLike)):
         scores = resolve_scores(source)
         if select is not None and select.amount is not None:
             missing = [layer for layer in scores.layers if layer not in scores.scores]
             if missing:
                 raise ValueError(f"{owner} cannot select by score: the source has flags but no scores for {missing}.")
-        return
-    if isinstance(source, (str, os.PathLike)) or callable(source):
         return
     raise TypeError(
         f"Expected the filter-score source of {owner} to be a FilterScores, a monitor with `filter_scores()` "
@@ -325,6 +324,19 @@ def check_source(source: Any, select: Selection | None = None, *, owner: str = "
         f"report, a mapping to map layer names to lists of filter indices (e.g. {{'model.conv2': [3, 7]}}) or a "
         f"callable returning one of these, but got {_describe(source)}."
     )
+
+
+def _answers_later(source: Any) -> bool:
+    """A path not written yet (a monitor of the same run writes it), or a callable evaluated when needed."""
+    if isinstance(source, (str, os.PathLike)):
+        return not os.path.isfile(source)
+    return callable(source) and not isinstance(source, Scorer)
+
+
+def resolve_if_ready(source: ScoreSource, select: Selection | None = None) -> FilterScores | None:
+    """:func:`resolve_scores` now, or None for a source that can only answer later in the run (a path
+    not written yet, a callable): what consumers check at ``setup``."""
+    return None if _answers_later(source) else resolve_scores(source, select)
 
 
 def resolve_scores(source: ScoreSource, select: Selection | None = None) -> FilterScores:

@@ -46,3 +46,28 @@ def test_aipc_and_types_on_a_trained_net():
     assert types["H-noH"].sum() == 4 and types["H-H"].sum() == 0 and types["L-noL"].sum() == 4
     changes = type_masking(net, "relu3", types, loader)
     assert changes["H-H"] == 0.0 and set(changes) == set(types)
+
+
+def test_a_measured_base_gives_the_same_curve_and_changes_without_evaluating_it_again(monkeypatch):
+    import importlib
+
+    aipc_module = importlib.import_module("lightning_interp.metrics.aipc")  # the package exports `aipc` the function
+
+    torch.manual_seed(0)
+    net = SimpleCNN(width=(4, 8, 8))
+    loader = [(torch.randn(16, 1, 16, 16), torch.randint(0, 10, (16,))) for _ in range(3)]
+    ranking = torch.randn(8)
+    types = filter_types(torch.randn(8), torch.randn(8), per=0.25)
+    base = aipc_module.accuracy(net, loader, max_batches=2)
+    fractions = [0.02, 0.25, 0.5, 1.0]  # 0.02 of 8 filters masks none: it is the base as well
+    want_curve = aipc(net, "relu3", ranking, loader, fractions, max_batches=2)
+    want_changes = type_masking(net, "relu3", types, loader, max_batches=2)
+
+    calls = []
+    accuracy = aipc_module.accuracy
+    monkeypatch.setattr(aipc_module, "accuracy", lambda *a, **k: calls.append(1) or accuracy(*a, **k))
+    assert aipc(net, "relu3", ranking, loader, fractions, max_batches=2, base_accuracy=base) == want_curve
+    assert len(calls) == 3  # the masked fractions only
+    calls.clear()
+    assert type_masking(net, "relu3", types, loader, max_batches=2, base=base) == want_changes
+    assert len(calls) == sum(bool(m.any()) for m in types.values())

@@ -63,3 +63,84 @@ def test_aipc_sweep_shows_progress(tmp_path, capfd):
     trainer.fit(module, datamodule=data)
     err = capfd.readouterr().err
     assert "AIPC model.relu2" in err and "AIPC model.relu3" in err and "TIP scan" in err
+
+
+def _scanned_monitor(**kwargs):
+    """A TIPMonitor with one scan of SimpleCNN's relu3 on a masked, labelled probe, without a Trainer."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightning_interp.batch import Batch
+
+    torch.manual_seed(0)
+    net = SimpleCNN(width=(4, 8, 8))
+    probe = Batch(torch.randn(6, 1, 12, 12), torch.randint(0, 10, (6,)), torch.rand(6, 1, 12, 12) > 0.5)
+    tip = TIPMonitor("relu3", mode="exact", **kwargs)
+    trainer = SimpleNamespace(is_global_zero=False, progress_bar_callback=None, current_epoch=0)
+    return tip, trainer, net, probe, tip.scan(trainer, net, probe)
+
+
+def test_scan_spearman_is_each_saliency_against_each_property():
+    from lightning_interp.metrics.tip import spearman
+
+    tip, _, _, _, scalars = _scanned_monitor()
+    t = tip.last["relu3"]
+    props = [n for n in t if n not in ("avou", "sou")]
+    want = {f"interp/tip/relu3/spearman/{s}_{p}": spearman(t[s], t[p]).item() for s in ("avou", "sou") for p in props}
+    assert {k: v for k, v in scalars.items() if "/spearman/" in k} == want
+    assert list(scalars).index(f"interp/tip/relu3/spearman/avou_{props[0]}") == len(props)  # after the properties
+
+
+def test_top_filter_pictures_are_each_propertys_own_learning_images():
+    import torch
+
+    from lightning_interp.metrics.tip import PROPERTIES
+    from lightning_interp.nns import filter_learning_images
+    from lightning_interp.viz import heatmap, image_grid
+
+    tip, trainer, net, probe, _ = _scanned_monitor(top_filters=3)
+    t = tip.last["relu3"]
+    images = {}
+    tip.log_table = lambda *a, **k: None
+    tip.log_image = lambda trainer, key, image, caption: images.update({key: (image, caption)})
+    tip._log_layer(trainer, net, "relu3", t, probe)
+    columns = [heatmap(filter_learning_images(net, "relu3", probe.x[:1], filters=t[n].argsort(descending=True)[:3])[0])
+               for n in PROPERTIES]
+    want = image_grid(list(torch.stack(columns, 0).unbind(1)), min_side=64)
+    image, caption = images["interp/tip/relu3/top_filters"]
+    assert (image == want).all() and image.shape == want.shape
+    assert caption == f"epoch 0: rows {list(PROPERTIES)}, columns the top 3 filters"
+
+
+def test_fit_end_measures_the_unmasked_model_once_and_logs_what_separate_sweeps_give(monkeypatch):
+    import importlib
+
+    import torch
+
+    from lightning_interp.metrics.aipc import aipc, filter_types, type_masking
+
+    aipc_module = importlib.import_module("lightning_interp.metrics.aipc")
+    tip, trainer, net, _, _ = _scanned_monitor(aipc_fractions=(0.25, 1.0))
+    loader = [(torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))) for _ in range(2)]
+    tip.eval_dataloader = lambda trainer: loader
+    tip.log_curve = tip.log_table = lambda *a, **k: None
+    t = tip.last["relu3"]
+    names = [n for n in t if n not in ("avou", "sou")]
+    want = {}
+    for name in names:
+        curve = aipc(net, "relu3", t[name], loader, (0.25, 1.0))
+        for key, value in (("aipc_area", curve.area), ("aipc_area_top10", curve.area_top10),
+                           ("aipc_area_top10_thesis", curve.area_top10_thesis)):
+            want[f"interp/tip/relu3/{key}/{name}"] = value
+    types = filter_types(t["fg_mean"], t["bg_mean"], 0.3)
+    want.update({f"interp/tip/relu3/type_masking/{k}": v for k, v in type_masking(net, "relu3", types, loader).items()})
+
+    calls = []
+    accuracy = aipc_module.accuracy
+    counted = lambda *a, **k: calls.append(1) or accuracy(*a, **k)  # noqa: E731
+    monkeypatch.setattr(aipc_module, "accuracy", counted)
+    monkeypatch.setattr(importlib.import_module("lightning_interp.callbacks.tip"), "accuracy", counted)
+    assert tip._post_fit(trainer, net) == want
+    # One unmasked evaluation, then only masked ones: 2 fractions per property and each non-empty type.
+    assert len(calls) == 1 + 2 * len(names) + sum(bool(m.any()) for m in types.values())

@@ -179,3 +179,45 @@ def test_fq_components_ablation_and_all_neurons():
     torch.testing.assert_close(got, ref.reshape(3, 4))
     sub = all_neuron_feature_quantity(net, "relu3", img, fg, max_neurons=3, seed=1)
     assert sub.shape == (3, 3)
+
+
+def test_combine_fq_is_the_product_of_the_kept_factors():
+    from lightning_interp.metrics.fq import FQ_COMPONENTS, combine_fq, fq_components
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 1, 6, 6, generator=gen, dtype=torch.float64)
+    mask = torch.zeros(2, 1, 6, 6, dtype=torch.bool)
+    mask[:, :, 2:5, 1:5] = True
+    li = torch.randn(2, 3, 1, 6, 6, generator=gen, dtype=torch.float64) * (torch.rand(2, 3, 1, 6, 6, generator=gen) > 0.5)
+    li[1, 2] = 0  # a silent unit: F = 0 whatever the factors
+    parts = fq_components(li, x, mask)
+    for drop in ((), ("l",), ("nf", "s")):
+        kept = [parts[n] for n in FQ_COMPONENTS if n not in drop]
+        want = 1e4 * torch.stack(kept).prod(0) * parts["active"]
+        torch.testing.assert_close(combine_fq(parts, drop=drop, scale=1e4), want)
+        assert torch.equal(combine_fq(parts, drop=drop, scale=1e4), feature_quantity(li, x, mask, drop=drop, scale=1e4))
+    assert combine_fq(parts)[1, 2] == 0
+    with pytest.raises(ValueError, match="Expected `drop`"):
+        combine_fq(parts, drop=("q",))
+
+
+def test_layer_feature_quantity_runs_one_forward_for_neuron_choice_and_activation():
+    torch.manual_seed(0)
+    net = SimpleCNN(in_channels=1, width=(2, 3, 3)).double()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    mask = torch.zeros(3, 1, 8, 8, dtype=torch.bool)
+    mask[:, :, 2:6, 2:6] = True
+    calls = []
+    handle = net.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        got = layer_feature_quantity(net, "relu3", x, mask, top_neurons=3)
+    finally:
+        handle.remove()
+    assert len(calls) == 3  # filter images, the neuron choice with its activations, neuron images
+    seen = {}
+    handle = net.relu3.register_forward_hook(lambda m, i, o: seen.update(f=o))
+    with torch.no_grad():
+        net.eval()(x)
+    handle.remove()
+    mean = seen["f"].mean(0).reshape(3, -1)
+    torch.testing.assert_close(got["neuron_activation"], mean.sort(1, descending=True).values[:, :3])

@@ -642,3 +642,43 @@ def test_sketch_properties_per_sample_directions_are_hutchinson_by_hand():
     li = filter_learning_images(model, "relu3", x).flatten(2)  # (B, K, E)
     sq = (torch.einsum("bpe,bke->bkp", r, li) ** 2).mean(-1) / li.shape[-1]
     torch.testing.assert_close(own["variance"], (sq - li.mean(-1) ** 2).clamp_min(0))
+
+
+def test_sample_indices_and_neurons_are_one_seeded_subsample():
+    from lightning_interp.nns import sample_indices, sample_neurons
+
+    assert torch.equal(sample_indices(10, None), torch.arange(10))
+    assert torch.equal(sample_indices(10, 10), torch.arange(10))
+    want = torch.randperm(50, generator=torch.Generator().manual_seed(7))[:6].sort().values
+    assert torch.equal(sample_indices(50, 6, seed=7), want)
+    # Row-major unravel of the same indices, as (channel, i, j) of a K x H x W output.
+    assert sample_neurons((2, 5, 5), 6, seed=7) == [(i // 25, i % 25 // 5, i % 5) for i in want.tolist()]
+    assert sample_neurons((4,), None) == [(0,), (1,), (2,), (3,)]
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="`max_neurons`"):
+            sample_indices(10, bad)
+
+
+def test_knowledge_quantity_reduction_lets_a_monitor_keep_images_from_the_same_pass():
+    from lightning_interp.nns import iter_filter_learning_images, reduce_knowledge_quantity
+
+    torch.manual_seed(0)
+    net = SimpleCNN(in_channels=1).eval()
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    filters, shown = [5, 1, 7, 2, 0], [5, 2]
+    kept = {}
+
+    def keep(chunks):
+        for idx, li in chunks:
+            kept.update({c: li[:3, j] for j, c in enumerate(idx.tolist()) if c in shown})
+            yield idx, li
+
+    chunks = iter_filter_learning_images(net, "relu2", x, filters=filters, chunk_size=2)
+    got = reduce_knowledge_quantity(keep(chunks), x)
+    assert got == filter_knowledge_quantity(net, "relu2", x, filters=filters, chunk_size=2)
+    ref = filter_learning_images(net, "relu2", x[:3], filters=shown)
+    for j, c in enumerate(shown):
+        torch.testing.assert_close(kept[c], ref[:, j])
+    bad = [(torch.tensor([0]), torch.full((6, 1, 1, 16, 16), float("nan")))]
+    with pytest.raises(FloatingPointError, match="images of relu9"):
+        reduce_knowledge_quantity(bad, x, what="images of relu9")

@@ -181,3 +181,19 @@ def test_spearman_table_and_type_phases():
     assert out["H-H"]["accuracy_change"][0] == 0.0
     expect = masked_loss_change(net, "relu3", [3, 4], loader)["accuracy_change"]
     assert out["H-H"]["accuracy_change"][1] == pytest.approx(expect)
+
+
+def test_type_phases_mask_every_type_of_every_phase():
+    from lightning_interp.metrics.aipc import FILTER_TYPES, filter_types
+
+    net, loader, x, y = small_cnn_and_loader(seed=2)
+    g = torch.Generator().manual_seed(4)
+    phases = [(net, torch.rand(5, generator=g), torch.rand(5, generator=g)) for _ in range(2)]
+    out = filter_type_phases(phases, "relu3", loader, per=0.4)
+    assert list(out) == list(FILTER_TYPES)
+    for p, (model, fg, bg) in enumerate(phases):
+        for name, members in filter_types(fg, bg, 0.4).items():
+            idx = members.nonzero().flatten().tolist()
+            assert out[name]["proportion"][p] == len(idx) / 5
+            want = masked_loss_change(model, "relu3", idx, loader)["accuracy_change"] if idx else 0.0
+            assert out[name]["accuracy_change"][p] == pytest.approx(want, abs=1e-12)

@@ -11,6 +11,7 @@ from lightning_interp.metrics.tip import (
     TIPAggregate,
     avou,
     interpretable_properties,
+    layer_properties,
     sou,
     spearman,
     weight_layer_for,
@@ -103,3 +104,35 @@ def test_saliencies_against_oracles():
     a, b = torch.randn(20, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
     assert spearman(a, b).item() == pytest.approx(spearmanr(a.numpy(), b.numpy()).statistic)
     assert spearman(torch.ones(5), a[:5]).item() == 0.0
+
+
+class _Concat(torch.nn.Module):
+    """A block whose one conv makes 4 channels but which outputs 8 (its output twice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        f = self.conv(x)
+        return torch.cat([f, f], 1)
+
+
+def test_sou_is_skipped_before_it_is_computed_when_the_owner_makes_other_filters(monkeypatch):
+    import lightning_interp.metrics.tip as tip
+
+    net = torch.nn.Sequential(_Concat(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 3))
+    x, y = torch.randn(2, 1, 6, 6), torch.randint(0, 3, (2,))
+    monkeypatch.setattr(tip, "_sou", lambda *a, **k: pytest.fail("SoU computed for a mismatched owner"))
+    with pytest.warns(UserWarning, match=r"SoU of '0' skipped: the weights of '0.conv' make 4 filters but the "
+                                         r"layer outputs 8\."):
+        out = layer_properties(net, "0", x, y=y)
+    assert "sou" not in out and out["avou"].shape == (8,)
+
+
+def test_layer_properties_sou_is_sou_of_the_layer():
+    torch.manual_seed(0)
+    net = SimpleCNN(width=(4, 6, 6)).double()
+    x, y = torch.randn(3, 1, 12, 12, dtype=torch.float64), torch.randint(0, 10, (3,))
+    out = layer_properties(net, "relu2", x, y=y, mode="sketch")
+    torch.testing.assert_close(out["sou"], sou(net, "relu2", x, y), rtol=0, atol=0)

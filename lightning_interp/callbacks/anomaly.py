@@ -176,7 +176,6 @@ class AnomalyFilterMonitor(InterpCallback):
         # How the layers are scanned, validated once and passed down whole (a grid too fine for the
         # inputs is refused at the first scan, when their size is known).
         self.spec = ScanSpec(mode=mode, num_projections=num_projections, grid=grid, rectify=rectify)
-        self.mode, self.num_projections, self.grid = self.spec.mode, self.spec.num_projections, self.spec.grid
         # The settings, validated once and passed down whole (the report writes them with `asdict`).
         if criteria is not None and not isinstance(criteria, AnomalyCriteria):
             raise TypeError(f"Expected `criteria` to be an AnomalyCriteria but got {type(criteria).__name__}.")
@@ -188,7 +187,6 @@ class AnomalyFilterMonitor(InterpCallback):
             raise ValueError(f"AnomalyFilterMonitor(probe_size={probe_size}): {err}") from None
         self.alarm_rule = alarm if isinstance(alarm, AlarmRule) else AlarmRule(
             alarm, rel=alarm_rel, margin=alarm_margin, patience=alarm_patience, min_epoch=alarm_min_epoch)
-        self.rectify = rectify
         self.val_acc_key = val_acc_key
         self.val_loss_key = val_loss_key
         self.report_path = report_path
@@ -229,6 +227,23 @@ class AnomalyFilterMonitor(InterpCallback):
         return best_epoch(self.val_history, "val_acc")
 
     # ---- settings, as the report and the HTML page show them ----------------------------------
+    @property
+    def mode(self) -> str:
+        """``spec.mode``: how the layers are scanned."""
+        return self.spec.mode
+
+    @property
+    def num_projections(self) -> int:
+        return self.spec.num_projections
+
+    @property
+    def grid(self) -> int | tuple[int, ...]:
+        return self.spec.grid
+
+    @property
+    def rectify(self) -> bool:
+        return self.spec.rectify
+
     @property
     def alarm(self) -> str:
         """The alarm rule's name (``alarm_rule.rule``)."""

@@ -249,6 +249,17 @@ def dry_forward(model: torch.nn.Module, x: torch.Tensor, layers: Sequence[str]) 
     return output, outputs
 
 
+def eval_dataloader(trainer: pl.Trainer) -> Any:
+    """The validation dataloader for post-fit analyses: the datamodule's, else the first one given to
+    ``trainer.fit`` (None when there is none)."""
+    if trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
+        try:
+            return trainer.datamodule.val_dataloader()
+        except Exception:  # a datamodule without validation data
+            pass
+    return _first_loader(trainer.val_dataloaders)
+
+
 def send_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
     """Scalars to every logger at the current step, outside ``pl_module.log`` (fit end; call on rank zero)."""
     for logger in trainer.loggers:
@@ -634,13 +645,8 @@ class InterpCallback(Callback):
         self.log_image(trainer, key, line_plot(xs, series, title, xlabel, ylabel), title)
 
     def eval_dataloader(self, trainer: pl.Trainer) -> Any:
-        """The validation dataloader for post-fit analyses (datamodule's, else the trainer's)."""
-        if trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
-            try:
-                return trainer.datamodule.val_dataloader()
-            except Exception:  # a datamodule without validation data
-                pass
-        return _first_loader(trainer.val_dataloaders)
+        """The validation dataloader for post-fit analyses (:func:`eval_dataloader`)."""
+        return eval_dataloader(trainer)
 
     def _artifact_path(self, trainer: pl.Trainer, folder: str, key: str, ext: str) -> str:
         root = getattr(self, "log_root", None) or trainer.default_root_dir

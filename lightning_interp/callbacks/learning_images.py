@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import lightning.pytorch as pl
+import torch
 from typing_extensions import override
 
 from ..batch import Batch
 from ..metrics.tip import avou
 from ..nns import (
-    filter_knowledge_quantity,
     filter_learning_images,
+    iter_filter_learning_images,
     layer_activations,
     layer_knowledge_quantity,
     layer_learning_image,
+    reduce_knowledge_quantity,
 )
 from ..viz import display_inputs, heatmap, image_grid
 from .base import InterpCallback, check_finite
@@ -101,7 +103,12 @@ class LearningImageLogger(InterpCallback):
             order = mean_activation.argsort(descending=True)
             scanned = order if self.max_filters is None else order[: self.max_filters]
             shown = order[: self.top_filters].tolist()
-            kq = filter_knowledge_quantity(pl_module, layer, x, filters=scanned, rectify=self.rectify)
+            draw = self.num_images > 0 and trainer.is_global_zero
+            kept: dict[int, torch.Tensor] = {}
+            chunks = iter_filter_learning_images(pl_module, layer, x, filters=scanned, rectify=self.rectify)
+            if draw:
+                chunks = self._keep(chunks, shown, kept)
+            kq = reduce_knowledge_quantity(chunks, x, what=f"learning images of {layer}")
             scalars[f"{self.log_prefix}/nns/{layer}/activation_count"] = kq["activation_count"]
             scalars[f"{self.log_prefix}/nns/{layer}/activation_intensity"] = kq["activation_intensity"]
             if self.thesis_neurons:
@@ -109,13 +116,27 @@ class LearningImageLogger(InterpCallback):
                                                      max_neurons=self.thesis_neurons, seed=self.seed)
                 scalars[f"{self.log_prefix}/nns/{layer}/thesis_activation_count"] = kq_thesis["activation_count"]
                 scalars[f"{self.log_prefix}/nns/{layer}/thesis_activation_intensity"] = kq_thesis["activation_intensity"]
-            if self.num_images > 0 and trainer.is_global_zero:
+            if draw:
                 shown_x = x[: self.num_images]
                 layer_image = layer_learning_image(pl_module, layer, shown_x, rectify=self.rectify)
                 columns = [display_inputs(shown_x), heatmap(layer_image)]
-                if shown:
-                    images = filter_learning_images(pl_module, layer, shown_x, filters=shown, rectify=self.rectify)
-                    columns += [heatmap(images[:, j]) for j in range(len(shown))]
+                missing = [c for c in shown if c not in kept]  # shown but not scanned (max_filters < top_filters)
+                if missing:
+                    images = filter_learning_images(pl_module, layer, shown_x, filters=missing, rectify=self.rectify)
+                    kept.update({c: images[:, j] for j, c in enumerate(missing)})
+                columns += [heatmap(kept[c]) for c in shown]
                 caption = f"epoch {trainer.current_epoch}: input | layer | filters {shown} (most active first)"
                 self.log_image(trainer, f"{self.log_prefix}/nns/{layer}/learning_images", image_grid(columns), caption)
         return scalars
+
+    def _keep(
+        self, chunks: Iterator[tuple[torch.Tensor, torch.Tensor]], filters: list[int], kept: dict[int, torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Pass ``chunks`` on unchanged, copying into ``kept`` the learning images of ``filters`` on the
+        first ``num_images`` probe samples (``num_images x <x.shape[1:]>`` each)."""
+        wanted = set(filters)
+        for idx, li in chunks:
+            for j, c in enumerate(idx.tolist()):
+                if c in wanted:
+                    kept[c] = li[: self.num_images, j].clone()  # a copy: the chunk is freed after its reduction
+            yield idx, li

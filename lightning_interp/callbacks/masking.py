@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,7 +14,7 @@ from typing_extensions import override
 
 from ..layers import get_layer
 from ..masking import FilterMask
-from ..scores import Scorer, ScoreSource, Selection, check_source, resolve_scores
+from ..scores import ScoreSource, Selection, check_source, resolve_if_ready, resolve_scores
 from .base import guarded, rank_zero_decides
 
 __all__ = ["FilterMasking"]
@@ -95,12 +94,9 @@ class FilterMasking(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if isinstance(self.source, (str, os.PathLike)) and not os.path.isfile(self.source):
-            wanted = {}  # written later in the run (by a monitor): checked when it is read
-        elif callable(self.source) and not isinstance(self.source, Scorer):
-            wanted = {}  # evaluated when the masks are applied
-        else:
-            wanted = self._wanted()
+        # A report written later in the run, or a callable, is checked when the masks are applied.
+        scores = resolve_if_ready(self.source, self.select)
+        wanted = scores.flags() if scores is not None else {}
         for layer in wanted:
             get_layer(pl_module, layer)
         FilterMask(pl_module, wanted)  # validates indices before the first step

@@ -15,8 +15,8 @@ from ..batch import default_batch_adapter
 from ..layers import public_name
 from ..metrics.aipc import accuracy
 from ..pruning import check_prunable, prune_filters
-from ..scores import Scorer, ScoreSource, Selection, check_source, resolve_scores
-from .base import guarded, log_root, send_metrics
+from ..scores import Scorer, ScoreSource, Selection, check_source, resolve_if_ready, resolve_scores
+from .base import _first_loader, eval_dataloader, guarded, log_root, send_metrics
 
 __all__ = ["PruneFlaggedFilters", "save_pruned", "load_pruned"]
 
@@ -50,7 +50,8 @@ class PruneFlaggedFilters(Callback):
             for :class:`~lightning_interp.models.ImageClassifier`); report layers are stripped of
             the ``"<model_attr>."`` prefix.
         out_path: where to save (``<log dir>/pruned.pt`` when None); see :func:`load_pruned`.
-        evaluate: measure validation accuracy before/after (``interp/prune/val_acc_before``/``_after``).
+        evaluate: measure validation accuracy before/after (``interp/prune/val_acc_before``/``_after``) on the
+            datamodule's validation loader, else the first one given to ``trainer.fit``.
 
     Logs ``interp/prune/params_before``/``_after``, ``macs_before``/``_after`` and
     ``latency_ms_before``/``_after`` (median of timed forwards of two probe samples on the model's
@@ -117,11 +118,8 @@ class PruneFlaggedFilters(Callback):
     def _watched_layers(self) -> list[str]:
         if self.monitor is not None:
             return list(getattr(self.monitor, "layers", ()))
-        if isinstance(self.source, (str, os.PathLike)) and not os.path.isfile(self.source):
-            return []  # written later in the run; checked at fit end
-        if callable(self.source) and not isinstance(self.source, Scorer):
-            return []
-        return resolve_scores(self.source, self.select).layers
+        scores = resolve_if_ready(self.source, self.select)  # None: answers later in the run (checked at fit end)
+        return scores.layers if scores is not None else []
 
     def check_targets(self, pl_module: pl.LightningModule, example: torch.Tensor | None = None) -> None:
         """Refuse, before training, a missing network or watched layers that cannot be pruned."""
@@ -145,12 +143,7 @@ class PruneFlaggedFilters(Callback):
         if probe is not None:
             return probe.x[:2].to(pl_module.device)
         adapter = getattr(self.monitor, "batch_adapter", None) or default_batch_adapter
-        loader = trainer.train_dataloader
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0]
-        elif isinstance(loader, dict):
-            loader = next(iter(loader.values()))
-        return adapter(next(iter(loader))).x[:2].to(pl_module.device)
+        return adapter(next(iter(_first_loader(trainer.train_dataloader)))).x[:2].to(pl_module.device)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -169,9 +162,7 @@ class PruneFlaggedFilters(Callback):
         example = self._example(trainer, pl_module)
         pruned, summary = prune_filters(net, filters, example)
         result = summary.as_dict()
-        loader = None
-        if self.evaluate and trainer.datamodule is not None:
-            loader = trainer.datamodule.val_dataloader()
+        loader = eval_dataloader(trainer) if self.evaluate else None
         if loader is not None:
             result["val_acc_before"] = accuracy(net, loader)
             result["val_acc_after"] = accuracy(pruned, loader)

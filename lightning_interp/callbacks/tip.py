@@ -11,8 +11,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from ..batch import Batch
-from ..metrics.aipc import DEFAULT_FRACTIONS, aipc, filter_types, type_masking
-from ..metrics.tip import PROPERTIES, check_tip_mode, layer_properties, spearman
+from ..metrics.aipc import DEFAULT_FRACTIONS, accuracy, aipc, filter_types, type_masking
+from ..metrics.thesis import saliency_property_spearman
+from ..metrics.tip import PROPERTIES, check_tip_mode, layer_properties
 from ..nns import ScanSpec, filter_learning_images
 from ..progress import progress, trainer_shows_progress
 from ..scores import FilterScores
@@ -116,10 +117,10 @@ class TIPMonitor(InterpCallback):
             props = [n for n in t if n not in ("avou", "sou")]
             for name in props:
                 scalars[f"{prefix}/{name}"] = t[name].mean().item()
-            for sal in ("avou", "sou"):
-                if sal in t:
-                    for name in props:
-                        scalars[f"{prefix}/spearman/{sal}_{name}"] = spearman(t[sal], t[name]).item()
+            rho = saliency_property_spearman(t, [sal for sal in ("avou", "sou") if sal in t], props)
+            for sal, by_property in rho.items():
+                for name, value in by_property.items():
+                    scalars[f"{prefix}/spearman/{sal}_{name}"] = value
             if probe.mask is not None:
                 types = filter_types(t[f"fg_{self.type_property}"], t[f"bg_{self.type_property}"], self.per)
                 for name, members in types.items():
@@ -134,11 +135,11 @@ class TIPMonitor(InterpCallback):
         self.log_table(trainer, f"{self.log_prefix}/tip/{layer}/filters", ["filter", *names], rows)
         if self.top_filters <= 0:
             return
-        columns = []
-        for name in PROPERTIES:
-            top = t[name].argsort(descending=True)[: self.top_filters]
-            li = filter_learning_images(pl_module, layer, probe.x[:1], filters=top, rectify=self.rectify)
-            columns.append(heatmap(li[0]))  # (top, 3, H, W): one row per property
+        tops = [t[name].argsort(descending=True)[: self.top_filters].cpu() for name in PROPERTIES]
+        # One scan of the filters at the top of any property; each property's row picks its own.
+        filters = torch.cat(tops).unique()  # sorted, so a filter's position is found by bisection
+        li = filter_learning_images(pl_module, layer, probe.x[:1], filters=filters, rectify=self.rectify)[0]
+        columns = [heatmap(li[torch.searchsorted(filters, top).to(li.device)]) for top in tops]  # (top, 3, H, W)
         grid = image_grid(list(torch.stack(columns, 0).unbind(1)), min_side=64)  # rows: properties
         self.log_image(
             trainer, f"{self.log_prefix}/tip/{layer}/top_filters", grid,
@@ -158,13 +159,17 @@ class TIPMonitor(InterpCallback):
             rank_zero_warn("TIPMonitor: no validation data; AIPC and type masking are skipped.")
             return None
         metrics: dict[str, float] = {}
+        # The unmasked model's accuracy, measured once: every AIPC curve starts from it and every
+        # type-masking change is taken against it (masks are removed after each evaluation).
+        base = accuracy(pl_module, loader, batch_adapter=self.batch_adapter, max_batches=self.aipc_max_batches)
         for layer, t in self.last.items():
             curves = {}
             names = [n for n in t if n not in ("avou", "sou")]
             rank_zero_info(f"TIPMonitor: AIPC of {layer} for {len(names)} properties")
             for name in progress(names, desc=f"AIPC {layer}", enabled=trainer_shows_progress(trainer)):
                 curve = aipc(pl_module, layer, t[name], loader, self.aipc_fractions,
-                             batch_adapter=self.batch_adapter, max_batches=self.aipc_max_batches)
+                             batch_adapter=self.batch_adapter, max_batches=self.aipc_max_batches,
+                             base_accuracy=base)
                 curves[name] = curve.change
                 metrics[f"{self.log_prefix}/tip/{layer}/aipc_area/{name}"] = curve.area
                 metrics[f"{self.log_prefix}/tip/{layer}/aipc_area_top10/{name}"] = curve.area_top10
@@ -174,7 +179,7 @@ class TIPMonitor(InterpCallback):
             if f"fg_{self.type_property}" in t:
                 types = filter_types(t[f"fg_{self.type_property}"], t[f"bg_{self.type_property}"], self.per)
                 changes = type_masking(pl_module, layer, types, loader, batch_adapter=self.batch_adapter,
-                                       max_batches=self.aipc_max_batches)
+                                       max_batches=self.aipc_max_batches, base=base)
                 rows = [[name, int(types[name].sum()), changes[name]] for name in types]
                 self.log_table(trainer, f"{self.log_prefix}/tip/{layer}/type_masking",
                                ["type", "filters", "accuracy_change"], rows)

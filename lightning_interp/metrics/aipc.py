@@ -107,6 +107,7 @@ def aipc(
     batch_adapter: BatchAdapter = default_batch_adapter,
     max_batches: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    base_accuracy: float | None = None,
 ) -> AIPC:
     """Mask the filters of ``layer`` with the highest ``ranking`` scores, fraction by fraction.
 
@@ -114,6 +115,8 @@ def aipc(
         ranking: ``K`` scores, one per filter (higher = masked first).
         fractions: masked fractions in [0, 1], increasing; 0 is added if missing.
         progress: called as ``progress(done, total)`` after each fraction.
+        base_accuracy: accuracy of the unmasked model if already measured (:func:`accuracy` with the
+            same dataloader and ``max_batches``); it then stands for every fraction that masks no filter.
     """
     ranking = torch.as_tensor(ranking).flatten()
     fr = sorted({0.0, *(float(f) for f in fractions)})
@@ -124,7 +127,8 @@ def aipc(
     for i, r in enumerate(fr):
         n = int(round(r * len(order)))
         if n == 0:
-            accs.append(accuracy(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches))
+            accs.append(base_accuracy if base_accuracy is not None
+                        else accuracy(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches))
         else:
             with FilterMask(model, {layer: order[:n]}):
                 accs.append(accuracy(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches))
@@ -176,9 +180,16 @@ def type_masking(
     *,
     batch_adapter: BatchAdapter = default_batch_adapter,
     max_batches: int | None = None,
+    base: float | None = None,
 ) -> dict[str, float]:
-    """Accuracy change when all filters of each type are masked (0.0 for an empty type)."""
-    base = accuracy(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches)
+    """Accuracy change when all filters of each type are masked (0.0 for an empty type).
+
+    Args:
+        base: accuracy of the unmasked model if already measured (:func:`accuracy` with the same
+            dataloader and ``max_batches``).
+    """
+    if base is None:
+        base = accuracy(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches)
     out = {}
     for name, members in types.items():
         idx = members.nonzero().flatten().tolist()

@@ -40,6 +40,7 @@ from ..nns import (
     iter_filter_learning_images,
     layer_activations,
     neuron_learning_images,
+    sample_indices,
 )
 from .aipc import evaluate
 from .tip import _check_mask
@@ -47,6 +48,7 @@ from .tip import _check_mask
 __all__ = [
     "FQ_COMPONENTS",
     "feature_quantity",
+    "combine_fq",
     "fq_components",
     "neuron_feature_quantity",
     "layer_feature_quantity",
@@ -135,16 +137,47 @@ def feature_quantity(
         ``B x K`` tensor; 0 for a unit with no active element or an input with an empty foreground.
         The FQ of a unit is ``F.amax(0)``.
     """
+    _check_drop(drop)
+    return combine_fq(fq_components(learning_images, x, fg_mask, eps=eps), drop=drop, scale=scale)
+
+
+def _check_drop(drop: str | Sequence[str]) -> set[str]:
     dropped = {drop} if isinstance(drop, str) else set(drop)
     bad = dropped - set(FQ_COMPONENTS)
     if bad:
         raise ValueError(f"Expected `drop` to name factors among {list(FQ_COMPONENTS)} but got {sorted(bad)}.")
-    parts = fq_components(learning_images, x, fg_mask, eps=eps)
-    f = torch.full_like(parts["nf"], float(scale))
+    return dropped
+
+
+def combine_fq(
+    components: Mapping[str, torch.Tensor],
+    *,
+    drop: str | Sequence[str] = (),
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """F (eq. 4-6) from its factors: ``scale`` times the product of the factors of
+    :data:`FQ_COMPONENTS` not in ``drop``, 0 where the learning image has no active element.
+
+    Args:
+        components: what :func:`fq_components` returns (or ``all_neuron_feature_quantity(...,
+            components=True)``): the five factors and ``active``, tensors of one shape (``B x K`` or
+            ``B x K x N``).
+        drop: factor(s) left out of the product (the ablation of table 4-4).
+        scale: the thesis' K (1e4); 1 by default so that F(I, I) = 1.
+
+    Returns:
+        a tensor of the components' shape; the FQ of a unit is its ``amax(0)`` (eq. 4-7).
+
+    Example:
+        >>> parts = fq_components(learning_images, x, fg_mask)
+        >>> combine_fq(parts, drop="nf").amax(0)  # FQ without the first factor, ``K``
+    """
+    dropped = _check_drop(drop)
+    f = torch.full_like(components["nf"], float(scale))
     for name in FQ_COMPONENTS:
         if name not in dropped:
-            f = f * parts[name]
-    return torch.where(parts["active"], f, torch.zeros_like(f))
+            f = f * components[name]
+    return torch.where(components["active"], f, torch.zeros_like(f))
 
 
 def neuron_feature_quantity(
@@ -160,15 +193,38 @@ def neuron_feature_quantity(
     over the samples), from their neuron learning images: ``K x top_neurons``.
 
     For r(activation, FQ) (thesis 4.3.1); diversity uses :func:`all_neuron_feature_quantity`."""
+    neurons, activation = _top_neurons(model, layer, x, top_neurons, rectify)
+    return _neurons_fq(model, layer, x, fg_mask, neurons, rectify).reshape(activation.shape)
+
+
+def _top_neurons(
+    model: nn.Module, layer: str, x: torch.Tensor, top_neurons: int, rectify: bool
+) -> tuple[list[tuple[int, int, int]], torch.Tensor]:
+    """The ``n = min(top_neurons, h·w)`` neurons of each filter with the highest mean activation over
+    the samples, filter by filter and most activated first (``K·n`` ``(c, i, j)``), and those mean
+    activations (``K x n``), from one forward pass."""
     f = layer_activations(model, layer, x, rectify=rectify)
     if f.dim() != 4:
         raise ValueError(f"Expected layer {layer!r} to output (B, K, H, W) for neuron FQ but got {tuple(f.shape)}.")
     k, h, w = f.shape[1:]
     n = min(top_neurons, h * w)
-    order = f.mean(0).reshape(k, -1).argsort(1, descending=True)[:, :n]  # (K, n)
+    mean = f.mean(0).reshape(k, -1)
+    order = mean.argsort(1, descending=True)[:, :n]  # (K, n)
     neurons = [(c, int(p) // w, int(p) % w) for c in range(k) for p in order[c].tolist()]
-    li = neuron_learning_images(model, layer, x, neurons, rectify=rectify)  # (B, K*n, C, H, W)
-    return feature_quantity(li, x, fg_mask).amax(0).reshape(k, n)
+    return neurons, mean.gather(1, order)
+
+
+def _neurons_fq(
+    model: nn.Module,
+    layer: str,
+    x: torch.Tensor,
+    fg_mask: torch.Tensor,
+    neurons: list[tuple[int, int, int]],
+    rectify: bool,
+) -> torch.Tensor:
+    """FQ (eq. 4-7) of each of ``neurons``: ``N``."""
+    li = neuron_learning_images(model, layer, x, neurons, rectify=rectify)  # (B, N, C, H, W)
+    return feature_quantity(li, x, fg_mask).amax(0)
 
 
 def layer_feature_quantity(
@@ -204,22 +260,16 @@ def layer_feature_quantity(
         feature_quantity(check_finite(li, f"learning images of {layer}"), x, fg_mask).amax(0)
         for _, li in iter_filter_learning_images(model, layer, x, rectify=rectify)
     ])
-    neuron_fq = neuron_feature_quantity(model, layer, x, fg_mask, top_neurons=top_neurons, rectify=rectify)
-    f = layer_activations(model, layer, x, rectify=rectify).mean(0)  # (K, H, W)
-    k = f.shape[0]
-    activation = f.reshape(k, -1).sort(1, descending=True).values[:, : neuron_fq.shape[1]]
+    neurons, activation = _top_neurons(model, layer, x, top_neurons, rectify)
+    neuron_fq = _neurons_fq(model, layer, x, fg_mask, neurons, rectify).reshape(activation.shape)
     return {"filter_fq": filter_fq, "neuron_fq": neuron_fq, "neuron_activation": activation}
 
 
 def sample_positions(h: int, w: int, max_neurons: int | None, seed: int = 0) -> torch.Tensor:
     """Flat spatial positions (``N`` long tensor, sorted) of an ``h x w`` map: all of them when
-    ``max_neurons`` is None or ≥ h·w, else a seeded uniform subsample of ``max_neurons``."""
-    if max_neurons is not None and (not isinstance(max_neurons, int) or max_neurons < 1):
-        raise ValueError(f"Expected `max_neurons` to be a positive int or None but got {max_neurons!r}.")
-    if max_neurons is None or max_neurons >= h * w:
-        return torch.arange(h * w)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(h * w, generator=g)[:max_neurons].sort().values
+    ``max_neurons`` is None or ≥ h·w, else a seeded uniform subsample of ``max_neurons``
+    (:func:`~lightning_interp.nns.sample_indices`)."""
+    return sample_indices(h * w, max_neurons, seed)
 
 
 def all_neuron_feature_quantity(
@@ -270,10 +320,7 @@ def all_neuron_feature_quantity(
     out = {name: torch.cat(v, 1) for name, v in parts.items()}
     if components:
         return out
-    fq = torch.ones_like(out["nf"])
-    for name in FQ_COMPONENTS:
-        fq = fq * out[name]
-    return torch.where(out["active"], fq, torch.zeros_like(fq)).amax(0)
+    return combine_fq(out).amax(0)
 
 
 def fq_layer_stats(fq: torch.Tensor, activation: torch.Tensor) -> dict[str, float]:
@@ -328,6 +375,7 @@ def diversity_masking(
     num_diverse: int = 20,
     batch_adapter: BatchAdapter = default_batch_adapter,
     max_batches: int | None = None,
+    base: tuple[float, float] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Table 4-3: the % change in loss and the accuracy change when the ``num_diverse`` most and least
     diverse filters of each layer are masked (:func:`fq_diversity` scores, ties broken by filter index).
@@ -335,16 +383,19 @@ def diversity_masking(
     Args:
         diversity: ``{layer: K tensor}`` of diversity scores (e.g. from :func:`fq_diversity`).
         num_diverse: filters masked per side (thesis: 20), at most K.
+        base: ``(accuracy, loss)`` of the unmasked model if already measured
+            (:func:`~lightning_interp.metrics.aipc.evaluate`).
 
     Returns:
         ``{layer: {"most": r, "least": r}}``, each ``r`` with ``filters`` (the masked count) and what
         :func:`~lightning_interp.metrics.thesis.masked_loss_change` returns: ``loss_pct``
         = 100·(L_masked − L)/L (NaN when L = 0), ``accuracy_change``, ``loss``, ``base_loss``. The
-        unmasked model is evaluated once.
+        unmasked model is evaluated once (not at all with ``base``).
     """
     from .thesis import masked_loss_change  # thesis.py imports this module
 
-    base = evaluate(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches)
+    if base is None:
+        base = evaluate(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for layer, div in diversity.items():
         n = min(num_diverse, len(div))

@@ -36,9 +36,10 @@ from ..nns import (
     knowledge_quantity,
     layer_activations,
     neuron_learning_images,
+    sample_neurons,
     scan_mode,
 )
-from .aipc import FILTER_TYPES, evaluate, filter_types
+from .aipc import FILTER_TYPES, evaluate, filter_types, type_masking
 from .fq import feature_quantity
 from .tip import PROPERTIES, _check_mask, spearman
 
@@ -281,13 +282,7 @@ def layer_fq_ssim(
         ``{"fq": float, "ssim": float, "fq_variance": float, "neurons": int}``.
     """
     f = layer_activations(model, layer, x[:1], rectify=rectify)
-    unit_shape = tuple(f.shape[1:])
-    total = int(torch.tensor(unit_shape).prod())
-    if max_neurons is None or max_neurons >= total:
-        flat = torch.arange(total)
-    else:
-        flat = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_neurons].sort().values
-    neurons = [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), unit_shape)) for i in flat.tolist()]
+    neurons = sample_neurons(tuple(f.shape[1:]), max_neurons, seed)
     fq, ssim = [], []
     for start in range(0, len(neurons), 64):
         li = neuron_learning_images(model, layer, x, neurons[start : start + 64], rectify=rectify)
@@ -424,14 +419,8 @@ def filter_type_phases(
     out = {t: {"proportion": [], "accuracy_change": []} for t in FILTER_TYPES}
     for model, fg, bg in phases:
         types = filter_types(fg, bg, per)
-        acc0, _ = evaluate(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches)
+        changes = type_masking(model, layer, types, dataloader, batch_adapter=batch_adapter, max_batches=max_batches)
         for name, members in types.items():
-            idx = members.nonzero().flatten().tolist()
-            out[name]["proportion"].append(len(idx) / members.numel())
-            if not idx:
-                out[name]["accuracy_change"].append(0.0)
-                continue
-            with FilterMask(model, {layer: idx}):
-                acc, _ = evaluate(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches)
-            out[name]["accuracy_change"].append(acc - acc0)
+            out[name]["proportion"].append(int(members.sum()) / members.numel())
+            out[name]["accuracy_change"].append(changes[name])
     return out

@@ -199,7 +199,19 @@ def sou(
     check_inputs(x)
     if estimate not in SOU_ESTIMATES:
         raise ValueError(f"Expected `estimate` to be one of {list(SOU_ESTIMATES)} but got {estimate!r}.")
-    weight = get_layer(model, weight_layer_for(model, layer)).weight
+    return _sou(model, get_layer(model, weight_layer_for(model, layer)).weight, x, y, loss_fn=loss_fn, estimate=estimate)
+
+
+def _sou(
+    model: nn.Module,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    estimate: str = "snip",
+) -> torch.Tensor:
+    """:func:`sou` of the filters whose rows ``weight`` holds, the owner already resolved."""
     with scan_mode(model):
         if estimate == "snip":
             loss = loss_fn(model(x), y)
@@ -293,16 +305,18 @@ def layer_properties(
     out["avou"] = avou(check_finite(f, f"activations of {layer}"))
     if y is not None:
         try:
-            filter_owner(model, layer)
+            owner = weight_layer_for(model, layer)
         except ValueError as err:  # an optional side metric: a layer no conv owns (e.g. a custom module)
             warnings.warn(f"SoU of {layer!r} skipped: {err}", stacklevel=2)
             return out
-        saliency = sou(model, layer, x, y)
-        if saliency.shape == out["avou"].shape:
-            out["sou"] = saliency
+        weight = get_layer(model, owner).weight
+        # Row k of the owner's weight is filter k (what `sou` scores), so the row count is checked
+        # before paying for SoU's forward and backward pass.
+        if weight.shape[0] == out["avou"].shape[0]:
+            out["sou"] = _sou(model, weight, x, y)
         else:  # an optional side metric: a layer whose filters no single weight makes (e.g. a concatenation)
             warnings.warn(
-                f"SoU of {layer!r} skipped: the weights of {weight_layer_for(model, layer)!r} make "
-                f"{saliency.shape[0]} filters but the layer outputs {out['avou'].shape[0]}.", stacklevel=2,
+                f"SoU of {layer!r} skipped: the weights of {owner!r} make "
+                f"{weight.shape[0]} filters but the layer outputs {out['avou'].shape[0]}.", stacklevel=2,
             )
     return out
