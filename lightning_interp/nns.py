@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .layers import capture_output, eval_mode, get_layer
-from .memory import CPU_CHUNK_BYTES, GPU_CHUNK_BYTES, scan_budget  # noqa: F401  (re-exported)
+from .memory import scan_budget
 
 __all__ = [
     "filter_learning_images",
@@ -55,8 +55,6 @@ __all__ = [
     "pooled_learning_images",
 ]
 
-#: Kept for callers of earlier versions; the budgets live in :mod:`lightning_interp.memory`.
-DEFAULT_CHUNK_BYTES = CPU_CHUNK_BYTES
 #: Default VJPs per chunk on the CPU (measured, see ``_auto_chunk``).
 CPU_CHUNK = 4
 
@@ -184,17 +182,6 @@ def _select_filters(filters: Sequence[int] | torch.Tensor | None, num_filters: i
     return idx
 
 
-def _chunk_bytes(device: torch.device) -> int:
-    """Memory budget of one chunk of products on ``device``, in bytes
-    (:func:`lightning_interp.memory.scan_budget`: a share of the free device memory on a GPU, of the
-    available RAM on the CPU).
-
-    On an H100, chunks of 512 MB held sketch mode to 2 directions at a time and cost it 2.5×
-    (``benchmarks/chunks.py``): a GPU gets up to ``GPU_CHUNK_BYTES``, bounded by its free memory.
-    """
-    return scan_budget(device)
-
-
 def _auto_chunk(f: torch.Tensor, x: torch.Tensor, requested: int | None) -> int:
     if requested is not None:
         if int(requested) < 1:
@@ -202,7 +189,7 @@ def _auto_chunk(f: torch.Tensor, x: torch.Tensor, requested: int | None) -> int:
         return int(requested)
     # One chunk element holds a cotangent like f and a gradient like x, plus backward workspace.
     per_item = 3 * (f.numel() + x.numel()) * f.element_size()
-    by_memory = max(1, _chunk_bytes(f.device) // max(per_item, 1))
+    by_memory = max(1, scan_budget(f.device) // max(per_item, 1))
     # On the CPU the backward is compute-bound: batching more than a few VJPs only adds
     # vmap overhead (benchmarks/nns.py: chunks of 4 beat both 1 and 16+ on SimpleCNN/ResNet-18).
     return min(by_memory, CPU_CHUNK) if f.device.type == "cpu" else by_memory
@@ -681,9 +668,9 @@ def _sketch_chunk(x: torch.Tensor, requested: int | None) -> int:
         if int(requested) < 1:
             raise ValueError(f"Expected `chunk_size` to be a positive int or None but got {requested}.")
         return int(requested)
-    # A direction costs a forward of the batch with its tangent: keep ~ `_chunk_bytes` of inputs.
+    # A direction costs a forward of the batch with its tangent: keep ~ `scan_budget` of inputs.
     per_direction = 64 * x.numel() * x.element_size()
-    return max(1, _chunk_bytes(x.device) // max(per_direction, 1))
+    return max(1, scan_budget(x.device) // max(per_direction, 1))
 
 
 def sketch_learning_images(
