@@ -16,7 +16,10 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["DigitsDataModule", "ImageFolderDataModule", "ShapesDataModule", "ShapesDataset", "make_shapes", "SHAPES"]
+__all__ = [
+    "DigitsDataModule", "ImageFolderDataModule", "IndexedDataset", "ShapesDataModule", "ShapesDataset", "make_shapes",
+    "SHAPES", "with_index",
+]
 
 
 def _check_fraction(name: str, value: float, upper: float = 1.0) -> None:
@@ -34,6 +37,55 @@ def _noisy_labels(y: torch.Tensor, fraction: float, num_classes: int, generator:
     shift = torch.randint(1, num_classes, (n,), generator=generator)
     y[idx] = (y[idx] + shift) % num_classes
     return y
+
+
+class IndexedDataset(Dataset):
+    """A map-style dataset whose items carry their index last (see :func:`with_index`)."""
+
+    def __init__(self, dataset: Dataset):
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise TypeError(
+                f"Expected a map-style dataset (with __getitem__ and __len__) but got {type(dataset).__name__}; an "
+                "iterable dataset has no stable sample indices: use SampleDynamicsMonitor(source='subset') instead."
+            )
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        if isinstance(item, dict):
+            if "index" in item:
+                raise ValueError("Expected dataset items without an 'index' key: with_index adds it.")
+            return {**item, "index": i}
+        if isinstance(item, (tuple, list)):
+            return (*item, i)
+        return item, i
+
+    def __getattr__(self, name: str):
+        # Attributes of the wrapped dataset (e.g. `classes`) stay reachable.
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def with_index(dataset: Dataset) -> IndexedDataset:
+    """Wrap a map-style dataset so that every item carries its dataset index last.
+
+    Items ``(x, y)`` become ``(x, y, index)``, ``(x, y, mask)`` become ``(x, y, mask, index)``, dicts
+    gain an ``"index"`` key; after the default collate, ``training_step`` receives the indices as a
+    ``B`` long tensor in the same place (``x, y, index = batch``). :class:`SampleDynamicsMonitor`
+    (``source="batches"``) reads them to follow every training sample across epochs for free, from the
+    logits of the training forward passes.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> ds = with_index(TensorDataset(torch.zeros(4, 1, 8, 8), torch.arange(4)))
+        >>> ds[2][2]
+        2
+    """
+    return dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
 
 
 class _DataModule(pl.LightningDataModule):
@@ -76,7 +128,8 @@ class DigitsDataModule(_DataModule):
     Batches are ``(x, y, mask)``: ``x`` is ``B x 1 x S x S`` float, ``y`` the digit, ``mask``
     ``B x 1 x S x S`` bool, true on the digit's pixels (intensity > ``mask_threshold``).
     The split is seeded; the test set is the validation set. ``label_noise`` relabels that
-    fraction of the training set only.
+    fraction of the training set only; :attr:`flipped` says which (``N_train`` bool, after ``setup``),
+    so a demo can score the samples a monitor flags against the truth.
     """
 
     num_classes = 10
@@ -102,6 +155,7 @@ class DigitsDataModule(_DataModule):
         self.label_noise = label_noise
         self.mask_threshold = mask_threshold
         self.seed = seed
+        self.flipped: torch.Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -118,6 +172,8 @@ class DigitsDataModule(_DataModule):
         n_val = int(round(self.val_fraction * len(y)))
         val, train = perm[:n_val], perm[n_val:]
         y_train = _noisy_labels(y[train], self.label_noise, self.num_classes, g)
+        #: ``N_train`` bool: the training samples whose label ``label_noise`` flipped (index = dataset index).
+        self.flipped = y_train != y[train]
         self.train_set = TensorDataset(x[train], y_train, mask[train])
         self.val_set = TensorDataset(x[val], y[val], mask[val])
         self.test_set = self.val_set

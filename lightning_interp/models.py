@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from .batch import default_batch_adapter
 
-__all__ = ["SimpleCNN", "LeNet5", "resnet18_cifar", "ImageClassifier", "build_model"]
+__all__ = ["SimpleCNN", "LeNet5", "resnet18_cifar", "resnet20_cifar", "ImageClassifier", "build_model"]
 
 
 class SimpleCNN(nn.Module):
@@ -111,11 +111,68 @@ def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return model
 
 
-_MODELS = {"simple_cnn": SimpleCNN, "lenet5": LeNet5, "resnet18_cifar": resnet18_cifar}
+class _BasicBlock(nn.Module):
+    """He et al. (2016) CIFAR basic block: two 3×3 conv-BN layers; a 1×1 conv-BN shortcut when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """The CIFAR ResNet-20 of He et al. (2016, §4.2): a 3×3 stem of 16 filters, three stages of three
+    basic blocks (16, 32, 64 filters; stride 2 at the start of stages 2 and 3), global average pooling
+    and a linear classifier — 0.27 M parameters, small enough to train on a CPU. Shortcuts that change
+    the shape are 1×1 conv-BN (the paper's option B), so Torch-Pruning can prune every block.
+
+    Every ReLU is its own module (``layer3.2.relu2`` is the last block's output), so each can be watched.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, blocks: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        stages, c_in = [], 16
+        for i, c_out in enumerate((16, 32, 64)):
+            layers = []
+            for b in range(blocks):
+                layers.append(_BasicBlock(c_in, c_out, 2 if (b == 0 and i > 0) else 1))
+                c_in = c_out
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+def resnet20_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """:class:`ResNet20` (He et al. 2016's CIFAR ResNet-20). No weights are loaded."""
+    return ResNet20(num_classes=num_classes, in_channels=in_channels)
+
+
+_MODELS = {"simple_cnn": SimpleCNN, "lenet5": LeNet5, "resnet18_cifar": resnet18_cifar, "resnet20_cifar": resnet20_cifar}
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Build a reference model by name: one of ``simple_cnn``, ``lenet5``, ``resnet18_cifar``."""
+    """Build a reference model by name: one of ``simple_cnn``, ``lenet5``, ``resnet18_cifar``, ``resnet20_cifar``."""
     if name not in _MODELS:
         raise ValueError(f"Expected `name` to be one of {sorted(_MODELS)} but got {name!r}.")
     return _MODELS[name](**kwargs)

@@ -22,6 +22,7 @@ from lightning_interp.callbacks import (
     InterpCallback,
     LearningImageLogger,
     PruneFlaggedFilters,
+    SampleDynamicsMonitor,
     TIPMonitor,
 )
 
@@ -49,6 +50,7 @@ FACTORIES: dict[type, Factory] = {
         **{"layer": "model.relu3", "weights": {"attention_supervision": 1.0, "rrr": 0.1}, "probe_size": 8, **kw}),
     FilterMasking: lambda made, kw: FilterMasking(**{"monitor": made[AnomalyFilterMonitor], "start_epoch": 1, **kw}),
     PruneFlaggedFilters: lambda made, kw: PruneFlaggedFilters(**{"monitor": made[AnomalyFilterMonitor], **kw}),
+    SampleDynamicsMonitor: lambda made, kw: SampleDynamicsMonitor(**{"track_size": 24, "num_images": 2, **kw}),
 }
 
 

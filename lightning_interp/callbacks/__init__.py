@@ -2,6 +2,7 @@
 
 from .anomaly import AnomalyFilterMonitor
 from .base import InterpCallback, rank_zero_decides, select_probe  # noqa: F401 (select_probe: importable, not exported)
+from .dynamics import SampleDynamicsMonitor
 from .fq import FeatureQuantityMonitor
 from .guidance import AttentionGuidance
 from .interp_report import InterpReport
@@ -19,6 +20,7 @@ __all__ = [
     "InterpReport",
     "LearningImageLogger",
     "PruneFlaggedFilters",
+    "SampleDynamicsMonitor",
     "TIPMonitor",
     "load_pruned",
     "rank_zero_decides",
