@@ -28,9 +28,10 @@ from lightning_interp.callbacks import (  # noqa: E402
     FeatureQuantityMonitor,
     FilterMasking,
     LearningImageLogger,
+    SampleDynamicsMonitor,
     TIPMonitor,
 )
-from lightning_interp.data import ShapesDataModule  # noqa: E402
+from lightning_interp.data import ShapesDataModule, with_index  # noqa: E402
 from lightning_interp.models import ImageClassifier, SimpleCNN  # noqa: E402
 
 VAL_PER_RANK = (40, 24)
@@ -45,7 +46,8 @@ class RankDependentData(pl.LightningDataModule):
         self.shapes.setup(stage)
 
     def train_dataloader(self):
-        data = self.shapes.train_set
+        # Items carry their dataset index, for SampleDynamicsMonitor(source="batches").
+        data = with_index(self.shapes.train_set)
         if self.trainer.world_size > 1:
             sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
                                          shuffle=True, seed=0)
@@ -55,6 +57,10 @@ class RankDependentData(pl.LightningDataModule):
     def val_dataloader(self):
         n = VAL_PER_RANK[self.trainer.global_rank % len(VAL_PER_RANK)]
         return DataLoader(Subset(self.shapes.val_set, range(n)), batch_size=16)
+
+
+def _plain(state: dict) -> dict:
+    return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 def main(out: str, devices: int) -> None:
@@ -68,7 +74,11 @@ def main(out: str, devices: int) -> None:
         LearningImageLogger: {"probe_split": "val", "probe_size": 32},
         FilterMasking: {"start_epoch": 1},
     })
-    callbacks = list(made.values())
+    # The factory's monitor reads an eval pass over its tracked subset; this one the training batches, which
+    # DistributedSampler splits between the ranks: each rank sees half the samples and the epoch's observations
+    # are summed across ranks.
+    batches = SampleDynamicsMonitor(source="batches", log_prefix="interp_batches", num_images=2)
+    callbacks = [*made.values(), batches]
     trainer = pl.Trainer(
         strategy="ddp" if devices > 1 else "auto", accelerator="cpu", devices=devices, max_epochs=2,
         default_root_dir=out, logger=pl.loggers.CSVLogger(out, name="csv"), callbacks=callbacks,
@@ -94,6 +104,9 @@ def main(out: str, devices: int) -> None:
         "lil_history": made[LearningImageLogger].history,
         "fq_history": made[FeatureQuantityMonitor].history,
         "callbacks": sorted(cls.__name__ for cls in made),
+        "dynamics_subset": _plain(made[SampleDynamicsMonitor].dynamics.state_dict()),
+        "dynamics_batches": _plain(batches.dynamics.state_dict()),
+        "dynamics_history": [made[SampleDynamicsMonitor].history, batches.history],
     }
     with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as fh:
         json.dump(result, fh)
