@@ -402,8 +402,9 @@ class AnomalyFilterMonitor(InterpCallback):
             grid = labelled_image_grid(probe.x[idx.to(probe.x.device)].float().cpu(), captions, thumb=96)
             self.log_image(trainer, f"{self.log_prefix}/anomaly/hardest_samples", grid,
                            f"epoch {trainer.current_epoch}: the probe samples whose given label has the highest "
-                           "loss — on the overfitting benchmark these found wrongly labelled samples at "
-                           "1.3-3.3× chance where outlier samples did not")
+                           "loss at this scan — on the overfitting benchmark these found wrongly labelled samples "
+                           "at 1.3-3.3× chance where outlier samples did not. Which samples the model memorises, "
+                           "tracked over epochs: SampleDynamicsMonitor")
 
     def outlier_captions(
         self, pl_module: pl.LightningModule, results: dict[str, AnomalyFilters], probe: Batch,

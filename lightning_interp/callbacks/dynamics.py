@@ -387,12 +387,14 @@ class SampleDynamicsMonitor(Callback):
             return
         name = _class_names(trainer)
         since = scores.columns["fit_since_epoch"]
+        truth = self.truth(trainer)  # a datamodule that knows which labels it flipped (the demo)
         captions = []
         for p in top:
             fit = int(since[p])
             captions.append(f"#{int(scores.indices[p])} given: {name(int(scores.labels[p]))} / pred: "
                             f"{name(int(scores.predicted[p]))} / {scores.score} {float(scores.scores[p]):.2f}"
-                            + (f" / fit since ep {fit}" if fit >= 0 else ""))
+                            + (f" / fit since ep {fit}" if fit >= 0 else "")
+                            + ("" if truth is None else " / FLIPPED" if truth[p] else " / label ok"))
         grid = labelled_image_grid(self._images(trainer, top), captions, thumb=96)
         key = f"{self.key}/suspects"
         caption = (f"epoch {trainer.current_epoch}: the {len(top)} most suspect training samples by {scores.score} "

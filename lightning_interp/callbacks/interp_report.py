@@ -19,6 +19,7 @@ from ..scores import FilterScores, ScoreSource, Selection, check_source, resolve
 from ..viz import anomaly_timeline, line_plot
 from .anomaly import AnomalyFilterMonitor
 from .base import InterpCallback, guarded, log_root, send_image
+from .dynamics import SampleDynamicsMonitor
 from .prune import PruneFlaggedFilters
 
 __all__ = ["InterpReport", "report_sections"]
@@ -126,6 +127,52 @@ def _curve_figure(name: str, group: Curves) -> Figure:
     return Figure(f"training/{name}", line_plot(epochs, series, title, "epoch", ylabel), title)
 
 
+def _dynamics_section(cb: SampleDynamicsMonitor, trainer: pl.Trainer | None) -> Section | None:
+    s = cb.summary()
+    if not s:
+        return None
+    section = Section("Which training samples is the model memorising? (SampleDynamicsMonitor)")
+    how = "the training forward passes" if cb.source == "batches" else "an eval-mode pass over a fixed subset"
+    section.paragraphs.append(
+        f"{s['tracked']} training samples tracked through {how}; {s['flagged']} flagged by {cb.score} "
+        f"(rule {cb.flag_rule!r}). The flagged samples' fit rate on their given labels is {s['flagged_fit']:.2f} — "
+        "it rises when the model starts memorising them."
+        + ("" if cb.alarm is None else
+           (f" Label-free overfitting alarm ({cb.alarm}): fired at epoch {s['alarm_epoch']}."
+            if s["alarm_epoch"] is not None else f" Label-free overfitting alarm ({cb.alarm}): did not fire."))
+    )
+    truth = cb.truth(trainer) if trainer is not None else None
+    latest = cb.latest
+    if truth is not None:
+        flags = latest.flagged
+        precision = float(truth[flags].double().mean()) if flags.any() else float("nan")
+        recall = float(flags[truth].double().mean()) if truth.any() else float("nan")
+        section.paragraphs.append(
+            f"The datamodule knows which labels it flipped: {int((flags & truth).sum())} of the {int(flags.sum())} flagged "
+            f"samples truly have a flipped label (precision {precision:.2f}; recall {recall:.2f} of the "
+            f"{int(truth.sum())} flipped among the tracked; {truth.double().mean():.2f} by chance)."
+        )
+    files = [f"`{s[k]}`" for k in ("label_issues", "pred_probs") if k in s]
+    if files:
+        section.paragraphs.append("For cleanlab and your own pipeline: " + ", ".join(files) + ".")
+    section.figures.extend(Figure(k, img, cap) for k, (img, cap, _) in cb.figures.items())
+    epochs = [h["epoch"] for h in cb.history if "fit_end" not in h]
+    if epochs:
+        series = {name: [h.get(f"{cb.key}/{name}", float("nan")) for h in cb.history if "fit_end" not in h]
+                  for name in ("flagged_fit", "flips", "flagged_fraction")}
+        section.figures.append(Figure(f"{cb.key}/curves", line_plot(epochs, series, "tracked samples per epoch",
+                                                                    "epoch", "fraction"),
+                                      "flagged samples' fit rate, prediction flips and flagged fraction per epoch"))
+    columns = ["index", "given", "predicted", cb.score, "fit since epoch"] + (["truly flipped"] if truth is not None else [])
+    rows = []
+    for p in latest.top(20).tolist():
+        row = [int(latest.indices[p]), int(latest.labels[p]), int(latest.predicted[p]), round(float(latest.scores[p]), 3),
+               int(latest.columns["fit_since_epoch"][p])]
+        rows.append(row + ([bool(truth[p])] if truth is not None else []))
+    section.tables.append(Table("The 20 most suspect samples", columns, rows))
+    return section
+
+
 def _prune_section(cb: PruneFlaggedFilters) -> Section | None:
     s = cb.summary
     if not s:
@@ -174,6 +221,7 @@ def report_sections(
     callbacks: Sequence[Callback],
     curves: Curves | None = None,
     scores: Sequence[tuple[ScoreSource, Selection | None]] = (),
+    trainer: pl.Trainer | None = None,
 ) -> tuple[list[Section], dict[str, np.ndarray]]:
     """The report's sections from the monitors among ``callbacks`` (their figures, flagged
     filters and latest values), the training ``curves`` (``{metric: [(epoch, value)]}``) and
@@ -185,8 +233,14 @@ def report_sections(
     curves = curves or {}
     sections: list[Section] = []
     new: dict[str, np.ndarray] = {}
-    # The overfitting view first: anomaly monitors, then the others in the trainer's order.
-    for cb in sorted(callbacks, key=lambda c: not isinstance(c, AnomalyFilterMonitor)):
+    # The overfitting view first: memorised samples, anomaly monitors, then the others in the trainer's order.
+    order = {SampleDynamicsMonitor: 0, AnomalyFilterMonitor: 1}
+    for cb in sorted(callbacks, key=lambda c: order.get(type(c), 2)):
+        if isinstance(cb, SampleDynamicsMonitor):
+            dynamics = _dynamics_section(cb, trainer)
+            if dynamics is not None:
+                sections.append(dynamics)
+            continue
         if isinstance(cb, AnomalyFilterMonitor):
             section, timeline = _anomaly_section(cb, curves)
             if timeline is not None:
@@ -286,7 +340,7 @@ class InterpReport(Callback):
 
     def write(self, trainer: pl.Trainer) -> str:
         """Build and write the page now (rank zero); returns its path."""
-        sections, new = report_sections(trainer.callbacks, self.curves, self.scores)
+        sections, new = report_sections(trainer.callbacks, self.curves, self.scores, trainer=trainer)
         for key, image in new.items():
             send_image(trainer, key, image, "anomaly filters vs loss")
         meta: dict[str, Any] = {"epochs": trainer.current_epoch, "global step": trainer.global_step}
