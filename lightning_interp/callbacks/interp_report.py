@@ -133,8 +133,8 @@ def _prune_section(cb: PruneFlaggedFilters) -> Section | None:
     section = Section("Pruning (flagged filters removed)")
     removed = sum(len(v) for v in s.get("pruned", {}).values())
     section.paragraphs.append(
-        f"{removed} filters removed from `{cb.model_attr}`; the smaller network is saved whole at {cb.saved_to} "
-        "(lightning_interp.callbacks.prune.load_pruned)."
+        f"{removed} filters removed from `{cb.model_attr}`; its weights and pruning plan are saved at {cb.saved_to} "
+        "(load it with lightning_interp.pruning.load_pruned(path, <a fresh copy of the network>))."
     )
     rows = [["parameters", s["params_before"], s["params_after"]], ["MACs", s["macs_before"], s["macs_after"]]]
     if s.get("latency_ms_before") is not None:
