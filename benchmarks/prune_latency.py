@@ -101,7 +101,7 @@ def main() -> None:
         print(f"  interleaved (15 rounds), A/A identical copy: {ratios(new_aa)}")
         print(f"  interleaved (15 rounds), 5 filters pruned:   {ratios(new)}")
         medians = compare_latency(net, *pruned.values(), example_inputs=x, repeats=30)
-        print("  interleaved medians (30 rounds): original %.2f ms, " % medians[0]
+        print(f"  interleaved medians (30 rounds): original {medians[0]:.2f} ms, "
               + ", ".join(f"{case} {m:.2f} ms ({m / medians[0]:.2f}x)" for case, m in zip(pruned, medians[1:])))
     print("\nodd vs aligned channel counts (60 interleaved rounds, median):")
     channel_counts(device, rounds=60)

@@ -7,8 +7,8 @@ from conftest import make_trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_interp.callbacks import AnomalyFilterMonitor, FilterMasking, PruneFlaggedFilters
-from lightning_interp.pruning import load_pruned
 from lightning_interp.models import ImageClassifier, SimpleCNN
+from lightning_interp.pruning import load_pruned
 
 
 def test_filter_masking_callback_from_list_and_from_monitor(tmp_path, digits):

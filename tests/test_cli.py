@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import make_trainer, run_recipe
 
-from lightning_interp.pruning import load_pruned
 from lightning_interp.cli import main
 from lightning_interp.models import ImageClassifier
+from lightning_interp.pruning import load_pruned
 from lightning_interp.scores import FilterScores
 
 

@@ -33,8 +33,7 @@ from lightning_interp.callbacks import (
     PruneFlaggedFilters,
     TIPMonitor,
 )
-from lightning_interp.pruning import load_pruned
-from lightning_interp.pruning import prune_filters, prune_target
+from lightning_interp.pruning import load_pruned, prune_filters, prune_target
 
 torch.set_num_threads(1)
 
