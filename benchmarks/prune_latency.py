@@ -9,8 +9,10 @@ At CIFAR size, as ``PruneFlaggedFilters`` times them (a batch of 2 probe images,
 2. **The old timing cannot resolve that.** The old way — 7 forwards of the original, then 7 of the pruned network,
    median of each (``measure_latency`` twice) — repeated ``--repeats`` times on the same pair, and on a network
    against an identical copy (A/A: the true ratio is 1.00). The spread of the A/A ratio is the noise floor.
-3. **Interleaved timing** (``compare_latency``: one forward of each network per round, median of 15 rounds) on the
-   same pairs, ``--repeats`` times: drift in the machine's load hits both networks alike.
+3. **Interleaved timing** (``compare_latency``: one forward of each network per round, the order reversed every
+   other round, median of 16 rounds) on the same pairs, ``--repeats`` times: drift in the machine's load hits
+   both networks alike. Beside it the same interleaving with a fixed order (A then B every round), on the
+   identical copy, to show the position bias the reversal cancels.
 4. **Odd channel counts cost nothing on the CPU**: a 3 x 3 conv at 8 x 8 (vgg11_bn's ``features.8`` at CIFAR size)
    with 256, 251 and 248 output channels, and the next conv with as many input channels, interleaved.
 
@@ -40,6 +42,19 @@ NETWORKS = {
 def ratios(pairs: list[tuple[float, float]]) -> str:
     r = [b / a for a, b in pairs]
     return f"ratio after/before min {min(r):.2f} median {statistics.median(r):.2f} max {max(r):.2f}"
+
+
+def fixed_order(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int = 16, warmup: int = 3) -> tuple[float, float]:
+    """Interleaved like ``compare_latency`` but always ``a`` first (CPU only: no synchronisation)."""
+    ta, tb = [], []
+    with torch.no_grad():
+        for i in range(warmup + rounds):
+            for model, store in ((a, ta), (b, tb)):
+                start = time.perf_counter()
+                model(x)
+                if i >= warmup:
+                    store.append(1000 * (time.perf_counter() - start))
+    return statistics.median(ta), statistics.median(tb)
 
 
 def channel_counts(device: torch.device, rounds: int) -> None:
@@ -94,14 +109,17 @@ def main() -> None:
         old_aa = [(measure_latency(net, x), measure_latency(copy_of_net, x)) for _ in range(args.repeats)]
         old = [(measure_latency(net, x), measure_latency(five, x)) for _ in range(args.repeats)]
         new_aa = [tuple(compare_latency(net, copy_of_net, example_inputs=x)) for _ in range(args.repeats)]
+        fixed_aa = [fixed_order(net, copy_of_net, x) for _ in range(args.repeats)] if device.type == "cpu" else []
         new = [tuple(compare_latency(net, five, example_inputs=x)) for _ in range(args.repeats)]
         print(f"  old timing (7 then 7), A/A identical copy:  {ratios(old_aa)}  "
               f"[{min(a for a, _ in old_aa):.1f}..{max(a for a, _ in old_aa):.1f} ms]")
         print(f"  old timing (7 then 7), 5 filters pruned:    {ratios(old)}")
-        print(f"  interleaved (15 rounds), A/A identical copy: {ratios(new_aa)}")
-        print(f"  interleaved (15 rounds), 5 filters pruned:   {ratios(new)}")
-        medians = compare_latency(net, *pruned.values(), example_inputs=x, repeats=30)
-        print(f"  interleaved medians (30 rounds): original {medians[0]:.2f} ms, "
+        if fixed_aa:
+            print(f"  interleaved, fixed order, A/A identical copy:       {ratios(fixed_aa)}")
+        print(f"  interleaved, order alternating, A/A identical copy: {ratios(new_aa)}")
+        print(f"  interleaved, order alternating, 5 filters pruned:   {ratios(new)}")
+        medians = compare_latency(net, *pruned.values(), example_inputs=x, repeats=32)
+        print(f"  interleaved medians (32 rounds): original {medians[0]:.2f} ms, "
               + ", ".join(f"{case} {m:.2f} ms ({m / medians[0]:.2f}x)" for case, m in zip(pruned, medians[1:])))
     print("\nodd vs aligned channel counts (60 interleaved rounds, median):")
     channel_counts(device, rounds=60)

@@ -117,14 +117,16 @@ def measure_latency(model: nn.Module, example_inputs: torch.Tensor, *, repeats: 
 
 
 def compare_latency(
-    *models: nn.Module, example_inputs: torch.Tensor, repeats: int = 15, warmup: int = 3
+    *models: nn.Module, example_inputs: torch.Tensor, repeats: int = 16, warmup: int = 3
 ) -> list[float]:
     """Median forward time of each model, in milliseconds, from ``repeats`` rounds that time every model
-    once in turn (eval mode, no grad, CUDA synchronised around each forward).
+    once in turn, the order reversed every other round (eval mode, no grad, CUDA synchronised around each
+    forward).
 
     Interleaving makes the comparison fair on a busy machine: drift in the load (other processes,
-    clock changes) hits every model in the same round instead of whichever was timed second.
-    ``benchmarks/prune_latency.py`` measures the difference this makes.
+    clock changes) hits every model in the same round instead of whichever was timed second. Reversing
+    the order cancels the position bias: on a loaded CPU the model timed second in a round measured
+    about 5 % faster than an identical first one. ``benchmarks/prune_latency.py`` measures both.
     """
     device = example_inputs.device
     cuda = device.type == "cuda"
@@ -132,7 +134,8 @@ def compare_latency(
     with torch.no_grad():
         with _all_eval(models):
             for i in range(warmup + repeats):
-                for k, model in enumerate(models):
+                order = list(enumerate(models))
+                for k, model in order if (i - warmup) % 2 == 0 else order[::-1]:
                     if cuda:
                         torch.cuda.synchronize(device)
                     start = time.perf_counter()

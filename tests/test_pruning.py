@@ -90,6 +90,23 @@ def test_latency_is_measured_before_and_after():
     assert "latency_ms_before" not in quiet.as_dict()
 
 
+class Logged(nn.Module):
+    def __init__(self, name, log):
+        super().__init__()
+        self.name, self.log = name, log
+
+    def forward(self, x):
+        self.log.append(self.name)
+        return x
+
+
+def test_latency_rounds_interleave_and_alternate_the_order():
+    """Each round times every network once, the order reversed every other round, so neither is always second."""
+    log = []
+    compare_latency(Logged("a", log), Logged("b", log), example_inputs=torch.zeros(1), repeats=4, warmup=1)
+    assert log[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"] and sorted(log[:2]) == ["a", "b"]  # after warm-up
+
+
 def summary_with(before, after, macs_after, round_to=1, device="cpu"):
     return PruneSummary(params_before=10, params_after=8, macs_before=1000.0, macs_after=macs_after,
                         pruned={"conv": [1, 2]}, latency_ms_before=before, latency_ms_after=after,
