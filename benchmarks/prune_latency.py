@@ -14,7 +14,9 @@ At CIFAR size, as ``PruneFlaggedFilters`` times them (a batch of 2 probe images,
    both networks alike. Beside it the same interleaving with a fixed order (A then B every round), on the
    identical copy, to show the position bias the reversal cancels.
 4. **Odd channel counts cost nothing on the CPU**: a 3 x 3 conv at 8 x 8 (vgg11_bn's ``features.8`` at CIFAR size)
-   with 256, 251 and 248 output channels, and the next conv with as many input channels, interleaved.
+   with 256, 251 and 248 output channels, and the next conv with as many input channels, interleaved; and
+   convnext's channels-last MLP (``Linear(c, 4c)``, GELU, ``Linear(4c, c)`` on 2 x 4 x 4 tokens, stage 3 at CIFAR
+   size) for c from 176 to 192: time should grow with c, with no step at counts that are not multiples of 8.
 
     python benchmarks/prune_latency.py                     # CPU, one thread
     python benchmarks/prune_latency.py --device cuda       # where there is a GPU (round_to=8 there by default)
@@ -80,6 +82,25 @@ def channel_counts(device: torch.device, rounds: int) -> None:
         print(f"  conv 256->{c}: {t:.3f} ms   conv {c}->256: {statistics.median(times[c]):.3f} ms")
 
 
+class _FirstChannels(nn.Module):
+    """``inner`` applied to the first ``c`` channels (last dim) of a shared input, so every width takes one input."""
+
+    def __init__(self, inner: nn.Module, c: int):
+        super().__init__()
+        self.inner, self.c = inner, c
+
+    def forward(self, x):
+        return self.inner(x[..., : self.c].contiguous())
+
+
+def mlp_widths(device: torch.device, rounds: int) -> None:
+    widths = [176, 180, 184, 186, 187, 188, 190, 192]
+    mlps = [_FirstChannels(nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)), c).to(device)
+            for c in widths]
+    times = compare_latency(*mlps, example_inputs=torch.rand(2, 4, 4, 192, device=device), repeats=rounds)
+    print("  MLP c -> 4c -> c: " + "  ".join(f"{c}: {1000 * t:.0f} us" for c, t in zip(widths, times)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -123,6 +144,7 @@ def main() -> None:
               + ", ".join(f"{case} {m:.2f} ms ({m / medians[0]:.2f}x)" for case, m in zip(pruned, medians[1:])))
     print("\nodd vs aligned channel counts (60 interleaved rounds, median):")
     channel_counts(device, rounds=60)
+    mlp_widths(device, rounds=300)
 
 
 if __name__ == "__main__":

@@ -125,8 +125,8 @@ def compare_latency(
 
     Interleaving makes the comparison fair on a busy machine: drift in the load (other processes,
     clock changes) hits every model in the same round instead of whichever was timed second. Reversing
-    the order cancels the position bias: on a loaded CPU the model timed second in a round measured
-    about 5 % faster than an identical first one. ``benchmarks/prune_latency.py`` measures both.
+    the order cancels a position bias: with a fixed order, an identical copy timed second read 0.94x-1.05x
+    the first (``benchmarks/results/prune_latency_cpu.log``, a loaded CPU).
     """
     device = example_inputs.device
     cuda = device.type == "cuda"

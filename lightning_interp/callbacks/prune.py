@@ -169,6 +169,8 @@ class PruneFlaggedFilters(Callback):
         metrics = {f"interp/prune/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
         send_metrics(trainer, metrics)
         rank_zero_info(
-            f"PruneFlaggedFilters: {sum(len(v) for v in filters.values())} filters removed, parameters "
-            f"{summary.params_before} -> {summary.params_after}; saved {out}"
+            f"PruneFlaggedFilters: {sum(len(v) for v in summary.pruned.values())} filters removed"
+            + (f" ({sum(len(v) for v in summary.rounded.values())} of them to leave multiples of {summary.round_to} "
+               "channels)" if summary.rounded else "")
+            + f", parameters {summary.params_before} -> {summary.params_after}; saved {out}"
         )
