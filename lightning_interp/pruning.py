@@ -14,7 +14,7 @@ loop on the inputs' device (:func:`compare_latency`), with a warning when the pr
 
 A pruned network is saved as tensors and plain data (:func:`save_pruned`: its ``state_dict``, the pruning
 plan and the summary; ``torch.load(path, weights_only=True)`` reads it) and rebuilt by applying the plan to a
-fresh copy of the user's architecture through :func:`prune_filters` (:func:`load_pruned`): no pickle.
+fresh copy of the user's architecture through the pruning step :func:`prune_filters` uses (:func:`load_pruned`): no pickle.
 """
 
 from __future__ import annotations
@@ -232,8 +232,6 @@ def prune_filters(
         ValueError: unknown layer, a layer without channels, an index out of range, a group that
             would lose all its channels, or a pruned channel in an ignored layer.
     """
-    import torch_pruning as tp
-
     round_to = default_round_to(example_inputs.device) if round_to is None else int(round_to)
     rounded_prune_count(0, 1, round_to)  # refuses round_to < 1 before any work
     net = model if inplace else copy.deepcopy(model)
@@ -255,27 +253,11 @@ def prune_filters(
                 raise ValueError(f"Expected no filters of ignored layer {name!r} (the classifier's outputs) but got {targets[name]}.")
 
         reference = (copy.deepcopy(net) if inplace else model) if latency else None
-        rounded: dict[str, list[int]] = {}
+        channels_before = {n: layer_channels(get_layer(net, n)) for n in targets}
         with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
             macs_before, params_before = _count(net, example_inputs)
-            channels_before = {n: layer_channels(get_layer(net, n)) for n in targets}
-            for target, idx in targets.items():
-                module = get_layer(net, target)
-                if layer_channels(module) != channels_before[target]:
-                    raise ValueError(
-                        f"Filters of {target!r} are coupled with another layer in `filters` (a residual group) that "
-                        "was pruned already; name one layer of the group."
-                    )
-                # A fresh graph per target: indices always refer to the layer as it is now.
-                graph = tp.DependencyGraph().build_dependency(net, example_inputs=example_inputs)
-                extra = _rounding_extra(graph, module, idx, channels_before[target], round_to)
-                if extra:
-                    rounded[target] = extra
-                    idx = targets[target] = sorted(idx + extra)
-                group = graph.get_pruning_group(module, _pruning_fn(module), idxs=idx)
-                if not graph.check_pruning_group(group):
-                    raise ValueError(f"Pruning filters {idx} of {target!r} would leave a layer without channels.")
-                group.prune()
+        rounded = _cut(net, targets, example_inputs, round_to)
+        with torch.enable_grad():
             macs_after, params_after = _count(net, example_inputs)
     latency_before, latency_after = compare_latency(reference, net, example_inputs=example_inputs) if latency else (None, None)
     summary = PruneSummary(
@@ -289,6 +271,36 @@ def prune_filters(
     if latency:
         _warn_if_not_faster(summary)
     return net, summary
+
+
+def _cut(net: nn.Module, targets: dict[str, list[int]], example_inputs: torch.Tensor, round_to: int) -> dict[str, list[int]]:
+    """Remove ``targets`` (``{conv or linear: [filter, ...]}``, in order, indices of the layers as they are
+    now) from ``net`` in place, each with its dependency group; widen each to a multiple of ``round_to``
+    channels first. Adds the rounding's filters to ``targets`` and returns them. The one pruning step of
+    :func:`prune_filters` and :func:`load_pruned`."""
+    import torch_pruning as tp
+
+    rounded: dict[str, list[int]] = {}
+    channels_before = {n: layer_channels(get_layer(net, n)) for n in targets}
+    with eval_mode(net), torch.enable_grad():  # Torch-Pruning traces the graph through autograd
+        for target, idx in targets.items():
+            module = get_layer(net, target)
+            if layer_channels(module) != channels_before[target]:
+                raise ValueError(
+                    f"Filters of {target!r} are coupled with another layer in `filters` (a residual group) that "
+                    "was pruned already; name one layer of the group."
+                )
+            # A fresh graph per target: indices always refer to the layer as it is now.
+            graph = tp.DependencyGraph().build_dependency(net, example_inputs=example_inputs)
+            extra = _rounding_extra(graph, module, idx, channels_before[target], round_to)
+            if extra:
+                rounded[target] = extra
+                idx = targets[target] = sorted(idx + extra)
+            group = graph.get_pruning_group(module, _pruning_fn(module), idxs=idx)
+            if not graph.check_pruning_group(group):
+                raise ValueError(f"Pruning filters {idx} of {target!r} would leave a layer without channels.")
+            group.prune()
+    return rounded
 
 
 def _rounding_extra(graph, module: nn.Module, idx: list[int], channels: int, round_to: int) -> list[int]:
@@ -394,7 +406,7 @@ def load_pruned(
     trust_pickle: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network :func:`save_pruned` saved: apply its pruning plan to ``model``, a fresh copy of
-    the original (un-pruned) architecture, through :func:`prune_filters`, then load the weights.
+    the original (un-pruned) architecture, through the pruning step :func:`prune_filters` uses, then load the weights.
 
     Example:
         >>> net, summary = load_pruned("pruned.pt", torchvision.models.resnet18(num_classes=10))
@@ -450,7 +462,10 @@ def load_pruned(
     weight = next((p for p in net.parameters() if p.is_floating_point()), torch.empty(0))
     example = torch.zeros(plan["input_shape"], dtype=weight.dtype, device=weight.device)
     try:
-        prune_filters(net, filters, example, inplace=True, latency=False, round_to=1, ignored_layers=())
+        for layer, entry in plan["layers"].items():
+            if layer_channels(get_layer(net, layer)) != entry["channels"]:
+                raise ValueError(f"{layer!r} has {layer_channels(get_layer(net, layer))} channels, the plan {entry['channels']}.")
+        _cut(net, filters, example, round_to=1)
         net.load_state_dict(payload["state_dict"])
     except (ValueError, RuntimeError) as err:
         raise ValueError(

@@ -50,7 +50,7 @@ def test_masking_then_pruning_through_any_elementwise_activation(act):
     # so the equality holds for the conv's output; pruning the conv removes the same channel.
     with FilterMask(net, {"3": [1, 5]}), torch.no_grad():
         masked = net(x)
-    pruned, summary = prune_filters(net, {"4": [1, 5]}, x)
+    pruned, summary = prune_filters(net, {"4": [1, 5]}, x, latency=False)
     if act()(torch.zeros(1)).abs().item() < 1e-6:  # act(0) = 0: the outputs agree exactly
         torch.testing.assert_close(pruned(x), masked, atol=1e-5, rtol=1e-5)
     assert summary.channels["3"] == (8, 6) and pruned(x).shape == (2, 4)
@@ -66,7 +66,7 @@ def test_blocks_map_to_the_layer_that_owns_their_output_channels():
     mobilenet = torchvision.models.mobilenet_v3_small(weights=None, num_classes=4).eval()
     assert prune_target(mobilenet, "features.1", x) == "features.1.block.2.0"  # InvertedResidual: project conv
     assert prune_target(mobilenet, "features.0.2", x) == "features.0.0"  # Hardswish after the stem conv
-    pruned, summary = prune_filters(mobilenet, {"features.4": [0, 3]}, x)  # a residual InvertedResidual
+    pruned, summary = prune_filters(mobilenet, {"features.4": [0, 3]}, x, latency=False)  # a residual InvertedResidual
     assert pruned(x).shape == (2, 4) and summary.params_after < summary.params_before
     resnet = torchvision.models.resnet18(weights=None, num_classes=4).eval()
     assert prune_target(resnet, "layer2.0", x) == "layer2.0.downsample.0"  # the last conv; one residual group
@@ -250,7 +250,7 @@ def mask_then_prune(model, filters, x):
     model.eval()
     with FilterMask(model, filters), torch.no_grad():
         masked = model(x)
-    pruned, summary = prune_filters(model, filters, x)
+    pruned, summary = prune_filters(model, filters, x, latency=False)
     with torch.no_grad():
         out = pruned(x)
     return masked, out, summary
