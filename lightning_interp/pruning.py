@@ -346,6 +346,7 @@ def save_pruned(
     summary: PruneSummary | Mapping[str, Any],
     *,
     model_attr: str | None = None,
+    input_shape: Sequence[int] | None = None,
     **extra: Any,
 ) -> str:
     """Save a pruned network as tensors and plain data; :func:`load_pruned` rebuilds it.
@@ -363,6 +364,8 @@ def save_pruned(
             (validation accuracy); plain data only (numbers, strings, lists, dicts, tensors).
         model_attr: the attribute of a LightningModule that holds the network (``"net"``), so that
             :func:`load_pruned` also takes the whole LightningModule.
+        input_shape: the shape of an input the network takes (traced again on loading); by default the
+            summary's ``input_shape``. Give it to re-save a file of an earlier version, whose summary lacks it.
         extra: more plain data to store beside (e.g. ``scores=FilterScores.to_dict()``).
 
     Returns:
@@ -373,9 +376,11 @@ def save_pruned(
         TypeError: a value in ``summary`` or ``extra`` is not plain data.
     """
     info = summary.as_dict() if isinstance(summary, PruneSummary) else dict(summary)
+    if input_shape is not None:
+        info["input_shape"] = list(input_shape)
     if "pruned" not in info or "channels" not in info or not info.get("input_shape"):
         raise ValueError("Expected `summary` from prune_filters (its PruneSummary or `.as_dict()`, with 'pruned', "
-                         f"'channels' and 'input_shape') but got the keys {sorted(info)}.")
+                         f"'channels' and 'input_shape'; pass `input_shape=` if it lacks that) but got the keys {sorted(info)}.")
     layers = {}
     for layer, (before, after) in info["channels"].items():
         cut = set(info["pruned"].get(layer, ()))
@@ -438,7 +443,7 @@ def load_pruned(
                 f"{path} holds a pickled network (written before lightning_interp saved pruned networks as "
                 "weights and a plan). Unpickling runs any code the file contains, so it is refused by default. "
                 f"If you wrote the file yourself, load it with load_pruned({path!r}, trust_pickle=True) and "
-                "re-save it with save_pruned; otherwise prune again."
+                "re-save it with save_pruned(path, net, summary, input_shape=<an input's shape>); otherwise prune again."
             ) from err
         warnings.warn(
             f"Loading {path} with pickle (trust_pickle=True): unpickling can run arbitrary code from the file. "

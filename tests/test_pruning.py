@@ -235,15 +235,23 @@ def test_load_pruned_needs_the_same_architecture(tmp_path):
 
 
 def test_pickled_files_load_only_when_trusted(tmp_path):
-    net = SimpleCNN(in_channels=3)
+    x = torch.rand(2, 3, 16, 16)
+    pruned, summary = prune_filters(SimpleCNN(in_channels=3), {"relu2": [4, 5]}, x, latency=False)
+    old = {k: v for k, v in summary.as_dict().items() if k not in ("input_shape", "round_to", "rounded")}
     path = tmp_path / "old.pt"
-    torch.save({"model": net, "summary": {"params_after": 1}}, path)  # what earlier versions wrote
+    torch.save({"model": pruned, "summary": old}, path)  # what earlier versions wrote: the network pickled
     with pytest.raises(ValueError, match=r"pickled network.*runs any code.*trust_pickle=True"):
         load_pruned(path, SimpleCNN(in_channels=3))
     with pytest.warns(UserWarning, match="arbitrary code"):
-        loaded, summary = load_pruned(path, trust_pickle=True)
-    assert summary == {"params_after": 1}
-    torch.testing.assert_close(loaded.conv1.weight, net.conv1.weight)
+        loaded, loaded_summary = load_pruned(path, trust_pickle=True)
+    assert loaded_summary == old
+    with pytest.raises(ValueError, match="input_shape="):
+        save_pruned(tmp_path / "new.pt", loaded, loaded_summary)
+    # The way out of pickle: re-save with an input shape, then load the new file into a fresh network.
+    save_pruned(tmp_path / "new.pt", loaded, loaded_summary, input_shape=(1, 3, 16, 16))
+    rebuilt, _ = load_pruned(tmp_path / "new.pt", SimpleCNN(in_channels=3))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), pruned.eval()(x), rtol=0, atol=0)
 
 
 def mask_then_prune(model, filters, x):
