@@ -26,6 +26,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,41 +132,26 @@ def compare_latency(
     device = example_inputs.device
     cuda = device.type == "cuda"
     times: list[list[float]] = [[] for _ in models]
-    with torch.no_grad():
-        with _all_eval(models):
-            for i in range(warmup + repeats):
-                order = list(enumerate(models))
-                for k, model in order if (i - warmup) % 2 == 0 else order[::-1]:
-                    if cuda:
-                        torch.cuda.synchronize(device)
-                    start = time.perf_counter()
-                    model(example_inputs)
-                    if cuda:
-                        torch.cuda.synchronize(device)
-                    if i >= warmup:
-                        times[k].append(1000 * (time.perf_counter() - start))
+    with torch.no_grad(), ExitStack() as modes:
+        for model in models:
+            modes.enter_context(eval_mode(model))
+        for i in range(warmup + repeats):
+            order = list(enumerate(models))
+            for k, model in order if (i - warmup) % 2 == 0 else order[::-1]:
+                if cuda:
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                model(example_inputs)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                if i >= warmup:
+                    times[k].append(1000 * (time.perf_counter() - start))
     return [statistics.median(t) for t in times]
-
-
-class _all_eval:
-    """:func:`~lightning_interp.layers.eval_mode` over several models at once."""
-
-    def __init__(self, models: Sequence[nn.Module]):
-        self.contexts = [eval_mode(m) for m in models]
-
-    def __enter__(self):
-        for c in self.contexts:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in reversed(self.contexts):
-            c.__exit__(*exc)
-        return False
 
 
 def default_round_to(device: torch.device | str) -> int:
     """The ``round_to`` :func:`prune_filters` uses on ``device`` when none is given: 8 on CUDA (tensor-core
-    kernels for half, bfloat16 and TF32 tile channels by 8; Torch-Pruning's examples use 8), 1 (no
+    kernels for half, bfloat16 and TF32 tile channels by 8), 1 (no
     rounding) on CPU, where ``benchmarks/prune_latency.py`` measures no cost of odd channel counts
     (a 3x3 conv with 251 and with 248 output channels take the same time)."""
     return 8 if torch.device(device).type == "cuda" else 1
