@@ -128,7 +128,7 @@ def main() -> None:
     print("exact flags at fit end", anomaly.filter_scores().flags())
     for cb in callbacks:
         if isinstance(cb, PruneFlaggedFilters) and cb.saved_to:
-            net, s = load_pruned(cb.saved_to)
+            _, s = load_pruned(cb.saved_to, MyModule())
             print(f"pruned {cb.saved_to}: parameters {s['params_before']} -> {s['params_after']}, "
                   f"val acc {s.get('val_acc_before'):.3f} -> {s.get('val_acc_after'):.3f}")
     print("report", callbacks[-1].path)

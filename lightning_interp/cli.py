@@ -4,7 +4,7 @@
     lightning-interp validate|test|predict --config ... --ckpt_path ...
     lightning-interp scan CHECKPOINT --layers model.relu3 --datamodule DigitsDataModule [--monitors anomaly tip]
     lightning-interp prune CHECKPOINT --report REPORT.json --out PRUNED.pt [--datamodule digits]
-        [--model_class my_pkg.MyModule --model_attr net]
+        [--model_class my_pkg.MyModule --model_attr net] [--round_to 8] [--device cuda]
 
 ``fit``/``validate``/``test``/``predict`` are Lightning's own :class:`~lightning.pytorch.cli.LightningCLI`
 subcommands: the model, the datamodule, the trainer and every callback (the monitors included,
@@ -14,9 +14,11 @@ checkpoint and writes the same reports as a training run, without training. ``pr
 checkpoint of ``--model_class`` (default :class:`~lightning_interp.models.ImageClassifier`, trained with
 ``arch=...`` so it can be rebuilt; your own class must rebuild its network in ``__init__`` from its
 saved hyperparameters), takes the network at ``--model_attr`` (default ``model``), removes the filters
-an anomaly report flags with Torch-Pruning and saves the smaller network whole
-(:func:`~lightning_interp.callbacks.prune.load_pruned`). It prints parameters, MACs and CPU latency
-before and after, and with a datamodule validation accuracy.
+an anomaly report flags with Torch-Pruning and saves its weights with the pruning plan, no pickle
+(:func:`~lightning_interp.pruning.save_pruned`); it then rebuilds the file into a fresh ``--model_class``
+module (:func:`~lightning_interp.pruning.load_pruned`) and checks the outputs agree. It prints parameters,
+MACs and latency before and after on ``--device`` (the GPU when there is one), and with a datamodule
+validation accuracy.
 
 ``--datamodule`` takes a LightningDataModule class (``DigitsDataModule``, a dotted path) with its
 arguments as ``--datamodule.<arg> value``, or the short names ``digits``, ``shapes``, ``imagefolder``.
@@ -113,7 +115,12 @@ def _parser(command: str):
                             help="instead of the file's flags, prune this many filters per layer (>= 1) or this "
                                  "fraction of them (< 1) by score")
         parser.add_argument("--lowest", type=bool, default=False, help="with --amount: the lowest scores (default: highest)")
-        parser.add_argument("--out", type=str, required=True, help="where to save the pruned network (whole, torch.save)")
+        parser.add_argument("--out", type=str, required=True,
+                            help="where to save the pruned network (weights + pruning plan; load_pruned reads it)")
+        parser.add_argument("--round_to", "--round-to", type=int | None, default=None,
+                            help="leave a multiple of this many channels per cut layer (default: 8 on CUDA, 1 on CPU)")
+        parser.add_argument("--device", type=str, default="auto",
+                            help="where to prune and time the network: cpu, cuda, cuda:1 (auto: cuda when available)")
         parser.add_argument("--input_shape", "--input-shape", type=str | None, default=None,
                             help="example input shape without a datamodule, e.g. 1,3,32,32")
         parser.add_argument("--model_attr", "--model-attr", type=str, default="model",
@@ -179,9 +186,8 @@ def scan_command(cfg, parser) -> dict:
 def prune_command(cfg, parser) -> dict:
     """Prune the filters an anomaly report flags from an ImageClassifier checkpoint."""
     from .batch import default_batch_adapter
-    from .callbacks.prune import save_pruned
     from .metrics.aipc import accuracy
-    from .pruning import prune_filters
+    from .pruning import load_pruned, prune_filters, save_pruned
     from .scores import FilterScores
 
     module = _load_module(cfg.model_class, cfg.checkpoint)
@@ -207,8 +213,10 @@ def prune_command(cfg, parser) -> dict:
         example = torch.randn(*[int(s) for s in cfg.input_shape.split(",")])
     else:
         raise SystemExit("error: give --datamodule or --input-shape (e.g. 1,3,32,32) to trace the model")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    net, example = net.to(device), example.to(device)
     try:
-        pruned, summary = prune_filters(net.cpu(), filters, example.cpu())
+        pruned, summary = prune_filters(net, filters, example, round_to=cfg.round_to)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     result = summary.as_dict()
@@ -216,9 +224,17 @@ def prune_command(cfg, parser) -> dict:
         loader = data.val_dataloader()
         result["val_acc_before"] = accuracy(net, loader)
         result["val_acc_after"] = accuracy(pruned, loader)
-    save_pruned(cfg.out, pruned, result, report=cfg.report, checkpoint=cfg.checkpoint)
+    save_pruned(cfg.out, pruned, result, model_attr=cfg.model_attr, report=cfg.report, checkpoint=cfg.checkpoint)
+    # What a user does next, done once here so a file that would not load is never left behind silently.
+    rebuilt, _ = load_pruned(cfg.out, _load_module(cfg.model_class, cfg.checkpoint).to(device))
+    with torch.no_grad():
+        agree = torch.allclose(getattr(rebuilt, cfg.model_attr).eval()(example), pruned.eval()(example), atol=1e-5, rtol=1e-4)
+    if not agree:
+        raise SystemExit(f"error: {cfg.out} rebuilt with --model_class {cfg.model_class} gives other outputs than the "
+                         "pruned network; its forward depends on more than the saved weights")
     print(json.dumps(result, indent=2))
-    print(f"saved {cfg.out}")
+    print(f"saved {cfg.out}; load it with load_pruned({cfg.out!r}, <a fresh {type(net).__name__}>) "
+          "(rebuilt and checked here)")
     return result
 
 

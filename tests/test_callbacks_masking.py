@@ -7,8 +7,8 @@ from conftest import make_trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_interp.callbacks import AnomalyFilterMonitor, FilterMasking, PruneFlaggedFilters
-from lightning_interp.callbacks.prune import load_pruned
 from lightning_interp.models import ImageClassifier, SimpleCNN
+from lightning_interp.pruning import load_pruned
 
 
 def test_filter_masking_callback_from_list_and_from_monitor(tmp_path, digits):
@@ -36,7 +36,7 @@ def test_filter_masking_callback_from_list_and_from_monitor(tmp_path, digits):
     # The rescan saw the network unmasked: the same exact scan now, with no masks on, gives the same flags.
     assert not any(m._forward_hooks for m in module2.modules())
     assert monitor.exact_scores(module2, monitor.probe).flags() == exact.flags()
-    pruned, summary = load_pruned(str(tmp_path / "pruned.pt"))
+    pruned, summary = load_pruned(tmp_path / "pruned.pt", SimpleCNN(width=(8, 16, 16)))
     k = len(exact.flags()["model.relu3"])
     assert summary["channels"]["conv3"] == [16, 16 - k] and summary["params_after"] < summary["params_before"]
     assert pruned(torch.randn(2, 1, 16, 16)).shape == (2, 10)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import make_trainer, run_recipe
 
-from lightning_interp.callbacks.prune import load_pruned
 from lightning_interp.cli import main
 from lightning_interp.models import ImageClassifier
+from lightning_interp.pruning import load_pruned
 from lightning_interp.scores import FilterScores
 
 
@@ -49,8 +49,13 @@ def test_cli_prune_from_checkpoint(tmp_path, digits):
     report = FilterScores({}, {"model.relu2": [3, 4]}, "given").save(tmp_path / "report.json")
     out = str(tmp_path / "pruned.pt")
     main(["prune", ckpt, "--report", report, "--out", out, "--datamodule", "digits"])
-    pruned, summary = load_pruned(out)
+    module, summary = load_pruned(out, ImageClassifier(arch="simple_cnn", arch_kwargs={"width": [8, 16, 16]}))
     assert summary["channels"]["conv2"] == [16, 14] and "val_acc_after" in summary
-    assert pruned.conv2.out_channels == 14
+    assert module.model.conv2.out_channels == 14  # the LightningModule itself: its network rebuilt at `model`
+    saved = torch.load(out, weights_only=True)  # no pickle: plain data and tensors
+    assert saved["model_attr"] == "model" and len(saved["plan"]["layers"]["conv2"]["kept"]) == 14
+    main(["prune", ckpt, "--report", report, "--out", out, "--datamodule", "digits", "--round_to", "8"])
+    summary = torch.load(out, weights_only=True)["summary"]
+    assert summary["channels"]["conv2"] == [16, 8] and len(summary["rounded"]["conv2"]) == 6
     with pytest.raises(SystemExit):
         main(["prune", ckpt, "--report", report, "--out", out])  # no way to trace the model

@@ -1,21 +1,36 @@
 """Pruning follows real networks: every elementwise activation passes through, blocks map to the
 layer that owns their output channels (or are refused), latency is measured before and after; masking then pruning leaves a network's outputs unchanged, and bad
-requests are refused with the valid range."""
+requests are refused with the valid range. Channel counts round as Torch-Pruning's ``round_to`` rounds them;
+a pruned network saved as weights + plan loads without pickle into a fresh copy of every torchvision family
+and gives the same outputs; old pickled files load only with ``trust_pickle=True``."""
+
+import copy
+import warnings
 
 import pytest
 import torch
+import torch_pruning as tp
 import torchvision
 from conftest import randomise_bn
+from test_user_models import MODELS
 from torch import nn
 
 from lightning_interp.masking import FilterMask
 from lightning_interp.models import LeNet5, SimpleCNN, resnet18_cifar
 from lightning_interp.pruning import (
+    PRUNED_FORMAT,
+    PruneSummary,
+    _warn_if_not_faster,
     check_prunable,
+    compare_latency,
+    default_round_to,
     is_pass_through,
+    load_pruned,
     measure_latency,
     prune_filters,
     prune_target,
+    rounded_prune_count,
+    save_pruned,
 )
 
 torch.set_num_threads(1)
@@ -35,7 +50,7 @@ def test_masking_then_pruning_through_any_elementwise_activation(act):
     # so the equality holds for the conv's output; pruning the conv removes the same channel.
     with FilterMask(net, {"3": [1, 5]}), torch.no_grad():
         masked = net(x)
-    pruned, summary = prune_filters(net, {"4": [1, 5]}, x)
+    pruned, summary = prune_filters(net, {"4": [1, 5]}, x, latency=False)
     if act()(torch.zeros(1)).abs().item() < 1e-6:  # act(0) = 0: the outputs agree exactly
         torch.testing.assert_close(pruned(x), masked, atol=1e-5, rtol=1e-5)
     assert summary.channels["3"] == (8, 6) and pruned(x).shape == (2, 4)
@@ -51,7 +66,7 @@ def test_blocks_map_to_the_layer_that_owns_their_output_channels():
     mobilenet = torchvision.models.mobilenet_v3_small(weights=None, num_classes=4).eval()
     assert prune_target(mobilenet, "features.1", x) == "features.1.block.2.0"  # InvertedResidual: project conv
     assert prune_target(mobilenet, "features.0.2", x) == "features.0.0"  # Hardswish after the stem conv
-    pruned, summary = prune_filters(mobilenet, {"features.4": [0, 3]}, x)  # a residual InvertedResidual
+    pruned, summary = prune_filters(mobilenet, {"features.4": [0, 3]}, x, latency=False)  # a residual InvertedResidual
     assert pruned(x).shape == (2, 4) and summary.params_after < summary.params_before
     resnet = torchvision.models.resnet18(weights=None, num_classes=4).eval()
     assert prune_target(resnet, "layer2.0", x) == "layer2.0.downsample.0"  # the last conv; one residual group
@@ -65,18 +80,185 @@ def test_latency_is_measured_before_and_after():
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 4))
     x = torch.rand(2, 3, 8, 8)
     assert measure_latency(net, x, repeats=3) > 0
-    _, summary = prune_filters(net, {"1": [0, 1, 2]}, x)
+    assert len(compare_latency(net, net, net, example_inputs=x, repeats=2)) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny network may time equal; the warning's rule is tested below
+        _, summary = prune_filters(net, {"1": [0, 1, 2]}, x)
     d = summary.as_dict()
     assert d["latency_ms_before"] > 0 and d["latency_ms_after"] > 0 and d["latency_device"] == "cpu"
     _, quiet = prune_filters(net, {"1": [0]}, x, latency=False)
     assert "latency_ms_before" not in quiet.as_dict()
 
 
+class Logged(nn.Module):
+    def __init__(self, name, log):
+        super().__init__()
+        self.name, self.log = name, log
+
+    def forward(self, x):
+        self.log.append(self.name)
+        return x
+
+
+def test_latency_rounds_interleave_and_alternate_the_order():
+    """Each round times every network once, the order reversed every other round, so neither is always second."""
+    log = []
+    compare_latency(Logged("a", log), Logged("b", log), example_inputs=torch.zeros(1), repeats=4, warmup=1)
+    assert log[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"] and sorted(log[:2]) == ["a", "b"]  # after warm-up
+
+
+def summary_with(before, after, macs_after, round_to=1, device="cpu"):
+    return PruneSummary(params_before=10, params_after=8, macs_before=1000.0, macs_after=macs_after,
+                        pruned={"conv": [1, 2]}, latency_ms_before=before, latency_ms_after=after,
+                        latency_device=device, latency_batch=2, round_to=round_to)
+
+
+def test_a_pruned_network_that_is_not_faster_is_warned_about():
+    with pytest.warns(UserWarning, match=r"not faster on cpu: 10.00 ms -> 11.00 ms.*2 filters and 0.5% of the MACs, "
+                                         r"less than timing resolves"):
+        _warn_if_not_faster(summary_with(10.0, 11.0, 995.0))
+    with pytest.warns(UserWarning, match=r"not faster on cuda:0.*40.0% of the MACs.*pass round_to=8"):
+        _warn_if_not_faster(summary_with(10.0, 10.0, 600.0, device="cuda:0"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_not_faster(summary_with(10.0, 9.0, 600.0))  # faster: silent
+
+
+# ---- round_to: Torch-Pruning's rule ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("round_to", [2, 4, 8, 16])
+def test_rounded_count_is_torch_pruning_round_to(round_to):
+    """The oracle is Torch-Pruning's own ``BasePruner._round_to``; where it would empty the layer we keep the ask."""
+    for channels in (8, 16, 24, 30, 64, 100, 256):
+        for n in range(channels):
+            ours = rounded_prune_count(n, channels, round_to)
+            theirs = tp.pruner.BasePruner._round_to(None, n, channels, round_to) if n else 0
+            if channels - theirs > 0:
+                assert ours == theirs, (channels, n, round_to)
+            else:  # Torch-Pruning would remove every channel (its group check then refuses); we prune as asked
+                assert ours == n
+            assert (channels - ours) % round_to == 0 or channels - n < round_to or n == 0
+    with pytest.raises(ValueError, match="round_to"):
+        rounded_prune_count(1, 8, 0)
+
+
+def test_rounding_prunes_what_torch_pruning_prunes():
+    """Torch-Pruning's MetaPruner (group L2 magnitude, round_to=8) and prune_filters given the channels it would
+    prune before rounding end with the same kept filters, weight for weight."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 30, 3, padding=1), nn.BatchNorm2d(30), nn.ReLU(), nn.Conv2d(30, 16, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    randomise_bn(net)
+    x = torch.rand(2, 3, 16, 16)
+    graph = tp.DependencyGraph().build_dependency(net, example_inputs=x)
+    importance = tp.importance.GroupMagnitudeImportance(p=2)
+    whole = graph.get_pruning_group(net[0], tp.prune_conv_out_channels, idxs=list(range(30)))
+    asked = torch.argsort(importance(whole))[: 30 - int(30 * 0.7)].tolist()  # TP's count before rounding: 9
+    theirs = copy.deepcopy(net)
+    tp.pruner.MetaPruner(theirs, x, importance=importance, pruning_ratio=0.3, round_to=8,
+                         ignored_layers=[theirs[3], theirs[7]]).step()
+    ours, summary = prune_filters(net, {"0": asked}, x, round_to=8, latency=False)
+    assert ours[0].out_channels == theirs[0].out_channels == 16
+    assert len(summary.rounded["0"]) == 14 - 9 and set(summary.rounded["0"]).isdisjoint(asked)
+    torch.testing.assert_close(ours[0].weight, theirs[0].weight)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_round_to_defaults_from_the_device():
+    assert default_round_to("cpu") == 1 and default_round_to(torch.device("cuda", 0)) == 8
+    net = SimpleCNN(in_channels=3)
+    x = torch.rand(2, 3, 16, 16)
+    _, exact = prune_filters(net, {"relu2": [1, 2, 3]}, x, latency=False)  # CPU inputs: exactly the ask
+    assert exact.channels["conv2"] == (64, 61) and exact.rounded == {} and exact.round_to == 1
+
+
+# ---- files: weights + plan, no pickle ---------------------------------------------------------------------
+
+#: Every torchvision family of the test matrix (tests/test_user_models.py) and the three issue 23 adds, with
+#: a layer to prune (the block the matrix watches: its prune target).
+FAMILIES = {
+    **{name: (build, layer[len("net."):]) for name, (build, layer) in MODELS.items()},
+    "regnet_y_400mf": (lambda: torchvision.models.regnet_y_400mf(num_classes=4), "trunk_output.block1.block1-0"),
+    "shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=4), "stage2.0.branch2.2"),
+    "convnext_tiny": (lambda: torchvision.models.convnext_tiny(num_classes=4), "features.1.0"),
+}
+
+
+# Torch-Pruning 1.6 cannot build the dependency graph through ShuffleNet's channel_shuffle (a ZeroDivisionError in
+# its reshape index mapping), so nothing of shufflenet can be pruned yet; strict, so a fixed release shows up here.
+NOT_TRACEABLE = pytest.mark.xfail(raises=ZeroDivisionError, strict=True, reason="Torch-Pruning: channel_shuffle")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=NOT_TRACEABLE) if n.startswith("shufflenet") else n
+                                  for n in FAMILIES])
+def test_saved_pruned_network_loads_without_pickle_into_a_fresh_copy(tmp_path, name):
+    build, layer = FAMILIES[name]
+    x = torch.rand(2, 3, 32, 32)
+    torch.manual_seed(0)
+    net = randomise_bn(build()).eval()
+    target = prune_target(net, layer, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Torch-Pruning's note on convnext's layer_scale parameters
+        pruned, summary = prune_filters(net, {target: [0, 2, 3]}, x, round_to=4, latency=False)
+    path = save_pruned(tmp_path / "pruned.pt", pruned, summary.as_dict() | {"val_acc_after": 0.5}, model_attr="net")
+    payload = torch.load(path, weights_only=True)  # tensors and plain data only: no class is unpickled
+    assert payload["format"] == PRUNED_FORMAT and payload["summary"]["val_acc_after"] == 0.5
+    before, after = summary.channels[target]
+    assert payload["plan"]["layers"][target]["kept"] == [i for i in range(before) if i not in summary.pruned[target]]
+    assert after % 4 == 0 or after < 4
+    torch.manual_seed(1)  # other initial weights: everything must come from the file
+    fresh = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rebuilt, loaded = load_pruned(path, fresh)
+    assert rebuilt is fresh and loaded["channels"] == payload["summary"]["channels"]
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), pruned.eval()(x), rtol=0, atol=0)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in pruned.state_dict().items()}
+
+
+def test_load_pruned_needs_the_same_architecture(tmp_path):
+    x = torch.rand(2, 3, 16, 16)
+    pruned, summary = prune_filters(SimpleCNN(in_channels=3), {"relu2": [4, 5]}, x, latency=False)
+    path = save_pruned(tmp_path / "p.pt", pruned, summary)
+    with pytest.raises(ValueError, match=r"Expected `model`, a fresh instance.*SimpleCNN"):
+        load_pruned(path)
+    with pytest.raises(ValueError, match=r"(?s)same arguments.*size mismatch for fc2"):
+        load_pruned(path, SimpleCNN(in_channels=3, num_classes=7))
+    with pytest.raises(ValueError, match=r"SimpleCNN.*lacks \['conv2'\]"):
+        load_pruned(path, nn.Sequential(nn.Conv2d(3, 4, 3)))
+    with pytest.raises(ValueError, match="Expected `model` to be the pruned network"):
+        save_pruned(tmp_path / "q.pt", SimpleCNN(in_channels=3), summary)  # the un-pruned network
+    with pytest.raises(TypeError, match=r"plain data.*`note`"):
+        save_pruned(tmp_path / "q.pt", pruned, summary, note=object())
+
+
+def test_pickled_files_load_only_when_trusted(tmp_path):
+    x = torch.rand(2, 3, 16, 16)
+    pruned, summary = prune_filters(SimpleCNN(in_channels=3), {"relu2": [4, 5]}, x, latency=False)
+    old = {k: v for k, v in summary.as_dict().items() if k not in ("input_shape", "round_to", "rounded")}
+    path = tmp_path / "old.pt"
+    torch.save({"model": pruned, "summary": old}, path)  # what earlier versions wrote: the network pickled
+    with pytest.raises(ValueError, match=r"pickled network.*runs any code.*trust_pickle=True"):
+        load_pruned(path, SimpleCNN(in_channels=3))
+    with pytest.warns(UserWarning, match="arbitrary code"):
+        loaded, loaded_summary = load_pruned(path, trust_pickle=True)
+    assert loaded_summary == old
+    with pytest.raises(ValueError, match="input_shape="):
+        save_pruned(tmp_path / "new.pt", loaded, loaded_summary)
+    # The way out of pickle: re-save with an input shape, then load the new file into a fresh network.
+    save_pruned(tmp_path / "new.pt", loaded, loaded_summary, input_shape=(1, 3, 16, 16))
+    rebuilt, _ = load_pruned(tmp_path / "new.pt", SimpleCNN(in_channels=3))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), pruned.eval()(x), rtol=0, atol=0)
+
+
 def mask_then_prune(model, filters, x):
     model.eval()
     with FilterMask(model, filters), torch.no_grad():
         masked = model(x)
-    pruned, summary = prune_filters(model, filters, x)
+    pruned, summary = prune_filters(model, filters, x, latency=False)
     with torch.no_grad():
         out = pruned(x)
     return masked, out, summary

@@ -175,7 +175,7 @@ def test_prune_and_mask_by_tip_saliency_in_a_real_run(tmp_path, digits):
     # Pruning removed the two least salient filters of the last scan: the other conv3 filters are kept as they were.
     removed = two_lowest(record.sou[-1])
     keep = [k for k in range(16) if k not in removed]
-    pruned, summary = load_pruned(str(tmp_path / "pruned.pt"))
+    pruned, summary = load_pruned(tmp_path / "pruned.pt", SimpleCNN(width=(8, 16, 16)))
     assert summary["channels"]["conv3"] == [16, 14]
     torch.testing.assert_close(pruned.conv3.weight, module.model.conv3.weight.detach()[keep])
     assert pruned(torch.randn(2, 1, 16, 16)).shape == (2, 10)

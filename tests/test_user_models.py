@@ -33,8 +33,7 @@ from lightning_interp.callbacks import (
     PruneFlaggedFilters,
     TIPMonitor,
 )
-from lightning_interp.callbacks.prune import load_pruned
-from lightning_interp.pruning import prune_filters, prune_target
+from lightning_interp.pruning import load_pruned, prune_filters, prune_target
 
 torch.set_num_threads(1)
 
@@ -137,7 +136,7 @@ def test_torchvision_networks_in_a_user_module(tmp_path, name):
     assert summary.latency_ms_before > 0 and summary.latency_ms_after > 0
     pruner = next(cb for cb in callbacks if isinstance(cb, PruneFlaggedFilters))
     if pruner.saved_to is not None:  # the monitor flagged filters: the callback pruned them at fit end
-        net, _ = load_pruned(pruner.saved_to)
+        net, _ = load_pruned(pruner.saved_to, build())
         assert net(x).shape == (2, 4) and "Pruning (flagged filters removed)" in html
 
 
@@ -301,7 +300,8 @@ def test_cli_prune_on_a_user_class_with_model_attr(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"--model_attr 'model' is not an nn.Module attribute.*\['net'\]"):
         main(args)
     main([*args, "--model_attr", "net"])
-    net, summary = load_pruned(out)
+    module, summary = load_pruned(out, SavedUserModule())
+    net = module.net
     assert net[0].out_channels == 6 and net(torch.rand(2, 3, 32, 32)).shape == (2, 4)
     assert summary["latency_ms_before"] > 0 and summary["latency_ms_after"] > 0
     assert '"latency_ms_after"' in capsys.readouterr().out

@@ -180,9 +180,16 @@ def _prune_section(cb: PruneFlaggedFilters) -> Section | None:
     section = Section("Pruning (flagged filters removed)")
     removed = sum(len(v) for v in s.get("pruned", {}).values())
     section.paragraphs.append(
-        f"{removed} filters removed from `{cb.model_attr}`; the smaller network is saved whole at {cb.saved_to} "
-        "(lightning_interp.callbacks.prune.load_pruned)."
+        f"{removed} filters removed from `{cb.model_attr}`; its weights and pruning plan are saved at {cb.saved_to} "
+        "(load it with lightning_interp.pruning.load_pruned(path, <a fresh copy of the network>))."
     )
+    rounded = sum(len(v) for v in s.get("rounded", {}).values())
+    if rounded:
+        section.paragraphs.append(f"{rounded} of them were not flagged: removed (lowest weight magnitude first) so "
+                                  f"that each pruned layer keeps a multiple of {s.get('round_to')} channels.")
+    if s.get("latency_ms_before") is not None and s["latency_ms_after"] >= s["latency_ms_before"]:
+        section.paragraphs.append("The pruned network was not faster where it was timed; removing few filters saves "
+                                  "less time than timing resolves (docs/pruning.md).")
     rows = [["parameters", s["params_before"], s["params_after"]], ["MACs", s["macs_before"], s["macs_after"]]]
     if s.get("latency_ms_before") is not None:
         rows.append([f"latency, ms (median, batch of {s.get('latency_batch')}, {s.get('latency_device')})",

@@ -14,24 +14,11 @@ from typing_extensions import override
 from ..batch import default_batch_adapter
 from ..layers import public_name
 from ..metrics.aipc import accuracy
-from ..pruning import check_prunable, prune_filters
+from ..pruning import check_prunable, load_pruned, prune_filters, save_pruned
 from ..scores import Scorer, ScoreSource, Selection, check_source, resolve_if_ready, resolve_scores
 from .base import _first_loader, eval_dataloader, guarded, log_root, send_metrics
 
-__all__ = ["PruneFlaggedFilters", "save_pruned", "load_pruned"]
-
-
-def save_pruned(path: str, model: torch.nn.Module, summary: dict[str, Any], **extra: Any) -> str:
-    """Save a pruned network whole (its structure changed, a bare state_dict would not load)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"model": model, "summary": summary, **extra}, path)
-    return path
-
-
-def load_pruned(path: str, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load what :func:`save_pruned` wrote: ``(model, summary)``. Only load files you trust (pickle)."""
-    payload = torch.load(path, map_location=map_location, weights_only=False)
-    return payload["model"], payload.get("summary", {})
+__all__ = ["PruneFlaggedFilters", "save_pruned", "load_pruned"]  # the file functions live in ..pruning
 
 
 class PruneFlaggedFilters(Callback):
@@ -49,13 +36,19 @@ class PruneFlaggedFilters(Callback):
         model_attr: attribute of the LightningModule holding the network to prune (``"model"``
             for :class:`~lightning_interp.models.ImageClassifier`); report layers are stripped of
             the ``"<model_attr>."`` prefix.
-        out_path: where to save (``<log dir>/pruned.pt`` when None); see :func:`load_pruned`.
+        out_path: where to save (``<log dir>/pruned.pt`` when None): the pruned network's weights, the
+            pruning plan and the summary, no pickle. Load it with
+            ``load_pruned(path, MyNet())`` (a fresh copy of the network, or the LightningModule holding it;
+            :func:`~lightning_interp.pruning.load_pruned`).
+        round_to: leave a multiple of ``round_to`` channels in each cut layer (Torch-Pruning's ``round_to``:
+            the lowest-magnitude other filters of the group go too); ``None``: 8 when training on CUDA, 1
+            (exactly the flagged filters) on CPU (:func:`~lightning_interp.pruning.default_round_to`).
         evaluate: measure validation accuracy before/after (``interp/prune/val_acc_before``/``_after``) on the
             datamodule's validation loader, else the first one given to ``trainer.fit``.
 
     Logs ``interp/prune/params_before``/``_after``, ``macs_before``/``_after`` and
-    ``latency_ms_before``/``_after`` (median of timed forwards of two probe samples on the model's
-    device). Runs on rank zero only; a failure warns (unless ``strict=True``) and never loses the
+    ``latency_ms_before``/``_after`` (median of interleaved forwards of two probe samples on the model's
+    device, the one it trains on; a warning when the pruned network is not faster). Runs on rank zero only; a failure warns (unless ``strict=True``) and never loses the
     trained model.
 
     Checked before the first training step: ``model_attr`` names an ``nn.Module`` attribute of the
@@ -75,6 +68,7 @@ class PruneFlaggedFilters(Callback):
         out_path: str | None = None,
         evaluate: bool = True,
         strict: bool = False,
+        round_to: int | None = None,
     ):
         sources = [s for s in (source, monitor, report) if s is not None]
         if len(sources) != 1:
@@ -88,6 +82,9 @@ class PruneFlaggedFilters(Callback):
         self.out_path = out_path
         self.evaluate = evaluate
         self.strict = strict
+        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"Expected `round_to` to be None or an integer >= 1 but got {round_to!r}.")
+        self.round_to = round_to
         self.summary: dict[str, Any] | None = None
         self.saved_to: str | None = None
 
@@ -160,18 +157,20 @@ class PruneFlaggedFilters(Callback):
             rank_zero_info(f"PruneFlaggedFilters: the {scores.scorer} scores flag no filters; nothing to prune.")
             return
         example = self._example(trainer, pl_module)
-        pruned, summary = prune_filters(net, filters, example)
+        pruned, summary = prune_filters(net, filters, example, round_to=self.round_to)
         result = summary.as_dict()
         loader = eval_dataloader(trainer) if self.evaluate else None
         if loader is not None:
             result["val_acc_before"] = accuracy(net, loader)
             result["val_acc_after"] = accuracy(pruned, loader)
         out = self.out_path or os.path.join(self.log_root, "pruned.pt")
-        self.saved_to = save_pruned(out, pruned, result, scores=scores.to_dict())
+        self.saved_to = save_pruned(out, pruned, result, model_attr=self.model_attr, scores=scores.to_dict())
         self.summary = result
         metrics = {f"interp/prune/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
         send_metrics(trainer, metrics)
         rank_zero_info(
-            f"PruneFlaggedFilters: {sum(len(v) for v in filters.values())} filters removed, parameters "
-            f"{summary.params_before} -> {summary.params_after}; saved {out}"
+            f"PruneFlaggedFilters: {sum(len(v) for v in summary.pruned.values())} filters removed"
+            + (f" ({sum(len(v) for v in summary.rounded.values())} of them to leave multiples of {summary.round_to} "
+               "channels)" if summary.rounded else "")
+            + f", parameters {summary.params_before} -> {summary.params_after}; saved {out}"
         )
