@@ -203,7 +203,7 @@ def cam_background_loss(activations: torch.Tensor, logits: torch.Tensor, mask: t
 
     The pixel mask (``B x [1 x] H x W``, True on the foreground) is brought to the layer's ``h x w``
     grid by max-pooling: a cell is background only where it contains no foreground pixel. In the decoy
-    experiment (README "Decoy shapes", experiments/results/decoy*.json) this unnormalised penalty
+    experiment (docs/measurements/decoy_guidance.md, experiments/results/decoy*.json) this unnormalised penalty
     recovers nearly all of the accuracy the decoy costs, :func:`cam_background_share_loss` only about
     3/4 of it: a large foreground evidence dilutes the share while the patch's absolute evidence,
     which is what moves the logits, stays.
