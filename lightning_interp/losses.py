@@ -13,15 +13,13 @@
 Each term has a key (what ``AttentionGuidance(weights=...)`` and :func:`guidance_terms` take, and
 what is logged as ``interp/guidance/<key>``) and a function named ``<key>_loss``:
 
-=========================  ====================================  =========================================
-key                        function                              term
-=========================  ====================================  =========================================
-``attention_mining``       :func:`attention_mining_loss`         GAIN attention mining
-``attention_supervision``  :func:`attention_supervision_loss`    GAIN external supervision
-``rrr``                    :func:`rrr_loss`                      Right for the Right Reasons
-``cam_background``         :func:`cam_background_loss`           class evidence on the background
-``cam_background_share``   :func:`cam_background_share_loss`     its share of all the evidence
-=========================  ====================================  =========================================
+| key                       | function                            | term                                     |
+| ------------------------- | ----------------------------------- | ---------------------------------------- |
+| ``attention_mining``      | :func:`attention_mining_loss`       | GAIN attention mining                    |
+| ``attention_supervision`` | :func:`attention_supervision_loss`  | GAIN external supervision                |
+| ``rrr``                   | :func:`rrr_loss`                    | Right for the Right Reasons              |
+| ``cam_background``        | :func:`cam_background_loss`         | class evidence on the background         |
+| ``cam_background_share``  | :func:`cam_background_share_loss`   | its share of all the evidence            |
 
 Renamed in this release (the old names still work, with a ``FutureWarning``, for one release):
 the key ``cam_background_raw`` is now ``cam_background`` — **the key ``cam_background`` changed
