@@ -144,10 +144,16 @@ def run_blocks(blocks: list[Block], tmp_path: Path, monkeypatch) -> dict:
     monkeypatch.setattr(lightning, "Trainer", trainer)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__docs__"}
-    for block in blocks:
-        compiled = compile(block.code, block.where, "exec")
-        if block.mode == "run":
-            exec(compiled, namespace)
-        else:
-            exec(compile("\n".join(top_level_imports(block)), block.where, "exec"), namespace)
+    try:
+        for block in blocks:
+            compiled = compile(block.code, block.where, "exec")
+            if block.mode == "run":
+                exec(compiled, namespace)
+            else:
+                exec(compile("\n".join(top_level_imports(block)), block.where, "exec"), namespace)
+    finally:
+        import wandb
+
+        if wandb.run is not None:  # a block's WandbLogger: finish its run, or the next test's logger reuses it
+            wandb.finish()
     return namespace
