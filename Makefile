@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test docs lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+	@echo "open site/index.html"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -28,4 +32,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/nns.py
 
 clean:
-	rm -rf $(VENV) wandb lightning_logs runs .pytest_cache
+	rm -rf $(VENV) wandb lightning_logs runs .pytest_cache site

@@ -13,15 +13,13 @@
 Each term has a key (what ``AttentionGuidance(weights=...)`` and :func:`guidance_terms` take, and
 what is logged as ``interp/guidance/<key>``) and a function named ``<key>_loss``:
 
-=========================  ====================================  =========================================
-key                        function                              term
-=========================  ====================================  =========================================
-``attention_mining``       :func:`attention_mining_loss`         GAIN attention mining
-``attention_supervision``  :func:`attention_supervision_loss`    GAIN external supervision
-``rrr``                    :func:`rrr_loss`                      Right for the Right Reasons
-``cam_background``         :func:`cam_background_loss`           class evidence on the background
-``cam_background_share``   :func:`cam_background_share_loss`     its share of all the evidence
-=========================  ====================================  =========================================
+| key                       | function                            | term                                     |
+| ------------------------- | ----------------------------------- | ---------------------------------------- |
+| ``attention_mining``      | :func:`attention_mining_loss`       | GAIN attention mining                    |
+| ``attention_supervision`` | :func:`attention_supervision_loss`  | GAIN external supervision                |
+| ``rrr``                   | :func:`rrr_loss`                    | Right for the Right Reasons              |
+| ``cam_background``        | :func:`cam_background_loss`         | class evidence on the background         |
+| ``cam_background_share``  | :func:`cam_background_share_loss`   | its share of all the evidence            |
 
 Renamed in this release (the old names still work, with a ``FutureWarning``, for one release):
 the key ``cam_background_raw`` is now ``cam_background`` — **the key ``cam_background`` changed
@@ -203,7 +201,7 @@ def cam_background_loss(activations: torch.Tensor, logits: torch.Tensor, mask: t
 
     The pixel mask (``B x [1 x] H x W``, True on the foreground) is brought to the layer's ``h x w``
     grid by max-pooling: a cell is background only where it contains no foreground pixel. In the decoy
-    experiment (README "Decoy shapes", experiments/results/decoy*.json) this unnormalised penalty
+    experiment (docs/measurements/decoy_guidance.md, experiments/results/decoy*.json) this unnormalised penalty
     recovers nearly all of the accuracy the decoy costs, :func:`cam_background_share_loss` only about
     3/4 of it: a large foreground evidence dilutes the share while the patch's absolute evidence,
     which is what moves the logits, stays.

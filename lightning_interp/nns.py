@@ -837,8 +837,10 @@ def pooled_learning_images(
     assumed (``experiments/cheap_scan_signal.py``).
 
     Args:
-        model, layer, x, rectify: as :func:`filter_learning_images` (``x``: ``B x C x H x W``,
-            ``B x C x L`` or ``B x D``).
+        model: as :func:`filter_learning_images`.
+        layer: as :func:`filter_learning_images`.
+        x: ``B x C x H x W``, ``B x C x L`` or ``B x D``.
+        rectify: as :func:`filter_learning_images`.
         grid: cells per spatial dimension, an int or one int per dimension.
         chunk_size: directions per forward-mode pass (from the memory budget when None).
 

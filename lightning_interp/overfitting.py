@@ -236,7 +236,8 @@ class AlarmRule:
             ``patience`` consecutive scans (:func:`rise_alarm`); ``"count"`` — the anomaly count rose
             more than ``max(rel · its running minimum, margin)`` for ``patience`` scans;
             ``"count_and_val_loss"`` — :func:`overfit_alarm`.
-        rel, margin: the rise over the running minimum that counts (relative, absolute).
+        rel: the rise over the running minimum that counts, relative to it.
+        margin: the rise over the running minimum that counts, absolute.
         patience: consecutive scans the rise must last.
         min_epoch: the alarm never fires before this many epochs have been trained.
     """
@@ -293,7 +294,9 @@ def grouped_gradient_magnitude(
     (thesis table 6-3: outlier vs normal samples); None when either group is empty.
 
     Args:
-        x, y: ``B`` inputs and labels; groups: ``B`` bool.
+        x: ``B`` inputs.
+        y: ``B`` labels.
+        groups: ``B`` bool.
     """
     groups = torch.as_tensor(groups, dtype=torch.bool).cpu()
     if groups.numel() != len(x):

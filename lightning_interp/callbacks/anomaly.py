@@ -54,11 +54,11 @@ class AnomalyFilterMonitor(InterpCallback):
     filters at once); ``mode="exact"`` clusters the full images, as the thesis does (one backward pass
     per filter: the reference). Measured cost of the defaults (``benchmarks/overhead.py``, 2-core CPU,
     SimpleCNN ``relu3``, 5,000 samples/epoch): the three default monitors together 1.3-1.5× the
-    epoch (README, "Monitoring overhead"); exact mode with a 256-image probe 6.9×. Whether the pooled
+    epoch (docs/measurements/overhead.md); exact mode with a 256-image probe 6.9×. Whether the pooled
     count carries exact mode's overfitting signal is measured in ``experiments/cheap_scan_signal.py``:
     on the 12 runs of the overfitting benchmark it did **not** pass issue 16's criterion — on
     SimpleCNN its count's Spearman with exact mode's across epochs was 0.66 (probe 128) where exact
-    mode with another GMM seed reached 0.91-0.93 (README). The flags that masking and pruning take
+    mode with another GMM seed reached 0.91-0.93 (docs/measurements/cheap_scan_signal.md). The flags that masking and pruning take
     come from one exact rescan at fit end (``exact_flags_at_fit_end``). Logs
 
     * ``interp/anomaly/<layer>/count`` and ``interp/anomaly/count`` (all layers) — monitorable by
@@ -90,7 +90,11 @@ class AnomalyFilterMonitor(InterpCallback):
         every_n_epochs: cadence.
         min_cluster_size: λ: int (samples) or fraction of the probe (default 0.1 ≈ the thesis' 50
             of 512 for small CNNs; use 10 / 0.02 for ResNet-18-sized models).
-        k_max, alpha, beta, theta: see :func:`detect_anomaly_filters` (thesis table 6-1).
+        k_max: largest number of GMM components tried (thesis table 6-1; see
+            :class:`~lightning_interp.metrics.anomaly.AnomalyCriteria`).
+        alpha: criterion 1's threshold (thesis table 6-1).
+        beta: criterion 2's threshold (thesis table 6-1).
+        theta: criterion 3's threshold (thesis table 6-1).
         criteria: all of the detector's settings at once, an
             :class:`~lightning_interp.metrics.anomaly.AnomalyCriteria` (then ``min_cluster_size``,
             ``k_max``, ``alpha``, ``beta``, ``theta``, ``ch_reference`` and ``backend`` are ignored);
@@ -106,10 +110,11 @@ class AnomalyFilterMonitor(InterpCallback):
             embedding and the reference) or ``"sketch"`` (``num_projections`` random projections of
             all filters' learning images). Sketch features are 17-34× cheaper on a GPU for a
             512-filter layer, but its flags matched exact mode's on only 65-84 % of filters (95 %
-            between two exact runs): README, "Sketch vs exact"; ``benchmarks/sketch.py``.
+            between two exact runs): docs/measurements/sketch_vs_exact.md; ``benchmarks/sketch.py``.
         grid: cells per side of pooled mode's grid (int or ``(rows, columns)``); default 2 (2×2).
         backend: GMM backend, ``"auto"``, ``"batched"`` or ``"sklearn"``.
-        val_acc_key, val_loss_key: ``trainer.callback_metrics`` keys of validation accuracy and loss.
+        val_acc_key: the ``trainer.callback_metrics`` key of the validation accuracy.
+        val_loss_key: the ``trainer.callback_metrics`` key of the validation loss.
         alarm: the overfitting alarm's rule, a name or a whole
             :class:`~lightning_interp.overfitting.AlarmRule` (then the ``alarm_*`` keywords are ignored)
             (:func:`~lightning_interp.overfitting.rise_alarm`):
@@ -121,9 +126,10 @@ class AnomalyFilterMonitor(InterpCallback):
             rose (the rule before the benchmark). The default (validation loss 1 % over its best for
             2 scans) was tuned on the seed-0 runs of ``experiments/overfitting_signals.py``; on the
             held-out seed-1 runs it, and every validation-loss rule, fired within 2 epochs of the
-            test loss' minimum on 2 of 6 runs, the best anomaly-count rule on 0 of 6 (README, "Does
-            the anomaly count track overfitting?"). Scans without a validation loss are skipped.
-        alarm_rel, alarm_margin: the rise over the running minimum that counts (relative, absolute).
+            test loss' minimum on 2 of 6 runs, the best anomaly-count rule on 0 of 6
+            (docs/measurements/overfitting_signals.md). Scans without a validation loss are skipped.
+        alarm_rel: the rise over the running minimum that counts, relative to it.
+        alarm_margin: the rise over the running minimum that counts, absolute.
         alarm_patience: consecutive scans the rise must last.
         alarm_min_epoch: the alarm never fires before this many epochs have been trained.
         report_path: JSON report path; ``<log dir>/anomaly_report.json`` when None.

@@ -208,7 +208,7 @@ def _skipped_notes(cb: InterpCallback) -> list[str]:
     if not getattr(cb, "_warned_no_mask", False):
         return []
     how = ("Give masks as `(x, y, mask)` batches, dicts with a 'mask' entry, or with `batch_adapter=` "
-           "(README, \"Your own LightningModule\").")
+           "(docs/guide/own_module.md).")
     if type(cb).__name__ == "FeatureQuantityMonitor":
         return [f"Feature quantity was skipped: the probe has no foreground masks. {how}"]
     return [f"Foreground/background properties and filter types were skipped: the probe has no foreground masks. {how}"]

@@ -61,7 +61,7 @@ class TIPMonitor(InterpCallback):
             default scan is 6 forward-mode products of the probe for all filters at once) or
             ``"exact"`` (one backward pass per filter: the reference). No ``"pooled"`` mode:
             :func:`~lightning_interp.metrics.tip.check_tip_mode`. Measured cost of the defaults:
-            README, "Monitoring overhead".
+            docs/measurements/overhead.md.
         **kwargs: :class:`~lightning_interp.callbacks.base.InterpCallback` options.
     """
 

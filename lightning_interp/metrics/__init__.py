@@ -1,4 +1,4 @@
-"""Quantities computed from learning images, usable without a Trainer (the names the README imports)."""
+"""Quantities computed from learning images, usable without a Trainer (the names the docs import)."""
 
 from .aipc import aipc, filter_types, type_masking
 from .anomaly import (

@@ -112,7 +112,9 @@ class AnomalyCriteria:
         min_cluster_size: λ, an int (samples) or a float in (0, 1) (fraction of the probe). Thesis:
             50 for small CNNs, 10 for AlexNet/ResNet-18/VGG-16.
         k_max: largest number of mixture components tried (K = 2..k_max).
-        alpha, beta, theta: the thresholds of criteria 1-3 (thesis: 0.2, 1, 0.1).
+        alpha: the threshold of criterion 1 (thesis: 0.2).
+        beta: the threshold of criterion 2 (thesis: 1).
+        theta: the threshold of criterion 3 (thesis: 0.1).
         ch_reference: criterion 2's layer reference, ``"mean"`` (thesis) or ``"median"``
             (:func:`apply_criteria`).
         backend: GMM sweep backend, one of :data:`BACKENDS` (:func:`cluster_filters`).
@@ -299,7 +301,9 @@ def cluster_filters(
 
     Args:
         features: ``B x K x ...`` — learning images or any per-filter projection of them.
-        k_max, backend, seed: see :func:`detect_anomaly_filters`.
+        k_max: see :func:`detect_anomaly_filters`.
+        backend: see :func:`detect_anomaly_filters`.
+        seed: see :func:`detect_anomaly_filters`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"Expected `backend` to be one of {list(BACKENDS)} but got {backend!r}.")

@@ -248,7 +248,8 @@ def global_ssim(a: torch.Tensor, b: torch.Tensor, *, data_range: float = 1.0) ->
     The thesis names "SSIM" without a window; the global form is the one FQ's own l, c, s use.
 
     Args:
-        a, b: ``... x E`` tensors (the last dim holds the elements), broadcastable.
+        a: ``... x E`` tensor (the last dim holds the elements), broadcastable with ``b``.
+        b: ``... x E`` tensor, broadcastable with ``a``.
 
     Returns:
         ``...`` tensor.
