@@ -199,3 +199,32 @@ def test_alarm_key_drives_early_stopping(tmp_path):
     assert expected is not None, flips
     assert monitor.alarm_epoch == monitor.history[expected]["epoch"]
     assert trainer.current_epoch == monitor.alarm_epoch + 1, "EarlyStopping stopped at the alarm"
+
+
+class BackboneHead(UserModule):
+    """A module whose training_step calls two children, the first with a 2-D (B, 32) feature output."""
+
+    def __init__(self):
+        super().__init__(nn.Identity(), lr=0.0)  # lr 0: the training forward passes see the final weights
+        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(256, 32), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return F.cross_entropy(self.head(self.backbone(x)), y)
+
+
+def test_the_logits_are_the_last_child_called_not_a_feature_vector(tmp_path):
+    monitor = SampleDynamicsMonitor(source="batches", num_images=0)
+    data = _data(64)
+    module = BackboneHead()
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=None, limit_val_batches=0, callbacks=[monitor])
+    trainer.fit(module, DataLoader(with_index(data), batch_size=32))
+    assert monitor.dynamics.num_classes == 10  # the head's (B, 10), not the backbone's (B, 32)
+    with torch.no_grad():
+        module.eval()
+        preds = module(data.tensors[0]).argmax(1)
+    assert torch.equal(monitor.dynamics.last_pred, preds)

@@ -268,8 +268,9 @@ class SampleDynamicsMonitor(Callback):
         if b.index is None or b.y is None:
             raise ValueError("a training batch without dataset indices or labels")
         n = len(b.index)
-        key = next((k for k in ([self.logits_module] if self.logits_module else ["", *captured])
-                    if k in captured and captured[k].shape[0] == n), None)
+        # The LightningModule's own forward, else the child called last (a `head` after a `backbone`).
+        order = [self.logits_module] if self.logits_module else ["", *reversed(list(captured))]
+        key = next((k for k in order if k in captured and captured[k].shape[0] == n), None)
         if key is None:
             if "logits" not in self._warned:
                 self._warned.add("logits")
@@ -358,7 +359,7 @@ class SampleDynamicsMonitor(Callback):
                 self.alarm_epoch = epoch
             scalars[f"{self.key}/overfit_alarm"] = float(self.alarm_epoch is not None)
             self.history[-1][f"{self.key}/overfit_alarm"] = scalars[f"{self.key}/overfit_alarm"]
-        if log and self.num_images and trainer.is_global_zero:
+        if log and self.num_images and trainer.is_global_zero and self._scan_epoch(trainer):
             guarded(type(self).__name__, self.strict, "could not draw its suspects",
                     lambda: self._log_suspects(trainer, scores))
         # Lightning's logger refuses NaN-free guarantees on no scalar: drop the undefined ones (e.g. flips at epoch 0).
