@@ -79,7 +79,7 @@ def with_index(dataset: Dataset) -> IndexedDataset:
     (``source="batches"``) reads them to follow every training sample across epochs for free, from the
     logits of the training forward passes.
 
-    Example:
+    Examples:
         >>> from torch.utils.data import TensorDataset
         >>> ds = with_index(TensorDataset(torch.zeros(4, 1, 8, 8), torch.arange(4)))
         >>> ds[2][2]

@@ -111,7 +111,7 @@ class SampleDynamics:
         keep_probs: keep the summed softmax vectors (``N x C``) for :meth:`mean_probs`; refused
             silently (set False) past 50 M elements.
 
-    Example:
+    Examples:
         >>> dyn = SampleDynamics(4)
         >>> dyn.observe(torch.arange(4), torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
         >>> stats = dyn.end_epoch(0)

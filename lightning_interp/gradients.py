@@ -84,7 +84,7 @@ def per_sample_gradient_magnitude(
     Returns:
         ``B`` tensor.
 
-    Example:
+    Examples:
         >>> g = per_sample_gradient_magnitude(SimpleCNN(), torch.randn(8, 1, 32, 32), torch.zeros(8, dtype=torch.long))
         >>> g.shape
         torch.Size([8])

@@ -56,7 +56,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     it was, also when the block raises. Flags are restored directly, without calling the modules'
     ``train`` methods.
 
-    Example:
+    Examples:
         >>> with eval_mode(model):
         ...     logits = model(x)   # running BatchNorm statistics, no dropout
     """
@@ -156,7 +156,7 @@ def filter_owner(model: nn.Module, layer: str, example_inputs: torch.Tensor | No
             an ambiguous one (a module called more than once per forward, e.g. the shared ReLU of a
             torchvision ResNet block; a concatenating block). The message names the valid choices.
 
-    Example:
+    Examples:
         >>> filter_owner(SimpleCNN(batch_norm=True), "relu2")
         'conv2'
     """

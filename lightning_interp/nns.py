@@ -267,7 +267,7 @@ def filter_learning_images(
     Returns:
         ``B x K x <x.shape[1:]>`` tensor, K = number of selected filters, detached, on x's device.
 
-    Example:
+    Examples:
         >>> model = SimpleCNN()
         >>> L = filter_learning_images(model, "conv3", torch.randn(4, 1, 32, 32))  # ReLU(conv3)
         >>> L.shape
@@ -414,7 +414,7 @@ def sample_indices(n: int, max_neurons: int | None, seed: int = 0) -> torch.Tens
     None or ≥ n, else a uniform subsample of ``max_neurons`` drawn from a CPU generator seeded with
     ``seed`` (the same indices on every call and device).
 
-    Example:
+    Examples:
         >>> sample_indices(64, 3, seed=0).shape
         torch.Size([3])
     """
@@ -510,7 +510,7 @@ def filter_knowledge_quantity(
     Raises:
         FloatingPointError: NaN/inf in the learning images.
 
-    Example:
+    Examples:
         >>> filter_knowledge_quantity(SimpleCNN(), "relu2", torch.randn(4, 1, 16, 16))["activation_count"]
     """
     chunks = iter_filter_learning_images(model, layer, x, filters=filters, rectify=rectify, chunk_size=chunk_size)
@@ -541,7 +541,7 @@ def reduce_knowledge_quantity(
     Returns:
         ``{"activation_count": float, "activation_intensity": float, "filters": int}``.
 
-    Example:
+    Examples:
         >>> reduce_knowledge_quantity(iter_filter_learning_images(model, "relu2", x), x)["filters"]
     """
     count = intensity = 0.0
@@ -847,7 +847,7 @@ def pooled_learning_images(
     Returns:
         ``B x K x P`` tensor, detached, on x's device.
 
-    Example:
+    Examples:
         >>> pooled = pooled_learning_images(SimpleCNN(), "relu3", torch.randn(8, 1, 32, 32), grid=2)
         >>> pooled.shape
         torch.Size([8, 64, 4])

@@ -399,7 +399,7 @@ def load_pruned(
     """Rebuild the network :func:`save_pruned` saved: apply its pruning plan to ``model``, a fresh copy of
     the original (un-pruned) architecture, through the pruning step :func:`prune_filters` uses, then load the weights.
 
-    Example:
+    Examples:
         >>> net, summary = load_pruned("pruned.pt", torchvision.models.resnet18(num_classes=10))
 
     Args:

@@ -80,7 +80,7 @@ def labelled_image_grid(images: torch.Tensor, captions: Sequence[str], ncols: in
     Returns:
         ``H x W x 3`` uint8 array, wider than tall whenever ``N >= 2``.
 
-    Example:
+    Examples:
         >>> grid = labelled_image_grid(torch.rand(5, 3, 32, 32), [f"given: {i} / pred: {i}" for i in range(5)])
         >>> grid.shape[1] > grid.shape[0]
         True

@@ -89,7 +89,7 @@ class SampleDynamicsMonitor(Callback):
         strict: re-raise failures instead of warning (the run is never lost by default).
         log_prefix: prefix of the logged keys.
 
-    Example:
+    Examples:
         >>> from lightning_interp.callbacks import SampleDynamicsMonitor
         >>> monitor = SampleDynamicsMonitor(track_size=512)
     """

@@ -189,7 +189,7 @@ def _prune_section(cb: PruneFlaggedFilters) -> Section | None:
                                   f"that each pruned layer keeps a multiple of {s.get('round_to')} channels.")
     if s.get("latency_ms_before") is not None and s["latency_ms_after"] >= s["latency_ms_before"]:
         section.paragraphs.append("The pruned network was not faster where it was timed; removing few filters saves "
-                                  "less time than timing resolves (docs/pruning.md).")
+                                  "less time than timing resolves (docs/guide/pruning.md).")
     rows = [["parameters", s["params_before"], s["params_after"]], ["MACs", s["macs_before"], s["macs_after"]]]
     if s.get("latency_ms_before") is not None:
         rows.append([f"latency, ms (median, batch of {s.get('latency_batch')}, {s.get('latency_device')})",

@@ -58,7 +58,7 @@ class LearningImageLogger(InterpCallback):
         **kwargs: :class:`~lightning_interp.callbacks.base.InterpCallback` options
             (``probe_split``, ``probe``, ``seed``, ``batch_adapter``, ``strict``).
 
-    Example:
+    Examples:
         >>> trainer = pl.Trainer(callbacks=[LearningImageLogger(["model.conv1", "model.conv3"])],
         ...                      logger=WandbLogger(offline=True))
     """

@@ -22,7 +22,7 @@ __all__ = ["PruneFlaggedFilters", "save_pruned", "load_pruned"]  # the file func
 
 
 class PruneFlaggedFilters(Callback):
-    """At fit end, prune the flagged filters from the network and save it whole.
+    """At fit end, prune the flagged filters from the network and save its weights and pruning plan.
 
     Args:
         source: where the flags come from (:func:`~lightning_interp.scores.resolve_scores`): a

@@ -429,7 +429,7 @@ def detect_anomaly_filters(
     Returns:
         :class:`AnomalyFilters` with tensors on ``features``' device.
 
-    Example:
+    Examples:
         >>> L = filter_learning_images(model, "relu3", probe_x)        # B x K x C x H x W
         >>> act = layer_activations(model, "relu3", probe_x).mean((0, 2, 3))
         >>> result = detect_anomaly_filters(L, act, AnomalyCriteria(min_cluster_size=0.1))

@@ -168,7 +168,7 @@ def combine_fq(
     Returns:
         a tensor of the components' shape; the FQ of a unit is its ``amax(0)`` (eq. 4-7).
 
-    Example:
+    Examples:
         >>> parts = fq_components(learning_images, x, fg_mask)
         >>> combine_fq(parts, drop="nf").amax(0)  # FQ without the first factor, ``K``
     """
@@ -251,7 +251,7 @@ def layer_feature_quantity(
     Raises:
         FloatingPointError: NaN/inf in the learning images.
 
-    Example:
+    Examples:
         >>> r = layer_feature_quantity(SimpleCNN(in_channels=3), "relu3", x, mask, top_neurons=4)
         >>> r["filter_fq"].shape, r["neuron_fq"].shape
         (torch.Size([64]), torch.Size([64, 4]))
