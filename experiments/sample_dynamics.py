@@ -97,8 +97,9 @@ def gradient_disparity(model, x, y, g: torch.Generator, batch: int) -> float:
 
 
 def fit(args, data, model_name: str, y_given: torch.Tensor, keep: torch.Tensor | None, seed: int, run: Path,
-        *, clean: bool = False, record: bool = True, max_epochs: int | None = None) -> dict:
-    """Train one run (resumable); with ``record`` store every epoch's training logits (ways a and b)."""
+        *, clean: bool = False, record: bool = True, max_epochs: int | None = None, evaluate: bool = True) -> dict:
+    """Train one run (resumable); with ``record`` store every epoch's training logits (ways a and b);
+    without ``evaluate`` (cleanlab's folds) no val/test pass and it trains exactly ``max_epochs``."""
     run.mkdir(parents=True, exist_ok=True)
     metrics_path = run / "metrics.json"
     log = json.loads(metrics_path.read_text()) if metrics_path.exists() else {"epochs": [], "done": False}
@@ -133,7 +134,7 @@ def fit(args, data, model_name: str, y_given: torch.Tensor, keep: torch.Tensor |
             logits_a[idx] = out.detach()
         train_seconds = time.time() - t0
         entry = {"epoch": epoch, "train_seconds": train_seconds}
-        for split in ("val", "test"):
+        for split in ("val", "test") if evaluate else ():
             z = logits_of(model, data[f"{split}_x"])
             entry[f"{split}_loss"] = F.cross_entropy(z, data[f"{split}_y"]).item()
             entry[f"{split}_acc"] = (z.argmax(1) == data[f"{split}_y"]).double().mean().item()
@@ -145,11 +146,14 @@ def fit(args, data, model_name: str, y_given: torch.Tensor, keep: torch.Tensor |
             np.savez_compressed(run / f"epoch_{epoch:03d}.npz", a=logits_a.half().numpy(), b=logits_b.half().numpy())
         log["epochs"].append(entry)
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": g.get_state()}, run / "last.pt")
-        best = int(np.argmin([e["val_loss"] for e in log["epochs"]])) + 1
-        log["done"] = epoch - best >= args.past_best or epoch == max_epochs
+        best = int(np.argmin([e.get("val_loss", 0.0) for e in log["epochs"]])) + 1
+        log["done"] = (evaluate and epoch - best >= args.past_best) or epoch == max_epochs
         metrics_path.write_text(json.dumps(log, indent=1))
-        print(f"[{run.name}] epoch {epoch}: val {entry['val_loss']:.3f}/{entry['val_acc']:.3f} "
-              f"test {entry['test_loss']:.3f}/{entry['test_acc']:.3f} ({train_seconds:.1f}s)", flush=True)
+        if evaluate:
+            print(f"[{run.name}] epoch {epoch}: val {entry['val_loss']:.3f}/{entry['val_acc']:.3f} "
+                  f"test {entry['test_loss']:.3f}/{entry['test_acc']:.3f} ({train_seconds:.1f}s)", flush=True)
+        else:
+            print(f"[{run.name}] epoch {epoch} ({train_seconds:.1f}s)", flush=True)
         if log["done"]:
             break
     return log
@@ -231,7 +235,8 @@ def cv_probs(args, data, model_name, noise, seed, run: Path, epochs: int) -> np.
     probs = np.zeros((n, 10), dtype=np.float32)
     t0 = time.time()
     for k in range(4):
-        log = fit(args, data, model_name, y, fold != k, seed, run / f"cv_fold{k}", record=False, max_epochs=epochs)
+        log = fit(args, data, model_name, y, fold != k, seed, run / f"cv_fold{k}", record=False, max_epochs=epochs,
+                  evaluate=False)
         assert log["done"]
         model = MODELS[model_name]()
         model.load_state_dict(torch.load(run / f"cv_fold{k}" / "last.pt")["model"])
