@@ -1,5 +1,8 @@
-"""lightning_interp.callbacks.prune: PruneFlaggedFilters on a user's module fed plain dataloaders."""
+"""lightning_interp.callbacks.prune: PruneFlaggedFilters on a user's module fed plain dataloaders, with and
+without a fine-tune on the samples not flagged."""
 
+import pytest
+import torch
 from conftest import make_trainer
 from test_user_models import UserModule, loaders, tiny_net
 
@@ -13,3 +16,20 @@ def test_prune_evaluates_on_the_dataloaders_given_to_fit(tmp_path):
     net, summary = load_pruned(str(tmp_path / "pruned.pt"))
     assert summary["channels"]["0"] == [8, 6]
     assert 0.0 <= summary["val_acc_before"] <= 1.0 and 0.0 <= summary["val_acc_after"] <= 1.0
+
+
+def test_prune_then_fine_tune_on_the_samples_not_flagged(tmp_path):
+    prune = PruneFlaggedFilters({"net.2": [1, 2]}, model_attr="net", out_path=str(tmp_path / "pruned.pt"),
+                                finetune_epochs=2, finetune_exclude=lambda: torch.tensor([0, 5]), finetune_lr=1e-2,
+                                strict=True)
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[prune], max_epochs=1, enable_checkpointing=False)
+    module = UserModule(tiny_net())
+    trainer.fit(module, *loaders())
+    net, summary = load_pruned(str(tmp_path / "pruned.pt"))
+    assert summary["finetune_epochs"] == 2 and summary["finetune_samples"] == 14  # 16 training samples, 2 flagged
+    assert summary["channels"]["0"] == [8, 6] and "val_acc_pruned" in summary
+    # What was saved is the fine-tuned network: not the trained one with the two filters cut out.
+    kept = [i for i in range(8) if i not in (1, 2)]
+    assert not torch.equal(net[0].weight, module.net[0].weight[kept].cpu())
+    with pytest.raises(ValueError, match="`finetune_epochs` to be a non-negative int but got -1"):
+        PruneFlaggedFilters({"net.2": [1]}, finetune_epochs=-1)
