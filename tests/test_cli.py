@@ -9,6 +9,7 @@ from conftest import make_trainer, run_recipe
 
 from lightning_interp.callbacks.prune import load_pruned
 from lightning_interp.cli import main
+from lightning_interp.importance import importance_scores
 from lightning_interp.models import ImageClassifier
 from lightning_interp.scores import FilterScores
 
@@ -54,3 +55,13 @@ def test_cli_prune_from_checkpoint(tmp_path, digits):
     assert pruned.conv2.out_channels == 14
     with pytest.raises(SystemExit):
         main(["prune", ckpt, "--report", report, "--out", out])  # no way to trace the model
+    # Torch-Pruning's importance instead of a file: the 4 filters of conv2 with the lowest group L2 norm.
+    main(["prune", ckpt, "--criterion", "l2", "--layers", "[model.relu2]", "--amount", "4", "--out", out,
+          "--input-shape", "2,1,16,16"])
+    pruned, summary = load_pruned(out)
+    l2 = importance_scores(module.model, ["relu2"], torch.randn(2, 1, 16, 16), "l2").scores["relu2"]
+    assert summary["pruned"] == {"conv2": sorted(torch.argsort(l2)[:4].tolist())} and pruned.conv2.out_channels == 12
+    with pytest.raises(SystemExit, match="either --report FILE or --criterion"):
+        main(["prune", ckpt, "--out", out, "--input-shape", "2,1,16,16"])
+    with pytest.raises(SystemExit, match="needs --layers"):
+        main(["prune", ckpt, "--criterion", "lamp", "--out", out, "--input-shape", "2,1,16,16"])

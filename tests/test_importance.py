@@ -9,7 +9,7 @@ import torch_pruning as tp
 from conftest import make_trainer, randomise_bn
 from torch.nn import functional as F
 
-from lightning_interp.callbacks import PruneFlaggedFilters
+from lightning_interp.callbacks import FilterMasking, PruneFlaggedFilters
 from lightning_interp.importance import CRITERIA, ImportanceScorer, importance_scores
 from lightning_interp.models import ImageClassifier, SimpleCNN
 from lightning_interp.scores import Selection, resolve_scores
@@ -95,3 +95,15 @@ def test_prune_flagged_filters_takes_an_importance_source(tmp_path, digits):
     gamma = module.model.bn2.weight.detach().abs()
     assert prune.summary["pruned"] == {"conv2": sorted(torch.argsort(gamma)[:2].tolist())}
     assert prune.summary["channels"]["conv2"] == [6, 4]
+
+
+def test_filter_masking_takes_an_importance_source(tmp_path, digits):
+    torch.manual_seed(0)
+    module = ImageClassifier(SimpleCNN(in_channels=1, width=(4, 6, 8)))
+    x = torch.randn(2, 1, 16, 16)
+    lamp = importance_scores(module.model, ["relu3"], x, "lamp").scores["relu3"]  # the weights at epoch 0's start
+    masking = FilterMasking(ImportanceScorer(module, ["model.relu3"], x), select=Selection("lamp", amount=3, lowest=True))
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[masking], max_epochs=2, enable_checkpointing=False)
+    trainer.fit(module, datamodule=digits)
+    assert masking.history[0]["filters"] == {"model.relu3": sorted(torch.argsort(lamp)[:3].tolist())}
+    assert len(masking.history[1]["filters"]["model.relu3"]) == 3  # re-read from the trained weights
