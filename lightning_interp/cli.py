@@ -30,13 +30,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import lightning.pytorch as pl
 import torch
 
 from .importance import CRITERIA
 from .nns import SCAN_MODES
+
+if TYPE_CHECKING:
+    from .scores import FilterScores
 
 #: Short names accepted by ``--datamodule``.
 DATAMODULES = {
