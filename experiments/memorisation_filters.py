@@ -95,8 +95,9 @@ def build(args) -> nn.Module:
 
 
 def train(args, data, seed: int) -> Path:
-    """Adam 1e-3, batch 128, ``--epochs`` epochs; per epoch: val loss/acc, the training passes' logits, a checkpoint."""
-    run = Path(args.out) / f"simple_cnn_noise{int(round(args.noise * 100)):02d}_seed{seed}"
+    """Adam (``--lr``, 1e-3), batch 128, ``--epochs`` epochs; per epoch: val loss/acc, the training passes' logits, a checkpoint."""
+    name = f"simple_cnn_noise{int(round(args.noise * 100)):02d}_seed{seed}"
+    run = Path(args.out) / (f"tiny_{name}" if args.tiny else name)  # never resumes a real run's files
     run.mkdir(parents=True, exist_ok=True)
     log_path = run / "metrics.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else {"epochs": [], "done": False}
@@ -104,7 +105,7 @@ def train(args, data, seed: int) -> Path:
         return run
     torch.manual_seed(seed)
     model = build(args)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     x, y = data["train_x"], noisy_labels(args, data["train_y"], seed)
     n = len(y)
     logits_hist = []
@@ -368,6 +369,7 @@ def print_tables(summary: dict, results: list[dict]) -> None:
             ft = f"{t['oracle']:.2f} | {t['test_acc']:.3f}" if t else "| "
             print(f"| {r['layer']} | {r['k']} | {r['score']} | {r['oracle']:.2f} | {r['aum']:.2f} | {r['flipped']:.2f} | "
                   f"{r['clean']:.2f} | {r['test_acc']:.3f} | {r['removed']:.0%} | {ft} |")
+    print_compact(summary, results)
     print("\n### Target (k = 1/8: >= 50 % of the memorised fit removed, test accuracy not below unmasked, "
           "more removed per point of test accuracy lost than every peer)\n")
     print("| memorisation score | met on every run, point and layer | cases met |")
@@ -375,6 +377,32 @@ def print_tables(summary: dict, results: list[dict]) -> None:
     for name, t in summary["target"].items():
         n_met = sum(c["met"] for c in t["cases"])
         print(f"| {name} | {'yes' if t['met_everywhere'] else 'no'} | {n_met}/{len(t['cases'])} |")
+
+
+def print_compact(summary: dict, results: list[dict]) -> None:
+    """At k = 1/8: per score, memorised fit removed / test accuracy change (points), masked and fine-tuned."""
+    for tuned in (False, True):
+        rows = [r for r in summary["rows"] if r["finetuned"] == tuned]
+        cols = []
+        for res in results:
+            for layer in dict.fromkeys(r["layer"] for r in rows):
+                ks = [r["k"] for r in rows if r["run"] == res["run"] and r["point"] == res["point"] and r["layer"] == layer]
+                if ks:
+                    cols.append((res["run"], res["point"], layer, max(ks)))
+        if not cols:
+            continue
+        what = "after a fine-tune on the unflagged samples (vs the unmasked model fine-tuned alike)" if tuned else "masked"
+        print(f"\n### k = 1/8, {what}: share of the memorised fit removed / test accuracy change (points)\n")
+        head = [f"{run.replace('simple_cnn_noise30_', '')} {point} {layer} (k={k})" for run, point, layer, k in cols]
+        print("| score | " + " | ".join(head) + " |")
+        print("| --- |" + " --- |" * len(cols))
+        names = list(dict.fromkeys(r["score"] for r in rows))
+        for name in names:
+            cells = []
+            for run, point, layer, k in cols:
+                r = next((r for r in rows if (r["run"], r["point"], r["layer"], r["k"], r["score"]) == (run, point, layer, k, name)), None)
+                cells.append(f"{r['removed']:.0%} / {0.0 - 100 * r['test_lost']:+.1f}" if r else "")
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None) -> dict:
@@ -386,6 +414,7 @@ def main(argv=None) -> dict:
     p.add_argument("--noise", type=float, default=0.3)
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--width", nargs=3, type=int, default=[32, 64, 64])
     p.add_argument("--layers", nargs="+", default=["relu2", "relu3"])
     p.add_argument("--clean-eval", type=int, default=1000, help="clean fitted training samples whose fit is reported")
@@ -399,7 +428,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.tiny:
-        args.classes, args.epochs, args.width, args.seeds = 4, 6, [4, 8, 8], args.seeds[:1]
+        args.classes, args.epochs, args.width, args.seeds, args.lr = 4, 60, [8, 16, 16], args.seeds[:1], 1e-2
         args.clean_eval, args.score_samples, args.finetune_random = 40, 40, 1
         data = tiny_data()
     else:
