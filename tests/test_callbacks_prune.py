@@ -33,3 +33,5 @@ def test_prune_then_fine_tune_on_the_samples_not_flagged(tmp_path):
     assert not torch.equal(net[0].weight, module.net[0].weight[kept].cpu())
     with pytest.raises(ValueError, match="`finetune_epochs` to be a non-negative int but got -1"):
         PruneFlaggedFilters({"net.2": [1]}, finetune_epochs=-1)
+    with pytest.raises(TypeError, match="`finetune_exclude` to be indices .* but got str"):
+        PruneFlaggedFilters({"net.2": [1]}, finetune_epochs=1, finetune_exclude="flagged.json")

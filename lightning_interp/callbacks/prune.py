@@ -102,6 +102,10 @@ class PruneFlaggedFilters(Callback):
         if not isinstance(finetune_epochs, int) or isinstance(finetune_epochs, bool) or finetune_epochs < 0:
             raise ValueError(f"Expected `finetune_epochs` to be a non-negative int but got {finetune_epochs!r}.")
         self.finetune_epochs = finetune_epochs
+        if not (finetune_exclude is None or callable(finetune_exclude) or isinstance(finetune_exclude, torch.Tensor)
+                or isinstance(finetune_exclude, (list, tuple, range))):
+            raise TypeError("Expected `finetune_exclude` to be indices into the training dataset, a boolean mask over "
+                            f"it, a callable returning either, or None but got {type(finetune_exclude).__name__}.")
         self.finetune_exclude = finetune_exclude
         self.finetune_lr = finetune_lr
         self.summary: dict[str, Any] | None = None
