@@ -5,6 +5,7 @@
     lightning-interp scan CHECKPOINT --layers model.relu3 --datamodule DigitsDataModule [--monitors anomaly tip]
     lightning-interp prune CHECKPOINT --report REPORT.json --out PRUNED.pt [--datamodule digits]
         [--model_class my_pkg.MyModule --model_attr net] [--round_to 8] [--device cuda]
+    lightning-interp prune CHECKPOINT --criterion l1 --layers [model.relu2] --amount 0.3 --out PRUNED.pt ...
 
 ``fit``/``validate``/``test``/``predict`` are Lightning's own :class:`~lightning.pytorch.cli.LightningCLI`
 subcommands: the model, the datamodule, the trainer and every callback (the monitors included,
@@ -14,11 +15,13 @@ checkpoint and writes the same reports as a training run, without training. ``pr
 checkpoint of ``--model_class`` (default :class:`~lightning_interp.models.ImageClassifier`, trained with
 ``arch=...`` so it can be rebuilt; your own class must rebuild its network in ``__init__`` from its
 saved hyperparameters), takes the network at ``--model_attr`` (default ``model``), removes the filters
-an anomaly report flags with Torch-Pruning and saves its weights with the pruning plan, no pickle
-(:func:`~lightning_interp.pruning.save_pruned`); it then rebuilds the file into a fresh ``--model_class``
-module (:func:`~lightning_interp.pruning.load_pruned`) and checks the outputs agree. It prints parameters,
-MACs and latency before and after on ``--device`` (the GPU when there is one), and with a datamodule
-validation accuracy.
+an anomaly report (or any saved :class:`~lightning_interp.scores.FilterScores` file: a memorisation
+score, a TIP property) flags — or the ``--amount`` least important by a Torch-Pruning criterion
+(``--criterion``, :mod:`lightning_interp.importance`) — with Torch-Pruning and saves its weights with the
+pruning plan, no pickle (:func:`~lightning_interp.pruning.save_pruned`); it then rebuilds the file into a
+fresh ``--model_class`` module (:func:`~lightning_interp.pruning.load_pruned`) and checks the outputs
+agree. It prints parameters, MACs and latency before and after on ``--device`` (the GPU when there is
+one), and with a datamodule validation accuracy.
 
 ``--datamodule`` takes a LightningDataModule class (``DigitsDataModule``, a dotted path) with its
 arguments as ``--datamodule.<arg> value``, or the short names ``digits``, ``shapes``, ``imagefolder``.
@@ -29,12 +32,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import lightning.pytorch as pl
 import torch
 
+from .importance import CRITERIA
 from .nns import SCAN_MODES
+
+if TYPE_CHECKING:
+    from .scores import FilterScores
 
 #: Short names accepted by ``--datamodule``.
 DATAMODULES = {
@@ -109,12 +116,18 @@ def _parser(command: str):
         parser.add_argument("--accelerator", type=str, default="auto")
         parser.add_argument("--progress", type=bool, default=True, help="show progress bars")
     else:
-        parser.add_argument("--report", type=str, required=True,
-                            help="anomaly_report.json written by AnomalyFilterMonitor, or any saved FilterScores file")
+        parser.add_argument("--report", type=str | None, default=None,
+                            help="anomaly_report.json written by AnomalyFilterMonitor, or any saved FilterScores file "
+                                 "(e.g. memorisation_scores(...).save(path))")
+        parser.add_argument("--criterion", type=Literal[CRITERIA] | None, default=None,
+                            help="instead of --report: rank the filters of --layers by Torch-Pruning's importance "
+                                 "(taylor: on one training batch of the datamodule); needs --amount")
+        parser.add_argument("--layers", type=list[str] | None, default=None, help="with --criterion: e.g. model.relu3")
         parser.add_argument("--amount", type=float | None, default=None,
                             help="instead of the file's flags, prune this many filters per layer (>= 1) or this "
                                  "fraction of them (< 1) by score")
-        parser.add_argument("--lowest", type=bool, default=False, help="with --amount: the lowest scores (default: highest)")
+        parser.add_argument("--lowest", type=bool | None, default=None,
+                            help="with --amount: the lowest scores (default: highest for --report, lowest for --criterion)")
         parser.add_argument("--out", type=str, required=True,
                             help="where to save the pruned network (weights + pruning plan; load_pruned reads it)")
         parser.add_argument("--round_to", "--round-to", type=int | None, default=None,
@@ -183,6 +196,22 @@ def scan_command(cfg, parser) -> dict:
     return result
 
 
+def _criterion_scores(cfg, net: torch.nn.Module, example: torch.Tensor, data) -> FilterScores:
+    """Torch-Pruning's importance of the filters of ``--layers`` (named inside the LightningModule)."""
+    from .batch import default_batch_adapter
+    from .importance import importance_scores
+
+    prefix = f"{cfg.model_attr}."
+    layers = [layer[len(prefix):] if layer.startswith(prefix) else layer for layer in cfg.layers]
+    inputs = labels = None
+    if cfg.criterion == "taylor":
+        if data is None:
+            raise ValueError("--criterion taylor needs --datamodule (its gradients come from a training batch)")
+        batch = default_batch_adapter(next(iter(data.train_dataloader())))
+        inputs, labels = batch.x, batch.y
+    return importance_scores(net.cpu(), layers, example.cpu(), cfg.criterion, inputs=inputs, labels=labels)
+
+
 def prune_command(cfg, parser) -> dict:
     """Prune the filters an anomaly report flags from an ImageClassifier checkpoint."""
     from .batch import default_batch_adapter
@@ -196,15 +225,10 @@ def prune_command(cfg, parser) -> dict:
         choices = [name for name, _ in module.named_children()]
         raise SystemExit(f"error: --model_attr {cfg.model_attr!r} is not an nn.Module attribute of "
                          f"{type(module).__name__}; its nn.Module attributes: {choices}")
-    try:
-        scores = FilterScores.load(cfg.report)
-        if cfg.amount is not None:
-            scores = scores.select(int(cfg.amount) if cfg.amount >= 1 else cfg.amount, lowest=cfg.lowest)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
-    filters = scores.strip_prefix(f"{cfg.model_attr}.").flags()
-    if not filters:
-        raise SystemExit(f"error: the report {cfg.report} flags no filters; nothing to prune")
+    if (cfg.report is None) == (cfg.criterion is None):
+        raise SystemExit(f"error: give either --report FILE or --criterion {{{','.join(CRITERIA)}}} --layers ... --amount ...")
+    if cfg.criterion is not None and (not cfg.layers or cfg.amount is None):
+        raise SystemExit("error: --criterion needs --layers (e.g. model.relu3) and --amount (filters or fraction per layer)")
     data = _instantiate_datamodule(parser, cfg)
     if data is not None:
         data.setup("fit")
@@ -215,6 +239,16 @@ def prune_command(cfg, parser) -> dict:
         raise SystemExit("error: give --datamodule or --input-shape (e.g. 1,3,32,32) to trace the model")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     net, example = net.to(device), example.to(device)
+    try:
+        scores = FilterScores.load(cfg.report) if cfg.report else _criterion_scores(cfg, net, example, data)
+        if cfg.amount is not None:
+            lowest = cfg.lowest if cfg.lowest is not None else cfg.criterion is not None
+            scores = scores.select(int(cfg.amount) if cfg.amount >= 1 else cfg.amount, lowest=lowest)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    filters = scores.strip_prefix(f"{cfg.model_attr}.").flags()
+    if not filters:
+        raise SystemExit(f"error: {cfg.report or cfg.criterion} flags no filters; nothing to prune")
     try:
         pruned, summary = prune_filters(net, filters, example, round_to=cfg.round_to)
     except ValueError as err:

@@ -8,6 +8,7 @@ import torch
 from conftest import make_trainer, run_recipe
 
 from lightning_interp.cli import main
+from lightning_interp.importance import importance_scores
 from lightning_interp.models import ImageClassifier
 from lightning_interp.pruning import load_pruned
 from lightning_interp.scores import FilterScores
@@ -49,6 +50,7 @@ def test_cli_prune_from_checkpoint(tmp_path, digits):
     report = FilterScores({}, {"model.relu2": [3, 4]}, "given").save(tmp_path / "report.json")
     out = str(tmp_path / "pruned.pt")
     main(["prune", ckpt, "--report", report, "--out", out, "--datamodule", "digits"])
+    trained = module
     module, summary = load_pruned(out, ImageClassifier(arch="simple_cnn", arch_kwargs={"width": [8, 16, 16]}))
     assert summary["channels"]["conv2"] == [16, 14] and "val_acc_after" in summary
     assert module.model.conv2.out_channels == 14  # the LightningModule itself: its network rebuilt at `model`
@@ -59,3 +61,14 @@ def test_cli_prune_from_checkpoint(tmp_path, digits):
     assert summary["channels"]["conv2"] == [16, 8] and len(summary["rounded"]["conv2"]) == 6
     with pytest.raises(SystemExit):
         main(["prune", ckpt, "--report", report, "--out", out])  # no way to trace the model
+    # Torch-Pruning's importance instead of a file: the 4 filters of conv2 with the lowest group L2 norm.
+    main(["prune", ckpt, "--criterion", "l2", "--layers", "[model.relu2]", "--amount", "4", "--out", out,
+          "--input-shape", "2,1,16,16"])
+    rebuilt, summary = load_pruned(out, ImageClassifier(arch="simple_cnn", arch_kwargs={"width": [8, 16, 16]}))
+    l2 = importance_scores(trained.model, ["relu2"], torch.randn(2, 1, 16, 16), "l2").scores["relu2"]
+    assert summary["pruned"] == {"conv2": sorted(torch.argsort(l2)[:4].tolist())}
+    assert rebuilt.model.conv2.out_channels == 12
+    with pytest.raises(SystemExit, match="either --report FILE or --criterion"):
+        main(["prune", ckpt, "--out", out, "--input-shape", "2,1,16,16"])
+    with pytest.raises(SystemExit, match="needs --layers"):
+        main(["prune", ckpt, "--criterion", "lamp", "--out", out, "--input-shape", "2,1,16,16"])

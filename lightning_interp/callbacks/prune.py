@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from ..batch import default_batch_adapter
+from ..finetune import fine_tune, loader_without
 from ..layers import public_name
 from ..metrics.aipc import accuracy
 from ..pruning import check_prunable, load_pruned, prune_filters, save_pruned
@@ -45,6 +46,13 @@ class PruneFlaggedFilters(Callback):
             (exactly the flagged filters) on CPU (:func:`~lightning_interp.pruning.default_round_to`).
         evaluate: measure validation accuracy before/after (``interp/prune/val_acc_before``/``_after``) on the
             datamodule's validation loader, else the first one given to ``trainer.fit``.
+        finetune_epochs: after pruning, fine-tune the pruned network for this many epochs
+            (:func:`~lightning_interp.finetune.fine_tune`, Adam at ``finetune_lr``) on the training
+            dataset without the ``finetune_exclude`` samples, on the Trainer's device, before it is saved;
+            0 (default) saves it as pruned. ``val_acc_pruned`` is then the accuracy before the fine-tune.
+        finetune_exclude: the training samples not to fine-tune on (the flagged, suspect samples): indices
+            into the training dataset, a boolean mask over it, or a callable returning either at fit end
+            (a monitor's latest flags).
 
     Logs ``interp/prune/params_before``/``_after``, ``macs_before``/``_after`` and
     ``latency_ms_before``/``_after`` (median of interleaved forwards of two probe samples on the model's
@@ -69,6 +77,9 @@ class PruneFlaggedFilters(Callback):
         evaluate: bool = True,
         strict: bool = False,
         round_to: int | None = None,
+        finetune_epochs: int = 0,
+        finetune_exclude: Any = None,
+        finetune_lr: float = 1e-4,
     ):
         sources = [s for s in (source, monitor, report) if s is not None]
         if len(sources) != 1:
@@ -85,6 +96,15 @@ class PruneFlaggedFilters(Callback):
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
             raise ValueError(f"Expected `round_to` to be None or an integer >= 1 but got {round_to!r}.")
         self.round_to = round_to
+        if not isinstance(finetune_epochs, int) or isinstance(finetune_epochs, bool) or finetune_epochs < 0:
+            raise ValueError(f"Expected `finetune_epochs` to be a non-negative int but got {finetune_epochs!r}.")
+        self.finetune_epochs = finetune_epochs
+        if not (finetune_exclude is None or callable(finetune_exclude) or isinstance(finetune_exclude, torch.Tensor)
+                or isinstance(finetune_exclude, (list, tuple, range))):
+            raise TypeError("Expected `finetune_exclude` to be indices into the training dataset, a boolean mask over "
+                            f"it, a callable returning either, or None but got {type(finetune_exclude).__name__}.")
+        self.finetune_exclude = finetune_exclude
+        self.finetune_lr = finetune_lr
         self.summary: dict[str, Any] | None = None
         self.saved_to: str | None = None
 
@@ -149,6 +169,14 @@ class PruneFlaggedFilters(Callback):
         guarded("PruneFlaggedFilters", self.strict, "did not prune (the trained model is untouched)",
                 lambda: self._prune(trainer, pl_module))
 
+    def _fine_tune(self, trainer: pl.Trainer, pruned: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+        exclude = self.finetune_exclude() if callable(self.finetune_exclude) else self.finetune_exclude
+        train = loader_without(_first_loader(trainer.train_dataloader), exclude)
+        # Rank zero alone runs this (at fit end): no gradient averaging with ranks that do not take part.
+        losses = fine_tune(pruned, train, epochs=self.finetune_epochs, lr=self.finetune_lr, device=device, sync=False)
+        return {"finetune_epochs": self.finetune_epochs, "finetune_samples": len(train.dataset),
+                "finetune_loss_first": losses[0], "finetune_loss_last": losses[-1]}
+
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self.network(pl_module)
         scores = resolve_scores(self.source, self.select)
@@ -163,6 +191,11 @@ class PruneFlaggedFilters(Callback):
         if loader is not None:
             result["val_acc_before"] = accuracy(net, loader)
             result["val_acc_after"] = accuracy(pruned, loader)
+        if self.finetune_epochs:
+            result.update(self._fine_tune(trainer, pruned, pl_module.device))
+            if loader is not None:
+                result["val_acc_pruned"] = result["val_acc_after"]
+                result["val_acc_after"] = accuracy(pruned, loader)
         out = self.out_path or os.path.join(self.log_root, "pruned.pt")
         self.saved_to = save_pruned(out, pruned, result, model_attr=self.model_attr, scores=scores.to_dict())
         self.summary = result
