@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import lightning.pytorch as pl
@@ -206,9 +207,18 @@ def test_a_model_returning_a_dict_is_told_the_monitors_need_logits(tmp_path):
             r"forward to return logits \(a Tensor.*got a dict with keys \['logits'\]")
 
 
+def test_a_channels_last_layer_is_refused_with_the_channels_first_layers_near_it(tmp_path):
+    # ConvNeXt's GELU outputs (B, H, W, C): read as channels it would be scanned as H "filters" (issue 23).
+    net = torchvision.models.convnext_tiny(weights=None, num_classes=4)
+    refused(tmp_path, UserModule(net), [AnomalyFilterMonitor("net.features.3.2.block.4", probe_size=8, k_max=2,
+                                                             min_cluster_size=2)],
+            r"filters on dim 1.*'net.features.3.2.block.4': shape \(2, 4, 4, 768\) with its 768 channels last.*"
+            r"nearest first: 'net.features.3.2.block', 'net.features.3.2.block.0', 'net.features.3.2.block.6'")
+
+
 def test_guidance_refuses_a_1x1_map(tmp_path):
     refused(tmp_path, UserModule(tiny_net()), [AttentionGuidance("net.5", {"attention_mining": 1.0}, probe_size=4)],
-            r"spatial map.*\(2, 8, 1, 1\).*1x1.*Choose an earlier layer, e.g. .*'net.4'")
+            r"outputs \(2, 8, 1, 1\), not a spatial map.*1x1.*Layers that pass every check: .*'net.4' \(32x32\)")
 
 
 def test_guidance_without_masks_says_how_to_give_them(tmp_path):
@@ -216,10 +226,49 @@ def test_guidance_without_masks_says_how_to_give_them(tmp_path):
             r"foreground masks.*`\(x, y, mask\)`.*'mask'.*`batch_adapter=`")
 
 
-def test_guidance_through_hardsigmoid_names_the_module_at_setup(tmp_path):
+def test_guidance_through_hardsigmoid_names_the_module_and_never_suggests_a_refused_layer(tmp_path):
+    # On CIFAR-sized inputs every layer after MobileNetV3's last Hardsigmoid is 1x1 (issue 23): no layer passes
+    # both checks, and the refusal says so instead of pointing at a layer the 1x1 check refuses.
     net = torchvision.models.mobilenet_v3_small(weights=None, num_classes=4)
     refused(tmp_path, UserModule(net), [AttentionGuidance("net.features.1", {"attention_mining": 1.0}, probe_size=4)],
-            r"cannot train through Hardsigmoid modules.*second derivative.*choose a layer after the last of them")
+            r"no second derivative for the Hardsigmoid modules after it.*'net.features.11.block.2.scale_activation'"
+            r".*No layer of UserModule passes every check.*nn.Hardsigmoid -> nn.Sigmoid")
+
+
+def sigmoid_mobilenet() -> nn.Module:
+    net = torchvision.models.mobilenet_v3_small(weights=None, num_classes=4)
+    for name, module in list(net.named_modules()):
+        if isinstance(module, nn.Hardsigmoid):
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent), child, nn.Sigmoid())
+    return net
+
+
+def centred_box_loaders():
+    ds = images(16)
+    mask = torch.zeros(16, 1, 32, 32, dtype=torch.bool)
+    mask[:, :, 8:24, 8:24] = True  # a centred box: it touches every cell of a 2x2 grid
+    data = TensorDataset(ds.tensors[0], ds.tensors[1], mask)
+    return DataLoader(data, batch_size=8)
+
+
+def test_guidance_term_that_cannot_be_non_zero_is_refused_with_a_layer_that_works(tmp_path):
+    # At net.features.9.block.0.2 (2x2 at 32x32) the centred boxes leave no background cell: cam_background
+    # would be exactly 0 at every step (issue 23). The refusal names layers that pass every check, and the
+    # first one it names trains with a non-zero term.
+    weights = {"cam_background": 1.0}
+    trainer = make_trainer(tmp_path, logger=False, max_epochs=1, limit_train_batches=1, enable_checkpointing=False,
+                           callbacks=[AttentionGuidance("net.features.9.block.0.2", weights, probe_size=8)])
+    with pytest.raises(ValueError, match=r"at its 2x2 grid the probe's foreground masks leave no background cell in "
+                                         r"any of its 8 samples, so cam_background would be 0.*pass every check: ") as err:
+        trainer.fit(UserModule(sigmoid_mobilenet()), centred_box_loaders())
+    suggested = re.findall(r"'([\w.]+)' \((\d+)x(\d+)\)", str(err.value).split("pass every check:")[1])
+    assert suggested and all(int(h) * int(w) >= 16 for _, h, w in suggested)  # 4x4 and finer leave background
+    cb = AttentionGuidance(suggested[-1][0], weights, probe_size=8)
+    trainer = make_trainer(tmp_path, logger=False, max_epochs=1, limit_train_batches=1, enable_checkpointing=False,
+                           callbacks=[cb])
+    trainer.fit(UserModule(sigmoid_mobilenet()), centred_box_loaders())
+    assert trainer.callback_metrics["interp/guidance/cam_background"] > 0
 
 
 def test_metric_keys_the_module_does_not_log_are_named_with_the_logged_ones(tmp_path):

@@ -28,12 +28,13 @@ from torch.utils.data.dataloader import default_collate
 from typing_extensions import override
 
 from ..batch import Batch, BatchAdapter, default_batch_adapter
-from ..layers import eager, eval_mode, get_layer, list_layers, public_name
+from ..layers import eager, eval_mode, get_layer, list_layers, public_name, trace_layers
 from ..nns import check_finite, check_inputs
 from ..viz import line_plot
 
 __all__ = [
-    "InterpCallback", "check_finite", "check_probe", "dry_forward", "guarded", "log_root", "rank_zero_decides",
+    "InterpCallback", "check_finite", "check_probe", "dry_forward", "guarded", "log_root", "nearest_layers",
+    "rank_zero_decides",
     "select_probe", "warn_missing_keys",
 ]
 
@@ -219,34 +220,34 @@ def warn_missing_keys(trainer: pl.Trainer, keys: dict[str, str], owner: Any) -> 
 
 
 def dry_forward(model: torch.nn.Module, x: torch.Tensor, layers: Sequence[str]) -> tuple[Any, dict[str, Any]]:
-    """One forward of ``x`` in eval mode without gradients, recording what ``layers`` output.
+    """One forward of ``x`` in eval mode without gradients, recording what ``layers`` output
+    (:func:`lightning_interp.layers.trace_layers`).
 
     Returns:
         ``(output, layer_outputs)``: the model's output and, per layer, the shape of its tensor output
-        (a ``torch.Size``), the type name of a non-tensor output, ``None`` when the layer was not
-        called, or ``"called N times"`` when it was called more than once.
+        (a ``torch.Size``) when a scan can read it, ``None`` when the layer was not called, else why not
+        in words (the type name of a non-tensor output, ``"called N times"``, channels last).
     """
-    records: dict[str, list[Any]] = {layer: [] for layer in layers}
-    handles = []
+    output, traced = trace_layers(model, x, layers)
+    return output, {layer: t.shape if t.scannable else None if t.calls == 0 else t.describe()
+                    for layer, t in traced.items()}
 
-    def make_hook(layer: str):
-        def hook(module, args, output):
-            records[layer].append(output.shape if isinstance(output, torch.Tensor) else type(output).__name__)
 
-        return hook
+def nearest_layers(layer: str, valid: Sequence[str], n: int = 6) -> list[str]:
+    """Up to ``n`` of ``valid`` nearest ``layer`` in the module tree (longest shared path first, then in
+    their order): what a refusal suggests instead of ``layer``."""
+    parts = public_name(layer).split(".")
 
-    try:
-        for layer in layers:
-            handles.append(get_layer(model, layer).register_forward_hook(make_hook(layer)))
-        with eval_mode(model), torch.no_grad(), eager():
-            output = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    outputs = {
-        layer: (None if not r else r[0] if len(r) == 1 else f"called {len(r)} times") for layer, r in records.items()
-    }
-    return output, outputs
+    def shared(name: str) -> int:
+        common = 0
+        for a, b in zip(parts, name.split(".")):
+            if a != b:
+                break
+            common += 1
+        return common
+
+    ranked = sorted(enumerate(valid), key=lambda iv: (-shared(iv[1]), iv[0]))
+    return [name for _, name in ranked if name != public_name(layer)][:n]
 
 
 def eval_dataloader(trainer: pl.Trainer) -> Any:
@@ -489,12 +490,13 @@ class InterpCallback(Callback):
                 f"{layer!r}: {'never called' if out is None else out if isinstance(out, str) else 'shape ' + str(tuple(out))}"
                 for layer, out in bad.items()
             )
+            near = nearest_layers(next(iter(bad)), list(valid), 12)
             raise ValueError(
-                f"Expected `layers` to output one (B, K, ...) tensor per forward pass (K filters) but {list(bad)} "
-                f"do not ({got}). "
-                f"Layers that do: {', '.join(repr(n) for n in list(valid)[:12])}"
-                f"{', ...' if len(valid) > 12 else ''}; `lightning_interp.layers.list_layers(model, example_inputs)` "
-                "lists them all."
+                f"Expected `layers` to output one (B, K, ...) tensor per forward pass with the K filters on dim 1 "
+                f"but {list(bad)} do not ({got}). "
+                f"Layers that do, nearest first: {', '.join(repr(n) for n in near)}"
+                f"{', ...' if len(valid) > len(near) else ''}; `lightning_interp.layers.list_layers(model, "
+                "example_inputs)` lists them all."
             )
         self.check_dry_run(pl_module, probe, outputs)
 
