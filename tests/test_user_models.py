@@ -19,6 +19,7 @@ import pytest
 import torch
 import torchvision
 from conftest import make_trainer
+from lightning.pytorch.callbacks import EarlyStopping
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -306,7 +307,65 @@ def test_same_layers_in_another_mode_get_the_mode_in_their_prefix(tmp_path):
     trainer = make_trainer(tmp_path, logger=False, callbacks=[a, b], max_epochs=1, limit_train_batches=1,
                            limit_val_batches=1, enable_checkpointing=False)
     trainer.fit(UserModule(tiny_net()), *loaders())
-    assert (a.log_prefix, b.log_prefix) == ("interp/net.2+pooled", "interp/net.2+sketch")
+    assert (a.log_prefix, b.log_prefix) == ("interp/net.2+pooled", "interp/net.2+sketch+4")  # 4 projections
+
+
+def test_early_stopping_on_the_single_monitor_key_with_two_monitors_is_refused_naming_the_keys(tmp_path):
+    # The README's EarlyStopping with two monitors lost the run after epoch 0 (issue 23): now refused at setup,
+    # with the keys to pass; with one of them the run trains its two epochs.
+    def monitors():
+        return [AnomalyFilterMonitor(layer, probe_size=8, k_max=2, min_cluster_size=2, val_acc_key="val_acc",
+                                     val_loss_key="val_loss", alarm_min_epoch=0) for layer in ("net.2", "net.4")]
+
+    stop = EarlyStopping(monitor="interp/anomaly/overfit_alarm", mode="max", stopping_threshold=0.5)
+    refused(tmp_path, UserModule(tiny_net()), [*monitors(), stop],
+            r"EarlyStopping\(monitor='interp/anomaly/overfit_alarm'\).*2 AnomalyFilterMonitor.*Pass monitor="
+            r"'interp/net.2/anomaly/overfit_alarm' \(layers \['net.2'\]\) or 'interp/net.4/anomaly/overfit_alarm'.*"
+            r"`log_prefix='interp'`")
+    stop = EarlyStopping(monitor="interp/net.4/anomaly/overfit_alarm", mode="max", stopping_threshold=0.5)
+    a, b = monitors()
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[a, b, stop], max_epochs=2, limit_train_batches=1,
+                           limit_val_batches=1, enable_checkpointing=False)
+    trainer.fit(UserModule(tiny_net()), *loaders())
+    assert trainer.current_epoch == 2 and [h["epoch"] for h in b.history] == [0, 1]
+    # Or one of them keeps the plain keys the README names.
+    a, b = monitors()
+    a = AnomalyFilterMonitor("net.2", probe_size=8, k_max=2, min_cluster_size=2, log_prefix="interp")
+    stop = EarlyStopping(monitor="interp/anomaly/overfit_alarm", mode="max", stopping_threshold=0.5)
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[a, b, stop], max_epochs=1, limit_train_batches=1,
+                           limit_val_batches=1, enable_checkpointing=False)
+    trainer.fit(UserModule(tiny_net()), *loaders())
+    assert "interp/anomaly/overfit_alarm" in trainer.callback_metrics
+
+
+def test_log_prefix_lets_two_monitors_watch_one_layer_and_resume_apart(tmp_path):
+    # Lightning refused two monitors of one layer ("callback.state_key must be unique") whatever the
+    # log_prefix (issue 23); now the prefix names the state, and each resumes its own history.
+    def monitors():
+        return [AnomalyFilterMonitor("net.2", probe_size=8, k_max=2, **kw)
+                for kw in ({"min_cluster_size": 2}, {"log_prefix": "second", "min_cluster_size": 3})]
+
+    a, b = monitors()
+    assert a.state_key != b.state_key and "second" in b.state_key
+    assert a.state_key == "AnomalyFilterMonitor{'layers': ('net.2',), 'mode': 'pooled'}"  # as earlier releases wrote
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[a, b], max_epochs=1, limit_train_batches=1,
+                           limit_val_batches=1, enable_checkpointing=False)
+    trainer.fit(UserModule(tiny_net()), *loaders())
+    assert a.log_prefix == "interp" and b.log_prefix == "second"  # the other keeps the README's keys
+    assert "second/anomaly/count" in trainer.callback_metrics and "interp/anomaly/count" in trainer.callback_metrics
+    ckpt = str(tmp_path / "two.ckpt")
+    trainer.save_checkpoint(ckpt)
+    c, d = monitors()
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[c, d], max_epochs=2, limit_train_batches=1,
+                           limit_val_batches=1, enable_checkpointing=False)
+    trainer.fit(UserModule(tiny_net()), *loaders(), ckpt_path=ckpt)
+    assert [h["epoch"] for h in c.history] == [h["epoch"] for h in d.history] == [0, 1]
+
+
+def test_two_monitors_differing_only_in_grid_have_distinct_state_keys():
+    a = AnomalyFilterMonitor("net.2", probe_size=8, k_max=2, min_cluster_size=2)
+    b = AnomalyFilterMonitor("net.2", probe_size=8, k_max=2, min_cluster_size=2, grid=4)
+    assert a.state_key != b.state_key and "'grid': 4" in b.state_key
 
 
 def test_without_a_logger_files_go_under_default_root_dir(tmp_path, monkeypatch):

@@ -140,6 +140,8 @@ class AnomalyFilterMonitor(InterpCallback):
         **kwargs: :class:`~lightning_interp.callbacks.base.InterpCallback` options.
     """
 
+    key_group = "anomaly"
+
     def __init__(
         self,
         layers: str | Sequence[str],
@@ -567,7 +569,14 @@ class AnomalyFilterMonitor(InterpCallback):
     # ---- state -------------------------------------------------------------------------------
     @override
     def state_key_fields(self) -> dict[str, Any]:
-        return {**super().state_key_fields(), "mode": self.mode}
+        # The grid and the projections name the state only when they differ from the defaults: two monitors that
+        # differ in them coexist, and checkpoints written before keep their key.
+        fields = {**super().state_key_fields(), "mode": self.mode}
+        if self.mode == "pooled" and self.grid != 2:
+            fields["grid"] = self.grid
+        if self.mode == "sketch" and self.num_projections != 64:
+            fields["num_projections"] = self.num_projections
+        return fields
 
     @override
     def state_dict(self) -> dict[str, Any]:

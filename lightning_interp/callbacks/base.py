@@ -300,6 +300,8 @@ class InterpCallback(Callback):
 
     #: Prefix of every scalar this callback logs (``interp/<what>/<layer>/<name>``).
     log_prefix = "interp"
+    #: The ``<what>`` of the keys this class logs (``interp/<what>/...``), e.g. ``"anomaly"``; None: unchecked.
+    key_group: str | None = None
     #: The monitor draws learning images as pictures and needs image inputs ``B x C x H x W``.
     needs_image_inputs = True
     #: The monitor computes losses or accuracies from ``pl_module(x)``, which must return logits.
@@ -358,8 +360,13 @@ class InterpCallback(Callback):
         return self._generate_state_key(**self.state_key_fields())
 
     def state_key_fields(self) -> dict[str, Any]:
-        """What identifies this instance among callbacks of its class (subclasses add settings)."""
-        return {"layers": tuple(self.layers)}
+        """What identifies this instance among callbacks of its class (subclasses add settings): its layers,
+        and its ``log_prefix`` when one was given (so two monitors of one layer can coexist; without one the
+        key stays what earlier releases wrote, and their checkpoints still resume)."""
+        fields: dict[str, Any] = {"layers": tuple(self.layers)}
+        if self._explicit_prefix:
+            fields["log_prefix"] = self.log_prefix
+        return fields
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -393,17 +400,19 @@ class InterpCallback(Callback):
 
     def _own_prefix(self, peers: Sequence[InterpCallback]) -> str:
         """The log prefix this instance uses among ``peers`` (instances of its class in one trainer):
-        explicit, else the class's, suffixed by its layers when it has peers — and by the rest of its
+        explicit, else the class's, suffixed by its layers when it has peers without a prefix of their own — and by the rest of its
         ``state_key_fields`` (e.g. ``mode``) when a peer watches the same layers."""
         if self._explicit_prefix:
             return self.log_prefix
         base = type(self).log_prefix
-        others = [cb for cb in peers if cb is not self]
+        # Peers with a prefix of their own leave the class's prefix free: `log_prefix="second"` on one of two
+        # monitors keeps the other on the plain keys (`interp/anomaly/...`).
+        others = [cb for cb in peers if cb is not self and not (cb._explicit_prefix and cb.log_prefix != base)]
         if not others:
             return base
         tag = "+".join(public_name(layer) for layer in self.layers)
         if any(list(cb.layers) == list(self.layers) for cb in others):
-            extra = [str(v) for k, v in self.state_key_fields().items() if k != "layers"]
+            extra = [str(v) for k, v in self.state_key_fields().items() if k not in ("layers", "log_prefix")]
             tag = "+".join([tag, *extra])
         return f"{base}/{tag}"
 
@@ -422,6 +431,7 @@ class InterpCallback(Callback):
                 f"`{type(self).__name__}(..., log_prefix='interp/{type(self).__name__.lower()}2')`."
             )
         self.log_prefix = mine
+        self._check_monitored_keys(trainer, peers)
         if getattr(self, "report_path", "") is None and hasattr(self, "resolve_report_path"):
             base, ext = os.path.splitext(self.resolve_report_path(trainer))
             self.report_path = f"{base}_{re.sub(r'[^A-Za-z0-9_.+-]+', '_', mine)}{ext}"
@@ -430,6 +440,27 @@ class InterpCallback(Callback):
             raise ValueError(
                 f"Expected the {type(self).__name__} callbacks to write different reports but two write "
                 f"{self.report_path!r}; give each its own `report_path=` (or leave it None for one per instance)."
+            )
+
+    def _check_monitored_keys(self, trainer: pl.Trainer, peers: Sequence[InterpCallback]) -> None:
+        """Refuse, at setup, an ``EarlyStopping``/``ModelCheckpoint`` that monitors this class's single-instance
+        key (``interp/anomaly/overfit_alarm``) when several instances log under their own prefixes: no callback
+        would log it and the run would stop at its first check. The message names the keys to use."""
+        group = type(self).key_group
+        if group is None:
+            return
+        prefixes = {cb._own_prefix(peers): cb for cb in peers}
+        base = f"{type(self).log_prefix}/{group}/"
+        for other in trainer.callbacks:
+            key = getattr(other, "monitor", None)
+            if not isinstance(key, str) or not key.startswith(base) or type(self).log_prefix in prefixes:
+                continue
+            rest = key[len(type(self).log_prefix):]
+            keys = " or ".join(f"{prefix + rest!r} (layers {cb.layers})" for prefix, cb in prefixes.items())
+            raise ValueError(
+                f"Expected {type(other).__name__}(monitor={key!r}) to monitor a key a callback logs, but with "
+                f"{len(peers)} {type(self).__name__} callbacks each logs under its own prefix. Pass monitor={keys}, "
+                f"or give the one that should decide `log_prefix={type(self).log_prefix!r}`."
             )
 
     def check_layers(self, pl_module: pl.LightningModule) -> None:

@@ -50,6 +50,8 @@ class FeatureQuantityMonitor(InterpCallback):
     Without foreground masks the monitor warns once and does nothing.
     """
 
+    key_group = "fq"
+
     def __init__(
         self,
         layers: str | Sequence[str],

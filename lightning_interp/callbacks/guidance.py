@@ -50,6 +50,8 @@ class AttentionGuidance(InterpCallback):
     Every ``every_n_epochs`` epochs it logs the CAM/mask IoU on the probe (``interp/guidance/cam_iou``).
     """
 
+    key_group = "guidance"
+
     def __init__(
         self,
         layer: str,

@@ -65,6 +65,8 @@ class TIPMonitor(InterpCallback):
         **kwargs: :class:`~lightning_interp.callbacks.base.InterpCallback` options.
     """
 
+    key_group = "tip"
+
     def __init__(
         self,
         layers: str | Sequence[str],
