@@ -101,6 +101,10 @@ def _parser(command: str):
                             help="anomaly/TIP scan mode (one scan of a checkpoint: exact, the reference, by default; "
                                  "TIP has no pooled mode and runs sketch mode then)")
         parser.add_argument("--min_cluster_size", type=int | float, default=0.1, help="λ of the anomaly monitor")
+        parser.add_argument("--val_acc_key", type=str, default="val/acc",
+                            help="the key your validation_step logs the accuracy under (e.g. val_acc)")
+        parser.add_argument("--val_loss_key", type=str, default="val/loss",
+                            help="the key your validation_step logs the loss under (e.g. val_loss)")
         parser.add_argument("--max_eval_batches", type=int | None, default=None,
                             help="validation batches per AIPC point / masking evaluation (all when unset)")
         parser.add_argument("--out", type=str | None, default=None, help="run directory (default: <checkpoint>_scan)")
@@ -160,7 +164,8 @@ def scan_command(cfg, parser) -> dict:
         extra = {}
         if name == "anomaly":
             extra = {"mode": cfg.mode, "min_cluster_size": cfg.min_cluster_size,
-                     "report_path": os.path.join(out, "anomaly_report.json")}
+                     "report_path": os.path.join(out, "anomaly_report.json"),
+                     "val_acc_key": cfg.val_acc_key, "val_loss_key": cfg.val_loss_key}
         elif name == "tip":
             extra = {"mode": "sketch" if cfg.mode == "pooled" else cfg.mode, "aipc_max_batches": cfg.max_eval_batches}
         elif name == "fq":
@@ -217,9 +222,32 @@ def prune_command(cfg, parser) -> dict:
         result["val_acc_before"] = accuracy(net, loader)
         result["val_acc_after"] = accuracy(pruned, loader)
     save_pruned(cfg.out, pruned, result, report=cfg.report, checkpoint=cfg.checkpoint)
-    print(json.dumps(result, indent=2))
-    print(f"saved {cfg.out}")
+    record = os.path.splitext(cfg.out)[0] + "_summary.json"
+    with open(record, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(prune_summary_text(result))
+    print(f"saved {cfg.out}; the full record (every pruned index) is in {record}")
     return result
+
+
+def prune_summary_text(result: dict) -> str:
+    """A few lines for the terminal from :meth:`PruneSummary.as_dict <lightning_interp.pruning.PruneSummary.as_dict>`
+    (plus ``val_acc_before/after``): filters removed per layer, parameters, MACs, latency, accuracy."""
+
+    def change(before: float, after: float, fmt: str = ",") -> str:
+        rel = f" ({(after - before) / before:+.1%})" if before else ""
+        return f"{before:{fmt}} -> {after:{fmt}}{rel}"
+
+    layers = [f"  {layer}: {before} -> {after} channels" for layer, (before, after) in result.get("channels", {}).items()]
+    lines = [f"pruned {sum(len(v) for v in result.get('pruned', {}).values())} filters in {len(layers)} layers:", *layers,
+             f"parameters {change(result['params_before'], result['params_after'])}",
+             f"MACs {change(int(result['macs_before']), int(result['macs_after']))}"]
+    if result.get("latency_ms_before") is not None:
+        lines.append(f"latency {change(result['latency_ms_before'], result['latency_ms_after'], '.2f')} ms "
+                     f"({result.get('latency_device')}, batch {result.get('latency_batch')})")
+    if result.get("val_acc_before") is not None:
+        lines.append(f"validation accuracy {change(result['val_acc_before'], result['val_acc_after'], '.4f')}")
+    return "\n".join(lines)
 
 
 USAGE = """usage: lightning-interp {fit,validate,test,predict,scan,prune} ...

@@ -29,8 +29,8 @@ class PruneSummary:
 
     params_before: int
     params_after: int
-    macs_before: float
-    macs_after: float
+    macs_before: int
+    macs_after: int
     channels: dict[str, tuple[int, int]] = field(default_factory=dict)
     pruned: dict[str, list[int]] = field(default_factory=dict)
     latency_ms_before: float | None = None
@@ -110,11 +110,11 @@ def _pruning_fn(module: nn.Module):
     return tp.prune_batchnorm_out_channels
 
 
-def _count(model: nn.Module, example_inputs: torch.Tensor) -> tuple[float, int]:
+def _count(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
     import torch_pruning as tp
 
     macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    return float(macs), int(params)
+    return int(round(float(macs))), int(params)  # Torch-Pruning counts halves for some ops: whole MACs
 
 
 def prune_filters(

@@ -54,7 +54,7 @@ class UserModule(pl.LightningModule):
         return {"logits": logits} if self.returns_dict else logits
 
     def _logits(self, batch):
-        x, y = batch[0], batch[1]
+        x, y = (batch["image"], batch["label"]) if isinstance(batch, dict) else (batch[0], batch[1])
         out = self(x)
         return (out["logits"] if self.returns_dict else out), y
 
@@ -408,8 +408,52 @@ def test_cli_prune_on_a_user_class_with_model_attr(tmp_path, capsys):
             "--input-shape", "2,3,32,32"]
     with pytest.raises(SystemExit, match=r"--model_attr 'model' is not an nn.Module attribute.*\['net'\]"):
         main(args)
+    capsys.readouterr()
     main([*args, "--model_attr", "net"])
     net, summary = load_pruned(out)
     assert net[0].out_channels == 6 and net(torch.rand(2, 3, 32, 32)).shape == (2, 4)
     assert summary["latency_ms_before"] > 0 and summary["latency_ms_after"] > 0
-    assert '"latency_ms_after"' in capsys.readouterr().out
+    # A short summary on the terminal (it printed ~150 lines of JSON), the full record in a file; whole MACs.
+    printed = capsys.readouterr().out
+    record = json.loads((tmp_path / "pruned_summary.json").read_text())
+    assert record["pruned"] == {"0": [1, 2]} and isinstance(record["macs_after"], int)
+    assert len(printed.splitlines()) <= 8 and "0: 8 -> 6 channels" in printed
+    assert f"MACs {record['macs_before']:,} -> {record['macs_after']:,}" in printed and "_summary.json" in printed
+
+    # `scan` takes the keys its warning names (it had no such option).
+    args = ["scan", ckpt, "--model_class", "test_user_models.SavedUserModule", "--layers", "[net.2]",
+            "--datamodule", "shapes", "--datamodule.num_train", "16", "--datamodule.num_val", "16",
+            "--datamodule.num_test", "8", "--datamodule.batch_size", "16", "--monitors", "[anomaly]",
+            "--probe_size", "16", "--min_cluster_size", "2", "--out", str(tmp_path / "scan"), "--progress", "false"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*did not log.*")
+        main([*args, "--val_acc_key", "val_acc", "--val_loss_key", "val_loss"])
+    report = json.loads((tmp_path / "scan" / "anomaly_report.json").read_text())
+    assert report["wt_epoch"] == 0 and report["history"][0]["val_acc"] is not None
+
+
+def test_a_wrong_accuracy_key_and_a_skipped_scan_never_print_none_and_each_scan_says_it_ran(tmp_path, caplog):
+    # "WT epoch None had None anomaly filters" / "final epoch 0 has 0.0" after a skipped scan (issue 23); and a
+    # run with the progress bar off printed nothing for minutes.
+    import logging
+
+    class FailsSecondScan(AnomalyFilterMonitor):
+        def scan(self, trainer, pl_module, probe):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("boom")
+            return super().scan(trainer, pl_module, probe)
+
+    monitor = FailsSecondScan("net.2", probe_size=8, k_max=2, min_cluster_size=2, val_acc_key="val/acc",
+                              val_loss_key="val_loss")
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[monitor, InterpReport()], max_epochs=2,
+                           limit_train_batches=1, limit_val_batches=1, enable_checkpointing=False)
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="skipped its scan at epoch 1"):
+        trainer.fit(UserModule(tiny_net()), *loaders())
+    text = monitor.summary_text()
+    assert "None" not in text and "0.0" not in text
+    assert text.startswith("no WT epoch (no validation accuracy was logged under `val_acc_key='val/acc'`)")
+    assert "the last scan (epoch 0) found" in text and "the scans of epochs [1] after it were skipped" in text
+    body = (tmp_path / "interp_report" / "index.html").read_text().split("<body")[1].split("<table")[0]
+    assert "the last scan (epoch 0) found" in body and "None" not in body
+    log = caplog.text
+    assert "scan at epoch 0 done in" in log and "scan at epoch 1 skipped in" in log and text in log

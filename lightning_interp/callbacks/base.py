@@ -14,6 +14,7 @@ import difflib
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 from typing_extensions import override
@@ -30,10 +31,11 @@ from typing_extensions import override
 from ..batch import Batch, BatchAdapter, default_batch_adapter
 from ..layers import eager, eval_mode, get_layer, list_layers, public_name, trace_layers
 from ..nns import check_finite, check_inputs
+from ..progress import trainer_shows_progress
 from ..viz import line_plot
 
 __all__ = [
-    "InterpCallback", "check_finite", "check_probe", "dry_forward", "guarded", "log_root", "nearest_layers",
+    "InterpCallback", "check_finite", "check_probe", "class_names", "dry_forward", "guarded", "log_root", "nearest_layers",
     "rank_zero_decides",
     "select_probe", "warn_missing_keys",
 ]
@@ -250,6 +252,41 @@ def nearest_layers(layer: str, valid: Sequence[str], n: int = 6) -> list[str]:
     return [name for _, name in ranked if name != public_name(layer)][:n]
 
 
+def class_names(trainer: pl.Trainer | None) -> Callable[[int], str]:
+    """``class index -> name`` for captions: the datamodule's ``classes`` (or ``class_names``), else the
+    ``classes`` of the dataset behind the train or val dataloader (torchvision's datasets have them; a
+    ``Subset``'s dataset is looked through), else the index itself."""
+    classes = None
+    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+    for source in (dm, *_loader_datasets(trainer)):
+        while source is not None and classes is None:
+            classes = getattr(source, "classes", None) or getattr(source, "class_names", None)
+            source = getattr(source, "dataset", None)
+        if classes is not None:
+            break
+    if classes is not None and not isinstance(classes, (list, tuple)):
+        classes = list(classes) if not isinstance(classes, (str, dict)) else None
+
+    def name(c: int) -> str:
+        return str(classes[c]) if classes is not None and 0 <= c < len(classes) else str(c)
+
+    return name
+
+
+def _loader_datasets(trainer: pl.Trainer | None) -> list[Any]:
+    if trainer is None:
+        return []
+    out = []
+    for attr in ("train_dataloader", "val_dataloaders"):
+        try:
+            loader = _first_loader(getattr(trainer, attr, None))
+        except Exception:  # a trainer without a fit loop
+            loader = None
+        if loader is not None:
+            out.append(getattr(loader, "dataset", None))
+    return out
+
+
 def eval_dataloader(trainer: pl.Trainer) -> Any:
     """The validation dataloader for post-fit analyses: the datamodule's, else the first one given to
     ``trainer.fit`` (None when there is none)."""
@@ -350,6 +387,9 @@ class InterpCallback(Callback):
         self.probe: Batch | None = None
         self.probe_indices: list[int] | None = None
         self.history: list[dict[str, float]] = []
+        #: Epochs whose scan failed and was skipped (a warning said why); wall seconds of each scan.
+        self.skipped_scans: list[int] = []
+        self.scan_seconds: list[float] = []
         #: The latest picture logged under each key: ``{key: (H x W x 3 uint8, caption, epoch)}``
         #: (rank zero; what :class:`~lightning_interp.callbacks.InterpReport` puts in the HTML report).
         self.figures: dict[str, tuple[np.ndarray, str, int]] = {}
@@ -586,15 +626,24 @@ class InterpCallback(Callback):
                 raise FloatingPointError(f"non-finite values (NaN/inf in activations or learning images?) for {bad}")
             return {k: float(v) for k, v in scalars.items()}, self.decisions()
 
+        start = time.perf_counter()
         outcome = guarded(
             type(self).__name__, self.strict,
             f"skipped its scan at epoch {trainer.current_epoch} (training goes on; `strict=True` raises)",
             lambda: rank_zero_decides(trainer, run),
         )
+        seconds = time.perf_counter() - start
+        self.scan_seconds.append(seconds)
         if outcome is not None:
             scalars, decisions = outcome
             self.adopt_decisions(decisions)
             self.log_scalars(trainer, pl_module, scalars)
+        else:
+            self.skipped_scans.append(trainer.current_epoch)
+        if not trainer_shows_progress(trainer) and trainer.is_global_zero:
+            # No progress bar: one line per scan, so a long run is never silent for minutes.
+            rank_zero_info(f"{type(self).__name__} ({', '.join(self.layers)}): scan at epoch {trainer.current_epoch} "
+                           f"{'done' if outcome is not None else 'skipped'} in {seconds:.1f} s")
 
     def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
         """Run the monitor on the probe; log pictures; return the scalars to log and keep."""
@@ -700,9 +749,11 @@ class InterpCallback(Callback):
     # ---- state -------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "probe_indices": self.probe_indices}
+        return {"history": list(self.history), "probe_indices": self.probe_indices,
+                "skipped_scans": list(self.skipped_scans)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.probe_indices = state_dict.get("probe_indices", self.probe_indices)
+        self.skipped_scans = list(state_dict.get("skipped_scans", []))

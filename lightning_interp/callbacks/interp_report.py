@@ -41,8 +41,7 @@ def _anomaly_section(cb: AnomalyFilterMonitor, curves: Curves) -> tuple[Section,
     section = Section(f"Anomaly filters ({', '.join(cb.layers)})")
     section.paragraphs.append(
         f"Mode {cb.mode}, probe of {cb.probe_size} samples, λ = {cb.min_cluster_size}. "
-        f"Best validation accuracy (WT) at epoch {s['wt_epoch']} with {s['wt_count']} anomaly filters; "
-        f"the last scan (epoch {s['final_epoch']}) has {s['final_count']}."
+        f"{cb.summary_text()[0].upper()}{cb.summary_text()[1:]}."
         + (f" The flagged filters below, which masking and pruning take, come from one exact rescan of the "
            f"probe at fit end ({cb.filter_scores().count} flagged)."
            if cb.filter_scores().settings.get("scanned") == "fit end" else "")
