@@ -184,17 +184,16 @@ def scan_command(cfg, parser) -> dict:
 def prune_command(cfg, parser) -> dict:
     """Prune the filters an anomaly report flags from an ImageClassifier checkpoint."""
     from .batch import default_batch_adapter
-    from .callbacks.prune import save_pruned
+    from .callbacks.prune import network_at, save_pruned
     from .metrics.aipc import accuracy
     from .pruning import prune_filters
     from .scores import FilterScores
 
     module = _load_module(cfg.model_class, cfg.checkpoint)
-    net = getattr(module, cfg.model_attr, None)
-    if not isinstance(net, torch.nn.Module):
-        choices = [name for name, _ in module.named_children()]
-        raise SystemExit(f"error: --model_attr {cfg.model_attr!r} is not an nn.Module attribute of "
-                         f"{type(module).__name__}; its nn.Module attributes: {choices}")
+    try:
+        net = network_at(module, cfg.model_attr)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     try:
         scores = FilterScores.load(cfg.report)
         if cfg.amount is not None:

@@ -406,7 +406,7 @@ def test_cli_prune_on_a_user_class_with_model_attr(tmp_path, capsys):
     out = str(tmp_path / "pruned.pt")
     args = ["prune", ckpt, "--model_class", "test_user_models.SavedUserModule", "--report", report, "--out", out,
             "--input-shape", "2,3,32,32"]
-    with pytest.raises(SystemExit, match=r"--model_attr 'model' is not an nn.Module attribute.*\['net'\]"):
+    with pytest.raises(SystemExit, match=r"`model_attr='model'` \(`--model_attr`.*nn.Module attributes: \['net'\]"):
         main(args)
     capsys.readouterr()
     main([*args, "--model_attr", "net"])

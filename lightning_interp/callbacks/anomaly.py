@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
@@ -130,6 +129,7 @@ class AnomalyFilterMonitor(InterpCallback):
     """
 
     key_group = "anomaly"
+    report_name = "anomaly_report.json"
 
     def __init__(
         self,
@@ -188,6 +188,7 @@ class AnomalyFilterMonitor(InterpCallback):
         # Run progress (state_dict): validation curve, the scores and flags of the last scan.
         self.val_history: list[dict[str, float]] = []
         self.latest: FilterScores = self._no_scores()
+        self._exact_counts: dict[str, float] | None = None  # the fit-end exact rescan's counts, once per fit
 
     # ---- validation curve --------------------------------------------------------------------
     @override
@@ -208,6 +209,10 @@ class AnomalyFilterMonitor(InterpCallback):
         # without validation batches skips the validation hooks), before this epoch's scan.
         self.val_history = rank_zero_decides(trainer, lambda: list(self.val_history))
         super().on_train_epoch_end(trainer, pl_module)
+
+    @override
+    def metric_keys(self) -> dict[str, str]:
+        return {"val_acc_key": self.val_acc_key, "val_loss_key": self.val_loss_key}
 
     def _val_at(self, epoch: int, name: str) -> float | None:
         return next((e.get(name) for e in self.val_history if e["epoch"] == epoch), None)
@@ -484,10 +489,6 @@ class AnomalyFilterMonitor(InterpCallback):
             last += f"; the scans of epochs {skipped} after it were skipped (see the warnings)"
         return f"{wt}; {last}"
 
-    def resolve_report_path(self, trainer: pl.Trainer) -> str:
-        root = getattr(self, "log_root", None) or trainer.default_root_dir
-        return self.report_path or os.path.join(root, "anomaly_report.json")
-
     def _write_report(self, trainer: pl.Trainer) -> None:
         key = f"{self.log_prefix}/anomaly/count"
         history = []
@@ -527,7 +528,7 @@ class AnomalyFilterMonitor(InterpCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._exact_counts: dict[str, float] | None = None
+        self._exact_counts = None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -537,7 +538,7 @@ class AnomalyFilterMonitor(InterpCallback):
 
     def rescan_exact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The ``exact_flags_at_fit_end`` rescan, once per fit (call on every rank: a collective)."""
-        if getattr(self, "_exact_counts", None) is not None or not self.history:
+        if self._exact_counts is not None or not self.history:
             return
         self._exact_counts = {}
         if self.mode == "exact" or not self.exact_flags_at_fit_end or self.probe is None:

@@ -339,6 +339,12 @@ class InterpCallback(Callback):
     log_prefix = "interp"
     #: The ``<what>`` of the keys this class logs (``interp/<what>/...``), e.g. ``"anomaly"``; None: unchecked.
     key_group: str | None = None
+    #: File name of the report the class writes under the log dir (None: it writes none); an instance writes
+    #: ``report_path`` when given, else ``<log dir>/<report_name>`` (:meth:`resolve_report_path`).
+    report_name: str | None = None
+    #: What the monitor skips when the probe has no foreground masks (None: it needs none); warned once
+    #: (:meth:`warn_no_mask`) and said in the HTML report (:meth:`report_notes`).
+    skipped_without_masks: str | None = None
     #: The monitor draws learning images as pictures and needs image inputs ``B x C x H x W``.
     needs_image_inputs = True
     #: The monitor computes losses or accuracies from ``pl_module(x)``, which must return logits.
@@ -384,6 +390,10 @@ class InterpCallback(Callback):
         self._explicit_prefix = log_prefix is not None
         if log_prefix is not None:
             self.log_prefix = log_prefix.strip("/")
+        self.report_path: str | None = None
+        self.log_root: str | None = None
+        #: Whether the monitor has warned that the probe has no foreground masks (run progress, in the state).
+        self.warned_no_mask = False
         self.probe: Batch | None = None
         self.probe_indices: list[int] | None = None
         self.history: list[dict[str, float]] = []
@@ -472,11 +482,11 @@ class InterpCallback(Callback):
             )
         self.log_prefix = mine
         self._check_monitored_keys(trainer, peers)
-        if getattr(self, "report_path", "") is None and hasattr(self, "resolve_report_path"):
+        if self.report_name is not None and self.report_path is None:
             base, ext = os.path.splitext(self.resolve_report_path(trainer))
             self.report_path = f"{base}_{re.sub(r'[^A-Za-z0-9_.+-]+', '_', mine)}{ext}"
-        paths = [getattr(cb, "report_path", None) for cb in peers]
-        if getattr(self, "report_path", None) is not None and paths.count(self.report_path) > 1:
+        paths = [cb.report_path for cb in peers]
+        if self.report_path is not None and paths.count(self.report_path) > 1:
             raise ValueError(
                 f"Expected the {type(self).__name__} callbacks to write different reports but two write "
                 f"{self.report_path!r}; give each its own `report_path=` (or leave it None for one per instance)."
@@ -574,11 +584,37 @@ class InterpCallback(Callback):
     def check_dry_run(self, pl_module: pl.LightningModule, probe: Batch, outputs: dict[str, torch.Size]) -> None:
         """Subclass hook after the dry forward: refuse what this monitor cannot use (``outputs``: layer shapes)."""
 
+    def metric_keys(self) -> dict[str, str]:
+        """Subclass hook: the ``trainer.callback_metrics`` keys the monitor reads, ``{argument: key}`` (e.g.
+        ``{"val_acc_key": "val/acc"}``); after the first validation a missing one is warned about by name."""
+        return {}
+
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        keys = {arg: getattr(self, arg) for arg in ("val_acc_key", "val_loss_key") if isinstance(getattr(self, arg, None), str)}
+        keys = self.metric_keys()
         if keys:
             warn_missing_keys(trainer, keys, self)
+
+    def resolve_report_path(self, trainer: pl.Trainer) -> str | None:
+        """Where this instance writes its report: ``report_path``, else ``<log dir>/<report_name>``; None when
+        the class writes none."""
+        if self.report_path is not None or self.report_name is None:
+            return self.report_path
+        return os.path.join(self.log_root or trainer.default_root_dir, self.report_name)
+
+    def warn_no_mask(self) -> None:
+        """Warn, once per run, that the probe has no foreground masks and what is skipped for it."""
+        if not self.warned_no_mask:
+            rank_zero_warn(f"{type(self).__name__}: the probe has no foreground masks; skipped: "
+                           f"{self.skipped_without_masks}.")
+            self.warned_no_mask = True
+
+    def report_notes(self) -> list[str]:
+        """Why the monitor has less to show, as sentences for the HTML report (empty when nothing was skipped)."""
+        if not self.warned_no_mask or self.skipped_without_masks is None:
+            return []
+        return [f"Skipped because the probe has no foreground masks: {self.skipped_without_masks}. Give masks as `(x, y, mask)` batches, dicts with a 'mask' entry, or with `batch_adapter=` "
+                "(\"Your own LightningModule\")."]
 
     def _build_probe(self, trainer: pl.Trainer) -> tuple[Batch, list[int] | None]:
         probe, indices = self._select_probe(trainer)
@@ -731,7 +767,7 @@ class InterpCallback(Callback):
         return eval_dataloader(trainer)
 
     def _artifact_path(self, trainer: pl.Trainer, folder: str, key: str, ext: str) -> str:
-        root = getattr(self, "log_root", None) or trainer.default_root_dir
+        root = self.log_root or trainer.default_root_dir
         return os.path.join(root, folder, key.replace("/", "_"), f"epoch={trainer.current_epoch}.{ext}")
 
     def save_png(self, trainer: pl.Trainer, key: str, image: np.ndarray) -> str | None:
@@ -749,11 +785,15 @@ class InterpCallback(Callback):
     # ---- state -------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "probe_indices": self.probe_indices,
-                "skipped_scans": list(self.skipped_scans)}
+        state = {"history": list(self.history), "probe_indices": self.probe_indices,
+                 "skipped_scans": list(self.skipped_scans)}
+        if self.skipped_without_masks is not None:
+            state["warned_no_mask"] = self.warned_no_mask
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.probe_indices = state_dict.get("probe_indices", self.probe_indices)
         self.skipped_scans = list(state_dict.get("skipped_scans", []))
+        self.warned_no_mask = bool(state_dict.get("warned_no_mask", False))
