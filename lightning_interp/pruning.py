@@ -76,7 +76,31 @@ def check_prunable(
             problems.append(str(err))
     if problems:
         raise ValueError(" ".join(problems))
+    if targets and example_inputs is not None:
+        with eval_mode(model), torch.enable_grad():
+            dependency_graph(model, example_inputs)
     return targets
+
+
+def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
+    """Torch-Pruning's dependency graph of ``model`` traced on ``example_inputs``.
+
+    Raises:
+        ValueError: Torch-Pruning cannot trace the network (it fails inside, e.g. a ``ZeroDivisionError`` on
+            ShuffleNet's channel shuffle, a ``view`` that moves channels across groups): no layer of it can be
+            pruned; the monitors still work on it.
+    """
+    import torch_pruning as tp
+
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    except Exception as err:
+        raise ValueError(
+            f"Torch-Pruning cannot trace the channel dependencies of {type(model).__name__} ({type(err).__name__}: "
+            f"{err} inside torch_pruning), e.g. because of a channel shuffle or another view/reshape that mixes the "
+            "channel dimension (ShuffleNet): none of its layers can be pruned. The monitors work on it; drop the "
+            "pruning."
+        ) from err
 
 
 def measure_latency(model: nn.Module, example_inputs: torch.Tensor, *, repeats: int = 7, warmup: int = 2) -> float:
@@ -173,7 +197,7 @@ def prune_filters(
                         "was pruned already; name one layer of the group."
                     )
                 # A fresh graph per target: indices always refer to the layer as it is now.
-                graph = tp.DependencyGraph().build_dependency(net, example_inputs=example_inputs)
+                graph = dependency_graph(net, example_inputs)
                 group = graph.get_pruning_group(module, _pruning_fn(module), idxs=idx)
                 if not graph.check_pruning_group(group):
                     raise ValueError(f"Pruning filters {idx} of {target!r} would leave a layer without channels.")
