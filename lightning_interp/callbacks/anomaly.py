@@ -532,6 +532,7 @@ class AnomalyFilterMonitor(InterpCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
         # Before every callback's `on_fit_end`: the consumers there (PruneFlaggedFilters, the report) see
         # the exact flags whatever the order of the callbacks.
         self.rescan_exact(trainer, pl_module)

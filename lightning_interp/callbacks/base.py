@@ -29,6 +29,7 @@ from torch.utils.data.dataloader import default_collate
 from typing_extensions import override
 
 from ..batch import Batch, BatchAdapter, default_batch_adapter
+from ..budget import check_max_overhead, scan_fits_budget
 from ..layers import eager, eval_mode, get_layer, list_layers, public_name, trace_layers
 from ..nns import check_finite, check_inputs
 from ..progress import trainer_shows_progress
@@ -330,6 +331,10 @@ class InterpCallback(Callback):
         seed: seed of the probe selection.
         batch_adapter: callable turning a collated batch into a :class:`Batch`.
         strict: re-raise exceptions from a scan instead of warning (never loses the run by default).
+        max_overhead: a time budget instead of a cadence: the fraction of the training time the scans (of every
+            monitor with a budget in the trainer) may add, e.g. ``0.1``. Scans are skipped while one more would
+            exceed it, from the measured scan and training times (:mod:`lightning_interp.budget`; the first scan
+            due always runs, to measure). None (default): scan every ``every_n_epochs`` epochs.
         log_prefix: prefix of every key this instance logs. When None: ``"interp"``, or, when the
             trainer holds several callbacks of this class, ``"interp/<layers>"`` (decided at setup), so
             two instances never log the same keys nor write the same files.
@@ -362,6 +367,7 @@ class InterpCallback(Callback):
         batch_adapter: BatchAdapter | None = None,
         strict: bool = False,
         log_prefix: str | None = None,
+        max_overhead: float | None = None,
     ):
         super().__init__()
         layers = [layers] if isinstance(layers, str) else list(layers)
@@ -382,6 +388,7 @@ class InterpCallback(Callback):
         self.probe_split = probe_split
         self.probe_source = probe
         self.every_n_epochs = every_n_epochs
+        self.max_overhead = check_max_overhead(max_overhead)
         self.seed = seed
         if log_prefix is not None and (not isinstance(log_prefix, str) or not log_prefix.strip("/")):
             raise ValueError(f"Expected `log_prefix` to be a non-empty str or None but got {log_prefix!r}.")
@@ -394,6 +401,7 @@ class InterpCallback(Callback):
         self.log_root: str | None = None
         #: Whether the monitor has warned that the probe has no foreground masks (run progress, in the state).
         self.warned_no_mask = False
+        self._fit_started: float | None = None
         self.probe: Batch | None = None
         self.probe_indices: list[int] | None = None
         self.history: list[dict[str, float]] = []
@@ -524,6 +532,8 @@ class InterpCallback(Callback):
         # An explicit `probe=` sets the size: reports and settings state what was scanned.
         self.probe_size = len(self.probe)
         self.check_layer_outputs(pl_module, self.probe)
+        self.scan_seconds = []
+        self._fit_started = time.perf_counter()
 
     def check_layer_outputs(self, pl_module: pl.LightningModule, probe: Batch) -> None:
         """Refuse, before the first step, what the scans could not use, from one forward of two probe
@@ -648,7 +658,36 @@ class InterpCallback(Callback):
 
     # ---- cadence and fault isolation -------------------------------------------------------
     def should_scan(self, trainer: pl.Trainer) -> bool:
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not trainer.sanity_checking
+        """Scan at this epoch end: every ``every_n_epochs`` epochs, and, with ``max_overhead``, when one more scan
+        fits the time budget (decided on rank zero: the ranks' clocks differ, their scans must not)."""
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return False
+        return self.max_overhead is None or rank_zero_decides(trainer, lambda: self.within_budget(trainer))
+
+    def within_budget(self, trainer: pl.Trainer) -> bool:
+        """Whether one more scan, costed as this monitor's last, keeps every budgeted monitor's scans within
+        ``max_overhead`` of the training time so far (:func:`~lightning_interp.budget.scan_fits_budget`)."""
+        spent, train = self.budget_seconds(trainer)
+        last = self.scan_seconds[-1] if self.scan_seconds else None
+        return scan_fits_budget(train, spent, last, self.max_overhead)
+
+    def budget_seconds(self, trainer: pl.Trainer) -> tuple[float, float]:
+        """``(scans, training)``: wall seconds of this fit's scans by every monitor with a budget, and of the
+        fit so far without them."""
+        peers = [cb for cb in trainer.callbacks if isinstance(cb, InterpCallback) and cb.max_overhead is not None]
+        spent = sum(sum(cb.scan_seconds) for cb in peers)
+        started = self._fit_started if self._fit_started is not None else time.perf_counter()
+        return spent, time.perf_counter() - started - spent
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.max_overhead is not None and trainer.is_global_zero:
+            spent, train = self.budget_seconds(trainer)
+            rank_zero_info(
+                f"{type(self).__name__} ({', '.join(self.layers)}): {len(self.scan_seconds)} scans in "
+                f"{trainer.current_epoch} epochs within max_overhead={self.max_overhead:g} (the budgeted monitors' "
+                f"scans took {spent:.1f} s, {spent / max(train, 1e-9):.0%} of the {train:.1f} s of training)"
+            )
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
