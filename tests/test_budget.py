@@ -55,8 +55,7 @@ def test_monitors_follow_the_budget_in_a_real_fit(tmp_path, caplog):
     import logging
 
     def monitors(budget, **kw):
-        return [AnomalyFilterMonitor("model.relu3", probe_size=16, k_max=3, max_overhead=budget,
-                                     exact_flags_at_fit_end=False, **kw),
+        return [AnomalyFilterMonitor("model.relu3", probe_size=16, k_max=3, max_overhead=budget, **kw),
                 LearningImageLogger("model.relu2", probe_size=4, num_images=1, max_overhead=budget, **kw)]
 
     # A budget no scan can fit: each monitor's first scan measures, none follows (the budget is shared).
@@ -65,10 +64,13 @@ def test_monitors_follow_the_budget_in_a_real_fit(tmp_path, caplog):
         fit(tmp_path, tight)
     assert [scanned(cb) for cb in tight] == [[0], [0]]
     assert "1 scans in 3 epochs within max_overhead=1e-09" in caplog.text
+    # The fit-end exact rescan is budgeted too: the flags stay the last (pooled) scan's.
+    assert tight[0].filter_scores().settings.get("scanned") != "fit end" and "no exact rescan at fit end" in caplog.text
     # A budget every scan fits: the cadence decides.
     loose = monitors(1e9)
     fit(tmp_path, loose)
     assert [scanned(cb) for cb in loose] == [[0, 1, 2], [0, 1, 2]]
+    assert loose[0].filter_scores().settings.get("scanned") == "fit end"
     loose = monitors(1e9, every_n_epochs=2)
     fit(tmp_path, loose, epochs=4)
     assert [scanned(cb) for cb in loose] == [[1, 3], [1, 3]]

@@ -544,6 +544,13 @@ class AnomalyFilterMonitor(InterpCallback):
         self._exact_counts = {}
         if self.mode == "exact" or not self.exact_flags_at_fit_end or self.probe is None:
             return
+        # With a time budget the rescan runs only if it fits, costed as the last scan (a lower bound: exact mode
+        # costs more); otherwise the flags stay the last scan's.
+        if self.max_overhead is not None and self._fit_started is not None and not rank_zero_decides(
+                trainer, lambda: self.within_budget(trainer)):
+            rank_zero_info(f"AnomalyFilterMonitor: no exact rescan at fit end (it does not fit max_overhead="
+                           f"{self.max_overhead:g}); the flags are the last scan's ({self.mode} mode).")
+            return
         # Training is over: FilterMasking's masks come off now (they would at its own train end), so the
         # flags describe the network that pruning will cut, every filter included.
         from .masking import FilterMasking
