@@ -165,7 +165,6 @@ def prune_filters(
         ValueError: unknown layer, a layer without channels, an index out of range, a group that
             would lose all its channels, or a pruned channel in an ignored layer.
     """
-    import torch_pruning as tp
 
     net = model if inplace else copy.deepcopy(model)
     with eval_mode(net):  # every submodule's own mode comes back, also when pruning is refused

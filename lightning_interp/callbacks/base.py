@@ -30,7 +30,7 @@ from typing_extensions import override
 
 from ..batch import Batch, BatchAdapter, default_batch_adapter
 from ..budget import check_max_overhead, scan_fits_budget
-from ..layers import eager, eval_mode, get_layer, list_layers, public_name, trace_layers
+from ..layers import eager, get_layer, list_layers, public_name, trace_layers
 from ..nns import check_finite, check_inputs
 from ..progress import trainer_shows_progress
 from ..viz import line_plot
