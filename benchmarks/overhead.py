@@ -263,12 +263,14 @@ def budget_fit(model: str, samples: int, budget: float | None, monitored: bool, 
 
 
 def budget_table(args) -> None:
-    """The whole-fit ratio (monitored / plain, one run each, in this order in one process) at each size,
-    for each model: the monitors' defaults (a scan every epoch) vs ``max_overhead=args.budget``."""
+    """The whole-fit ratio (monitored / plain, one run each, in this order in one process, after one warm-up fit
+    per model) at each size, for each model: the monitors' defaults (a scan every epoch) vs
+    ``max_overhead=args.budget``."""
     sizes = [int(n) for n in args.sizes.split(",")]
     models = args.models.split(",")
     rows = []
     for model in models:
+        budget_fit(model, min(sizes), None, False, args)  # warm-up (first-call costs), not counted
         for n in sizes:
             plain = budget_fit(model, n, None, False, args)
             print(f"    {model} {n} plain: {plain:.1f} s", flush=True)
