@@ -270,7 +270,7 @@ def budget_table(args) -> None:
     models = args.models.split(",")
     rows = []
     for model in models:
-        budget_fit(model, min(sizes), None, False, args)  # warm-up (first-call costs), not counted
+        budget_fit(model, min(sizes), None, False, argparse.Namespace(**{**vars(args), "epochs": 1}))  # warm-up, not counted
         for n in sizes:
             plain = budget_fit(model, n, None, False, args)
             print(f"    {model} {n} plain: {plain:.1f} s", flush=True)
