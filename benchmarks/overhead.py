@@ -25,6 +25,7 @@ SimpleCNN, 5,000 samples.
 
     python benchmarks/overhead.py                 # the GPU case where there is one, else the CPU case
     python benchmarks/overhead.py --device cpu --epochs 4 --mode exact
+    python benchmarks/overhead.py --budget 0.1 --epochs 6 --data ../shared/data/cifar10   # defaults vs the budget
 """
 
 from __future__ import annotations
@@ -219,6 +220,72 @@ def run(monitored: bool, args, device: str, parts: PartTimer | None = None) -> E
     return timer
 
 
+# ---- defaults vs the time budget (issue 23 item 3): `--budget 0.1` ----------------------------------------
+
+#: network builder and the layer the monitors watch, for the budget comparison (CIFAR-sized inputs).
+BUDGET_MODELS = {
+    "SimpleCNN": (lambda: SimpleCNN(in_channels=3), "model.relu3"),
+    "mobilenet_v3_small": (lambda: __import__("torchvision").models.mobilenet_v3_small(weights=None, num_classes=10),
+                           "model.features.8"),
+}
+
+
+def budget_fit(model: str, samples: int, budget: float | None, monitored: bool, args) -> float:
+    """Wall seconds of one whole ``trainer.fit`` (setup, scans and fit-end analyses included) of ``model`` on
+    ``samples`` images an epoch, plain or with the README's three monitors at their defaults, or with
+    ``max_overhead=budget`` on each (one shared budget)."""
+    pl.seed_everything(0)
+    if args.data:
+        x, y = cifar10(args.data, samples)
+    else:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.rand(samples, 3, 32, 32, generator=g), torch.randint(0, 10, (samples,), generator=g)
+    build, layer = BUDGET_MODELS[model]
+    module = ImageClassifier(build(), lr=1e-3)
+    callbacks = []
+    if monitored:
+        given = {} if budget is None else {"max_overhead": budget}
+        callbacks = [LearningImageLogger(layer, probe_size=32, rectify=False, max_filters=16, **given),
+                     TIPMonitor(layer, **given), AnomalyFilterMonitor(layer, **given)]
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
+                         default_root_dir=os.path.join(args.out, "budget"),
+                         limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)
+    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size or 128, shuffle=True)
+    start = time.perf_counter()
+    trainer.fit(module, loader)
+    seconds = time.perf_counter() - start
+    if monitored:
+        scans = {type(cb).__name__: [h["epoch"] for h in cb.history if "fit_end" not in h] for cb in callbacks}
+        print(f"    {model} {samples} {'defaults' if budget is None else f'max_overhead={budget:g}'}: {seconds:.1f} s; "
+              f"scanned epochs {scans}", flush=True)
+    return seconds
+
+
+def budget_table(args) -> None:
+    """The whole-fit ratio (monitored / plain, one run each, in this order in one process, after one warm-up fit
+    per model) at each size, for each model: the monitors' defaults (a scan every epoch) vs
+    ``max_overhead=args.budget``."""
+    sizes = [int(n) for n in args.sizes.split(",")]
+    models = args.models.split(",")
+    rows = []
+    for model in models:
+        budget_fit(model, min(sizes), None, False, argparse.Namespace(**{**vars(args), "epochs": 1}))  # warm-up, not counted
+        for n in sizes:
+            plain = budget_fit(model, n, None, False, args)
+            print(f"    {model} {n} plain: {plain:.1f} s", flush=True)
+            defaults = budget_fit(model, n, None, True, args)
+            budgeted = budget_fit(model, n, args.budget, True, args)
+            rows.append((model, n, plain, defaults / plain, budgeted / plain))
+    print(f"\nwhole fit, {args.epochs} epochs, CPU ({torch.get_num_threads()} threads), "
+          f"{'CIFAR-10' if args.data else 'random'} images; ratio = monitored / plain fit:")
+    print(f"| {'model':18s} | {'images/epoch':>12s} | {'plain fit, s':>12s} | {'defaults':>8s} | "
+          f"{f'max_overhead={args.budget:g}':>16s} |")
+    print(f"| {'-' * 18} | {'-' * 12}: | {'-' * 12}: | {'-' * 8}: | {'-' * 16}: |")
+    for model, n, plain, d, b in rows:
+        print(f"| {model:18s} | {n:12,d} | {plain:12.1f} | {d:7.2f}x | {b:15.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -233,7 +300,16 @@ def main() -> None:
     parser.add_argument("--num-projections", type=int, default=None)
     parser.add_argument("--out", default="runs/overhead")
     parser.add_argument("--profile", default=None, help="write Lightning's SimpleProfiler report of the monitored run here")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="instead of the overhead breakdown: whole-fit ratios at --sizes for --models, the monitors' "
+                             "defaults vs max_overhead=BUDGET (CPU)")
+    parser.add_argument("--sizes", default="320,3000,20000", help="with --budget: images per epoch")
+    parser.add_argument("--models", default=",".join(BUDGET_MODELS), help=f"with --budget: of {list(BUDGET_MODELS)}")
     args = parser.parse_args()
+    if args.budget is not None:
+        os.environ.setdefault("WANDB_MODE", "disabled")
+        budget_table(args)
+        return
     gpu = args.device == "cuda"
     args.samples = args.samples or (50_000 if gpu else 5_000)
     args.batch_size = args.batch_size or (256 if gpu else 128)

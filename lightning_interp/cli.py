@@ -110,6 +110,10 @@ def _parser(command: str):
                             help="anomaly/TIP scan mode (one scan of a checkpoint: exact, the reference, by default; "
                                  "TIP has no pooled mode and runs sketch mode then)")
         parser.add_argument("--min_cluster_size", type=int | float, default=0.1, help="λ of the anomaly monitor")
+        parser.add_argument("--val_acc_key", type=str, default="val/acc",
+                            help="the key your validation_step logs the accuracy under (e.g. val_acc)")
+        parser.add_argument("--val_loss_key", type=str, default="val/loss",
+                            help="the key your validation_step logs the loss under (e.g. val_loss)")
         parser.add_argument("--max_eval_batches", type=int | None, default=None,
                             help="validation batches per AIPC point / masking evaluation (all when unset)")
         parser.add_argument("--out", type=str | None, default=None, help="run directory (default: <checkpoint>_scan)")
@@ -180,7 +184,8 @@ def scan_command(cfg, parser) -> dict:
         extra = {}
         if name == "anomaly":
             extra = {"mode": cfg.mode, "min_cluster_size": cfg.min_cluster_size,
-                     "report_path": os.path.join(out, "anomaly_report.json")}
+                     "report_path": os.path.join(out, "anomaly_report.json"),
+                     "val_acc_key": cfg.val_acc_key, "val_loss_key": cfg.val_loss_key}
         elif name == "tip":
             extra = {"mode": "sketch" if cfg.mode == "pooled" else cfg.mode, "aipc_max_batches": cfg.max_eval_batches}
         elif name == "fq":
@@ -215,16 +220,16 @@ def _criterion_scores(cfg, net: torch.nn.Module, example: torch.Tensor, data) ->
 def prune_command(cfg, parser) -> dict:
     """Prune the filters an anomaly report flags from an ImageClassifier checkpoint."""
     from .batch import default_batch_adapter
+    from .callbacks.prune import network_at
     from .metrics.aipc import accuracy
     from .pruning import load_pruned, prune_filters, save_pruned
     from .scores import FilterScores
 
     module = _load_module(cfg.model_class, cfg.checkpoint)
-    net = getattr(module, cfg.model_attr, None)
-    if not isinstance(net, torch.nn.Module):
-        choices = [name for name, _ in module.named_children()]
-        raise SystemExit(f"error: --model_attr {cfg.model_attr!r} is not an nn.Module attribute of "
-                         f"{type(module).__name__}; its nn.Module attributes: {choices}")
+    try:
+        net = network_at(module, cfg.model_attr)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     if (cfg.report is None) == (cfg.criterion is None):
         raise SystemExit(f"error: give either --report FILE or --criterion {{{','.join(CRITERIA)}}} --layers ... --amount ...")
     if cfg.criterion is not None and (not cfg.layers or cfg.amount is None):
@@ -266,10 +271,33 @@ def prune_command(cfg, parser) -> dict:
     if not agree:
         raise SystemExit(f"error: {cfg.out} rebuilt with --model_class {cfg.model_class} gives other outputs than the "
                          "pruned network; its forward depends on more than the saved weights")
-    print(json.dumps(result, indent=2))
-    print(f"saved {cfg.out}; load it with load_pruned({cfg.out!r}, <a fresh {type(net).__name__}>) "
-          "(rebuilt and checked here)")
+    record = os.path.splitext(cfg.out)[0] + "_summary.json"
+    with open(record, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(prune_summary_text(result))
+    print(f"saved {cfg.out}; load it with load_pruned({cfg.out!r}, <a fresh {type(net).__name__}>) (rebuilt and "
+          f"checked here); the full record (every pruned index) is in {record}")
     return result
+
+
+def prune_summary_text(result: dict) -> str:
+    """A few lines for the terminal from :meth:`PruneSummary.as_dict <lightning_interp.pruning.PruneSummary.as_dict>`
+    (plus ``val_acc_before/after``): filters removed per layer, parameters, MACs, latency, accuracy."""
+
+    def change(before: float, after: float, fmt: str = ",") -> str:
+        rel = f" ({(after - before) / before:+.1%})" if before else ""
+        return f"{before:{fmt}} -> {after:{fmt}}{rel}"
+
+    layers = [f"  {layer}: {before} -> {after} channels" for layer, (before, after) in result.get("channels", {}).items()]
+    lines = [f"pruned {sum(len(v) for v in result.get('pruned', {}).values())} filters in {len(layers)} layers:", *layers,
+             f"parameters {change(result['params_before'], result['params_after'])}",
+             f"MACs {change(int(result['macs_before']), int(result['macs_after']))}"]
+    if result.get("latency_ms_before") is not None:
+        lines.append(f"latency {change(result['latency_ms_before'], result['latency_ms_after'], '.2f')} ms "
+                     f"({result.get('latency_device')}, batch {result.get('latency_batch')})")
+    if result.get("val_acc_before") is not None:
+        lines.append(f"validation accuracy {change(result['val_acc_before'], result['val_acc_after'], '.4f')}")
+    return "\n".join(lines)
 
 
 USAGE = """usage: lightning-interp {fit,validate,test,predict,scan,prune} ...

@@ -328,6 +328,11 @@ class ShapesDataModule(_DataModule):
         self.decoy = decoy
         self.seed = seed
 
+    @property
+    def classes(self) -> list[str]:
+        """The class names, index by index (what the monitors' captions show)."""
+        return list(SHAPES[: self.num_classes])
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return

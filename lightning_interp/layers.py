@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from .batch import default_batch_adapter
 
 __all__ = [
     "get_layer",
@@ -25,6 +29,9 @@ __all__ = [
     "eval_mode",
     "filter_owner",
     "is_pass_through",
+    "LayerTrace",
+    "trace_layers",
+    "example_input",
     "layer_channels",
     "public_name",
 ]
@@ -99,21 +106,145 @@ def _keeps_channels(module: nn.Module) -> bool:
     return bool(leaves) and all(isinstance(m, _NORMS) or is_pass_through(m) for m in leaves)
 
 
-def _trace_calls(model: nn.Module, module: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int | None] | None:
-    """``(calls, channels)`` of ``module`` in one eval-mode forward of ``example_inputs``; ``None`` when the
-    network does not take these inputs as they are (then nothing can be checked here)."""
-    store: list = []
-    handle = module.register_forward_hook(lambda m, a, out: store.append(out))
+#: Modules whose output's channel count is declared by their settings (conv, linear, norm layers; the
+#: last normalised dimension of a LayerNorm), used to tell where a traced output keeps its channels.
+def _declared_channels(module: nn.Module) -> int | None:
+    channels = layer_channels(module)
+    if channels is None and isinstance(module, nn.LayerNorm) and len(module.normalized_shape) >= 1:
+        channels = int(module.normalized_shape[-1])
+    return channels
+
+
+@dataclass(frozen=True)
+class LayerTrace:
+    """What one module output in one eval-mode forward (:func:`trace_layers`).
+
+    Attributes:
+        calls: how often the module ran in the forward (a shared module runs more than once).
+        shape: the first output's shape, or None when it was not a tensor (then ``kind`` names its type).
+        kind: the type name of a non-tensor output, else ``"Tensor"``.
+        channels_last: the output keeps its channels on the **last** dimension (``B x H x W x C``, e.g. the
+            layers between the permutes of a ConvNeXt block): the channel count declared by the conv, linear or
+            norm layer that last ran (or the module itself) is ``shape[-1]``, not ``shape[1]``.
+        order: position of the module's first output in the forward (0 = the first module to finish).
+    """
+
+    calls: int
+    shape: torch.Size | None
+    kind: str
+    channels_last: bool
+    order: int
+
+    @property
+    def scannable(self) -> bool:
+        """One ``B x K x ...`` tensor output per forward with its channels on dim 1: what a scan reads."""
+        return self.calls == 1 and self.shape is not None and len(self.shape) >= 2 and not self.channels_last
+
+    def describe(self) -> str:
+        """Why the output cannot be scanned, in words (empty when it can)."""
+        if self.calls == 0:
+            return "never called"
+        if self.calls > 1:
+            return f"called {self.calls} times"
+        if self.shape is None:
+            return self.kind
+        if len(self.shape) < 2:
+            return f"shape {tuple(self.shape)}"
+        if self.channels_last:
+            return (f"shape {tuple(self.shape)} with its {self.shape[-1]} channels last (B, H, W, C): dim 1 is a "
+                    "spatial size, not filters")
+        return ""
+
+
+def trace_layers(
+    model: nn.Module, example_inputs: torch.Tensor, layers: Sequence[str] | None = None,
+) -> tuple[Any, dict[str, LayerTrace]]:
+    """One eval-mode forward of ``example_inputs`` without gradients, recording every module's output.
+
+    The one forward-hook tracer of the package: :func:`list_layers`, :func:`filter_owner`, the monitors'
+    dry run before the first step and ``AttentionGuidance``'s layer checks all read it. Compiled code runs
+    eagerly (:func:`eager`); the model's modes are restored (:func:`eval_mode`); hooks are removed also when
+    the forward raises (the exception propagates).
+
+    Args:
+        layers: module paths to report (each resolved with :func:`get_layer`); None: every named module.
+            All modules are hooked either way: a layer's channel layout is judged from the conv, linear or
+            norm layer that ran last before it.
+
+    Returns:
+        ``(output, {layer: LayerTrace})`` in ``named_modules`` order for ``layers=None`` (names without
+        ``torch.compile``'s ``_orig_mod``), else in the order of ``layers`` (a layer never called has
+        ``calls == 0``).
+    """
+    wanted = None if layers is None else {id(get_layer(model, layer)): layer for layer in layers}
+    records: dict[int, list] = {}
+    state = {"declared": None, "order": 0}
+
+    def hook(module, args, output):
+        declared = _declared_channels(module)
+        channels = declared if declared is not None else state["declared"]
+        if declared is not None:
+            state["declared"] = declared
+        if id(module) in records:
+            records[id(module)][0] += 1
+            return
+        shape = output.shape if isinstance(output, torch.Tensor) else None
+        last = (shape is not None and len(shape) >= 3 and channels is not None and shape[1] != channels
+                and shape[-1] == channels)
+        records[id(module)] = [1, shape, type(output).__name__, last, state["order"]]
+        state["order"] += 1
+
+    named = [(n, m) for n, m in model.named_modules() if n]
+    handles = []
     try:
+        seen = set()
+        for _, module in named:
+            if id(module) not in seen:
+                seen.add(id(module))
+                handles.append(module.register_forward_hook(hook))
         with eval_mode(model), torch.no_grad(), eager():
-            model(example_inputs)
+            output = model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def trace(module: nn.Module) -> LayerTrace:
+        r = records.get(id(module))
+        return LayerTrace(0, None, "never called", False, -1) if r is None else LayerTrace(*r)
+
+    if wanted is not None:
+        return output, {layer: trace(get_layer(model, layer)) for layer in layers}
+    out: dict[str, LayerTrace] = {}
+    for name, module in named:
+        out.setdefault(public_name(name), trace(module))
+    return output, out
+
+
+def example_input(example: Any) -> torch.Tensor:
+    """The input tensor of ``example``: a tensor as it is, or a batch (an ``(x, y[, mask])`` tuple, a dict
+    with ``'image'``/``'input'``, a :class:`~lightning_interp.batch.Batch`) read by the default batch adapter."""
+    if isinstance(example, torch.Tensor):
+        return example
+    try:
+        return default_batch_adapter(example).x
+    except Exception as err:
+        raise TypeError(
+            f"Expected `example_inputs` to be a tensor the model accepts or a batch holding one ((x, y[, mask]), a "
+            f"dict with 'image'/'input') but got {type(example).__name__}: {err}"
+        ) from None
+
+
+def _trace_calls(model: nn.Module, module: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int | None] | None:
+    """``(calls, channels)`` of ``module`` in one eval-mode forward of ``example_inputs`` (:func:`trace_layers`);
+    ``None`` when the network does not take these inputs as they are (then nothing can be checked here)."""
+    name = next(n for n, m in model.named_modules() if m is module)
+    try:
+        _, traced = trace_layers(model, example_input(example_inputs), [name])
     except Exception:
         return None
-    finally:
-        handle.remove()
-    last = store[-1] if store else None
-    channels = int(last.shape[1]) if isinstance(last, torch.Tensor) and last.dim() >= 2 else None
-    return len(store), channels
+    t = traced[name]
+    channels = None if t.shape is None or len(t.shape) < 2 else int(t.shape[-1] if t.channels_last else t.shape[1])
+    return t.calls, channels
 
 
 def _choices(names: list[str]) -> str:
@@ -291,7 +422,12 @@ def list_layers(model: nn.Module, example_inputs: torch.Tensor | None = None) ->
     is listed (activations, pools, residual blocks, ...) with ``output.shape[1]`` channels —
     except modules called more than once per forward (a ReLU shared inside a torchvision
     ResNet block, say), whose output is ambiguous: name the conv or the block instead and
-    scan with ``rectify=True``.
+    scan with ``rectify=True`` — and modules whose output keeps its channels on the last dimension
+    (``B x H x W x C``, e.g. the Linear and GELU layers inside a ConvNeXt block): their dim 1 is a
+    spatial size, not filters (:attr:`LayerTrace.channels_last`); name the block instead.
+
+    ``example_inputs`` may be a batch as the dataloader yields it (``(x, y[, mask])``, a dict with
+    ``'image'``/``'input'``): its inputs are taken (:func:`example_input`).
 
     Names inside a ``torch.compile``d submodule are given without ``_orig_mod``.
 
@@ -305,33 +441,8 @@ def list_layers(model: nn.Module, example_inputs: torch.Tensor | None = None) ->
             if public_name(name) and channels is not None:
                 out[public_name(name)] = channels
         return out
-
-    calls: dict[str, int] = {}
-    channels: dict[str, int] = {}
-    handles = []
-
-    def make_hook(name: str):
-        def hook(module, args, output):
-            calls[name] = calls.get(name, 0) + 1
-            if isinstance(output, torch.Tensor) and output.dim() >= 2:
-                channels[name] = int(output.shape[1])
-
-        return hook
-
-    try:
-        for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(make_hook(name)))
-        with eval_mode(model), torch.no_grad(), eager():
-            model(example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    out: dict[str, int] = {}
-    for name, _ in model.named_modules():
-        if name in channels and calls.get(name) == 1:
-            out.setdefault(public_name(name) or name, channels[name])
-    return out
+    _, traced = trace_layers(model, example_input(example_inputs))
+    return {name: int(t.shape[1]) for name, t in traced.items() if t.scannable}
 
 
 @contextmanager

@@ -55,8 +55,8 @@ class PruneSummary:
 
     params_before: int
     params_after: int
-    macs_before: float
-    macs_after: float
+    macs_before: int
+    macs_after: int
     channels: dict[str, tuple[int, int]] = field(default_factory=dict)
     pruned: dict[str, list[int]] = field(default_factory=dict)
     latency_ms_before: float | None = None
@@ -106,7 +106,31 @@ def check_prunable(
             problems.append(str(err))
     if problems:
         raise ValueError(" ".join(problems))
+    if targets and example_inputs is not None:
+        with eval_mode(model), torch.enable_grad():
+            dependency_graph(model, example_inputs)
     return targets
+
+
+def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
+    """Torch-Pruning's dependency graph of ``model`` traced on ``example_inputs``.
+
+    Raises:
+        ValueError: Torch-Pruning cannot trace the network (it fails inside, e.g. a ``ZeroDivisionError`` on
+            ShuffleNet's channel shuffle, a ``view`` that moves channels across groups): no layer of it can be
+            pruned; the monitors still work on it.
+    """
+    import torch_pruning as tp
+
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    except Exception as err:
+        raise ValueError(
+            f"Torch-Pruning cannot trace the channel dependencies of {type(model).__name__} ({type(err).__name__}: "
+            f"{err} inside torch_pruning), e.g. because of a channel shuffle or another view/reshape that mixes the "
+            "channel dimension (ShuffleNet): none of its layers can be pruned. The monitors work on it; drop the "
+            "pruning."
+        ) from err
 
 
 def measure_latency(model: nn.Module, example_inputs: torch.Tensor, *, repeats: int = 7, warmup: int = 2) -> float:
@@ -180,11 +204,11 @@ def _pruning_fn(module: nn.Module):
     return tp.prune_batchnorm_out_channels
 
 
-def _count(model: nn.Module, example_inputs: torch.Tensor) -> tuple[float, int]:
+def _count(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
     import torch_pruning as tp
 
     macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    return float(macs), int(params)
+    return int(round(float(macs))), int(params)  # Torch-Pruning counts halves for some ops: whole MACs
 
 
 def prune_filters(
@@ -264,7 +288,6 @@ def _cut(net: nn.Module, targets: dict[str, list[int]], example_inputs: torch.Te
     now) from ``net`` in place, each with its dependency group; widen each to a multiple of ``round_to``
     channels first. Adds the rounding's filters to ``targets`` and returns them. The one pruning step of
     :func:`prune_filters` and :func:`load_pruned`."""
-    import torch_pruning as tp
 
     rounded: dict[str, list[int]] = {}
     channels_before = {n: layer_channels(get_layer(net, n)) for n in targets}
@@ -277,7 +300,7 @@ def _cut(net: nn.Module, targets: dict[str, list[int]], example_inputs: torch.Te
                     "was pruned already; name one layer of the group."
                 )
             # A fresh graph per target: indices always refer to the layer as it is now.
-            graph = tp.DependencyGraph().build_dependency(net, example_inputs=example_inputs)
+            graph = dependency_graph(net, example_inputs)
             extra = _rounding_extra(graph, module, idx, channels_before[target], round_to)
             if extra:
                 rounded[target] = extra

@@ -79,7 +79,7 @@ def test_unknown_layer_in_filter_masking(tmp_path, shapes):
                                  AttentionGuidance], ids=lambda c: c.__name__)
 def test_layer_without_filters(tmp_path, shapes, cls, layer):
     callback = FACTORIES[cls]({}, {_layer_argument(cls): layer})
-    refused_before_training(tmp_path, shapes, callback, r"\(B, K, \.\.\.\).*Layers that do: .*'model.net.conv1'",
+    refused_before_training(tmp_path, shapes, callback, r"\(B, K, \.\.\.\).*Layers that do, nearest first: .*'model.net.conv1'",
                             module=ImageClassifier(WithOddModules()))
 
 

@@ -24,3 +24,9 @@ def test_no_masks_warn_once_and_skip(tmp_path):
     assert sum("no foreground masks" in str(w.message) for w in record) == 2  # once per monitor
     assert fq.history == [] and "interp/tip/model.relu3/mean" in tip.history[0]
     assert not any(k.startswith("interp/tip/model.relu3/fg_") for k in tip.history[0])
+    # The skip is said once more in the HTML report, by each monitor's own words (InterpCallback.report_notes),
+    # and is run progress in the state (a resumed run does not warn again).
+    assert fq.report_notes() == [
+        "Skipped because the probe has no foreground masks: feature quantity. Give masks as `(x, y, mask)` batches, "
+        "dicts with a 'mask' entry, or with `batch_adapter=` (docs/guide/own_module.md)."]
+    assert "filter types" in tip.report_notes()[0] and tip.state_dict()["warned_no_mask"] is True

@@ -68,3 +68,21 @@ def test_guidance_refuses_bad_setups(tmp_path):
     trainer = make_trainer(tmp_path, logger=False, callbacks=[AttentionGuidance("model.relu3", {"rrr": 1.0})])
     with pytest.raises(ValueError, match="automatic optimisation"):
         trainer.fit(Manual(SimpleCNN(in_channels=3, num_classes=4)), datamodule=data)
+
+
+def test_guidable_layers_against_the_pooled_masks_by_hand():
+    # SimpleCNN at 16x16: relu1 16x16, pool1 8x8, relu2 8x8, pool2 4x4, relu3 4x4, gap 1x1. A box covering
+    # pixels 2..13 touches every cell of a 4x4 grid (cells of 4 pixels) but leaves the border cells of 8x8
+    # and 16x16 free: by hand, cam_background works at 8x8 and finer only.
+    from lightning_interp.callbacks.guidance import guidable_layers
+
+    model = ImageClassifier(SimpleCNN(in_channels=3, num_classes=3, width=(4, 8, 8)))
+    mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    mask[:, :, 2:14, 2:14] = True
+    reasons, grids = guidable_layers(model, torch.rand(2, 3, 16, 16), {"cam_background": 1.0}, mask)
+    ok = {n for n, why in reasons.items() if not why}
+    assert {n: grids[n] for n in ok} == {n: g for n, g in grids.items() if g[0] >= 8}
+    assert "model.relu3" in grids and "no background cell" in reasons["model.relu3"]
+    everywhere = torch.ones_like(mask)
+    reasons, _ = guidable_layers(model, torch.rand(2, 3, 16, 16), {"rrr": 1.0}, everywhere)
+    assert all("cover every pixel" in why for n, why in reasons.items() if n in grids)

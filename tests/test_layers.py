@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_interp.layers import eval_mode, filter_owner
+from lightning_interp.layers import eval_mode, filter_owner, list_layers, trace_layers
 from lightning_interp.metrics.tip import weight_layer_for
 from lightning_interp.models import SimpleCNN
 from lightning_interp.pruning import prune_target
@@ -131,3 +131,21 @@ def test_layers_without_an_owner_are_refused_naming_valid_choices():
         filter_owner(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Softmax(dim=1)), "1")
     with pytest.raises(ValueError, match="Closest valid choices: .conv3."):
         filter_owner(net, "conv9")
+
+
+def test_list_layers_leaves_out_channels_last_outputs_and_accepts_a_batch():
+    # ConvNeXt's blocks permute to (B, H, W, C) around their LayerNorm/Linear/GELU (issue 23): dim 1 is the map
+    # height there. The oracle is torchvision's own module layout: CNBlock.block = [dwconv, Permute, LayerNorm,
+    # Linear, GELU, Linear, Permute].
+    torch.manual_seed(0)
+    net = torchvision.models.convnext_tiny(weights=None, num_classes=4)
+    x = torch.rand(2, 3, 32, 32)
+    _, traced = trace_layers(net, x)
+    block = "features.3.2.block"
+    assert [traced[f"{block}.{i}"].channels_last for i in range(7)] == [False] + [True] * 5 + [False]
+    assert traced[f"{block}.4"].shape == (2, 4, 4, 768)  # the GELU: 4 is the height, 768 = 4 x 192 channels
+    listed = list_layers(net, (x, torch.zeros(2, dtype=torch.long)))  # a batch as the dataloader yields it
+    assert listed == list_layers(net, x)
+    assert f"{block}.4" not in listed and listed[f"{block}.0"] == 192 and listed["features.3.2"] == 192
+    with pytest.raises(TypeError, match="Expected `example_inputs` to be a tensor the model accepts or a batch"):
+        list_layers(net, "images")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
@@ -27,20 +26,9 @@ from ..overfitting import (
 from ..progress import progress, trainer_shows_progress
 from ..scores import ANOMALY_REPORT_FORMAT, FilterScores, write_json
 from ..viz import cluster_scatter, labelled_image_grid
-from .base import InterpCallback, guarded, rank_zero_decides, send_metrics
+from .base import InterpCallback, class_names, guarded, rank_zero_decides, send_metrics
 
 __all__ = ["ALARMS", "AnomalyFilterMonitor", "overfit_alarm"]  # the last two live in lightning_interp.overfitting
-
-
-def _class_names(pl_module: pl.LightningModule):
-    """``class index -> name`` from the datamodule's ``classes`` when it has them, else the index."""
-    dm = getattr(pl_module.trainer, "datamodule", None) if pl_module._trainer is not None else None
-    classes = getattr(dm, "classes", None)
-
-    def name(c: int) -> str:
-        return str(classes[c]) if classes is not None and 0 <= c < len(classes) else str(c)
-
-    return name
 
 
 class AnomalyFilterMonitor(InterpCallback):
@@ -146,6 +134,9 @@ class AnomalyFilterMonitor(InterpCallback):
         **kwargs: :class:`~lightning_interp.callbacks.base.InterpCallback` options.
     """
 
+    key_group = "anomaly"
+    report_name = "anomaly_report.json"
+
     def __init__(
         self,
         layers: str | Sequence[str],
@@ -203,6 +194,7 @@ class AnomalyFilterMonitor(InterpCallback):
         # Run progress (state_dict): validation curve, the scores and flags of the last scan.
         self.val_history: list[dict[str, float]] = []
         self.latest: FilterScores = self._no_scores()
+        self._exact_counts: dict[str, float] | None = None  # the fit-end exact rescan's counts, once per fit
 
     # ---- validation curve --------------------------------------------------------------------
     @override
@@ -223,6 +215,10 @@ class AnomalyFilterMonitor(InterpCallback):
         # without validation batches skips the validation hooks), before this epoch's scan.
         self.val_history = rank_zero_decides(trainer, lambda: list(self.val_history))
         super().on_train_epoch_end(trainer, pl_module)
+
+    @override
+    def metric_keys(self) -> dict[str, str]:
+        return {"val_acc_key": self.val_acc_key, "val_loss_key": self.val_loss_key}
 
     def _val_at(self, epoch: int, name: str) -> float | None:
         return next((e.get(name) for e in self.val_history if e["epoch"] == epoch), None)
@@ -396,13 +392,16 @@ class AnomalyFilterMonitor(InterpCallback):
             idx, captions = self.outlier_captions(trainer.lightning_module, results, probe,
                                                   pred=None if hardest is None else hardest[1])
             grid = labelled_image_grid(probe.x[idx].float().cpu(), captions, thumb=96)
+            flagging = sum(len(r.flagged) for r in results.values())
             self.log_image(trainer, f"{self.log_prefix}/anomaly/outlier_samples", grid,
-                           f"epoch {trainer.current_epoch}: {int(outliers.sum())} outlier samples "
-                           f"(given label / predicted class / f: flagging filters)")
+                           f"epoch {trainer.current_epoch}: {int(outliers.sum())} of {len(outliers)} probe samples lie "
+                           f"in a small cluster of at least one of the {flagging} anomaly filters (the thesis' outlier "
+                           f"samples: with many anomaly filters, most of the probe); shown: the {len(idx)} that the "
+                           "most filters put there (given label / predicted class / f: those filters, k/N of them)")
         if self.num_outlier_images > 0 and hardest is not None:
             loss, pred = hardest
             idx = torch.argsort(-loss, stable=True)[: self.num_outlier_images]
-            name = _class_names(trainer.lightning_module)
+            name = class_names(trainer)
             captions = [f"given: {name(int(probe.y[i]))} / pred: {name(int(pred[i]))} / loss {float(loss[i]):.2f}"
                         for i in idx.tolist()]
             grid = labelled_image_grid(probe.x[idx.to(probe.x.device)].float().cpu(), captions, thumb=96)
@@ -422,6 +421,7 @@ class AnomalyFilterMonitor(InterpCallback):
         ``pred``: the predicted class of every probe sample when the scan has it (``B``); otherwise
         the shown samples are run through the module once."""
         flags = torch.cat([r.outlier_samples for r in results.values()], 0)  # (sum K, B)
+        flagging = sum(len(r.flagged) for r in results.values())
         one_layer = len(results) == 1
         names = [str(k) if one_layer else f"{layer.split('.')[-1]}:{k}"
                  for layer, r in results.items() for k in range(r.anomaly.numel())]
@@ -438,13 +438,14 @@ class AnomalyFilterMonitor(InterpCallback):
                     pred = out.argmax(1).tolist()
             except Exception as err:  # a caption must never cost the scan
                 rank_zero_warn(f"AnomalyFilterMonitor: no predicted class in the outlier captions ({err}).")
-        label = _class_names(pl_module)
+        label = class_names(pl_module._trainer)
         captions = []
         for j, i in enumerate(idx.tolist()):
             who = [name for name, f in zip(names, flags[:, i].tolist()) if f]
             parts = [f"given: {label(int(probe.y[i]))}" if probe.y is not None else "given: ?"]
             parts.append(f"pred: {label(pred[j])}" if pred is not None else "pred: ?")
-            parts.append("f: " + ",".join(who[:3]) + (f" +{len(who) - 3}" if len(who) > 3 else ""))
+            parts.append(f"f: {len(who)}/{flagging} "
+                         + ",".join(who[:3]) + (f" +{len(who) - 3}" if len(who) > 3 else ""))
             captions.append(" / ".join(parts))
         return idx, captions
 
@@ -473,9 +474,27 @@ class AnomalyFilterMonitor(InterpCallback):
             "final_val_acc": self._val_at(final, "val_acc") if final is not None else None,
         }
 
-    def resolve_report_path(self, trainer: pl.Trainer) -> str:
-        root = getattr(self, "log_root", None) or trainer.default_root_dir
-        return self.report_path or os.path.join(root, "anomaly_report.json")
+    def summary_text(self) -> str:
+        """:meth:`summary` in one sentence, without a "None" anywhere: what the fit-end line and the HTML report say."""
+        s = self.summary()
+
+        def count(v: float | None) -> str:
+            return "no count" if v is None else f"{int(v)} anomaly filter{'s' if v != 1 else ''}"
+
+        if s["wt_epoch"] is None:
+            wt = (f"no WT epoch (no validation accuracy was logged under `val_acc_key={self.val_acc_key!r}`)")
+        elif s["wt_count"] is None:
+            wt = f"the WT epoch {s['wt_epoch']} (best validation accuracy) was not scanned"
+        else:
+            wt = f"the WT epoch {s['wt_epoch']} (best validation accuracy) had {count(s['wt_count'])}"
+        if s["final_epoch"] is None:
+            last = "no scan finished"
+        else:
+            last = f"the last scan (epoch {s['final_epoch']}) found {count(s['final_count'])}"
+        skipped = [e for e in self.skipped_scans if s["final_epoch"] is None or e > s["final_epoch"]]
+        if skipped:
+            last += f"; the scans of epochs {skipped} after it were skipped (see the warnings)"
+        return f"{wt}; {last}"
 
     def _write_report(self, trainer: pl.Trainer) -> None:
         key = f"{self.log_prefix}/anomaly/count"
@@ -516,20 +535,28 @@ class AnomalyFilterMonitor(InterpCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._exact_counts: dict[str, float] | None = None
+        self._exact_counts = None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
         # Before every callback's `on_fit_end`: the consumers there (PruneFlaggedFilters, the report) see
         # the exact flags whatever the order of the callbacks.
         self.rescan_exact(trainer, pl_module)
 
     def rescan_exact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The ``exact_flags_at_fit_end`` rescan, once per fit (call on every rank: a collective)."""
-        if getattr(self, "_exact_counts", None) is not None or not self.history:
+        if self._exact_counts is not None or not self.history:
             return
         self._exact_counts = {}
         if self.mode == "exact" or not self.exact_flags_at_fit_end or self.probe is None:
+            return
+        # With a time budget the rescan runs only if it fits, costed as the last scan (a lower bound: exact mode
+        # costs more); otherwise the flags stay the last scan's.
+        if self.max_overhead is not None and self._fit_started is not None and not rank_zero_decides(
+                trainer, lambda: self.within_budget(trainer)):
+            rank_zero_info(f"AnomalyFilterMonitor: no exact rescan at fit end (it does not fit max_overhead="
+                           f"{self.max_overhead:g}); the flags are the last scan's ({self.mode} mode).")
             return
         # Training is over: FilterMasking's masks come off now (they would at its own train end), so the
         # flags describe the network that pruning will cut, every filter included.
@@ -565,16 +592,20 @@ class AnomalyFilterMonitor(InterpCallback):
             self._write_report(trainer)
             alarm = (f"the overfitting alarm ({self.alarm}) fired at epoch {summary['alarm_epoch']}"
                      if summary["alarm_epoch"] is not None else f"the overfitting alarm ({self.alarm}) never fired")
-            rank_zero_info(
-                f"AnomalyFilterMonitor: WT epoch {summary['wt_epoch']} had {summary['wt_count']} anomaly filters, "
-                f"the final epoch {summary['final_epoch']} has {summary['final_count']}; {alarm}; report: "
-                f"{self.resolve_report_path(trainer)}"
-            )
+            rank_zero_info(f"AnomalyFilterMonitor: {self.summary_text()}; {alarm}; report: "
+                           f"{self.resolve_report_path(trainer)}")
 
     # ---- state -------------------------------------------------------------------------------
     @override
     def state_key_fields(self) -> dict[str, Any]:
-        return {**super().state_key_fields(), "mode": self.mode}
+        # The grid and the projections name the state only when they differ from the defaults: two monitors that
+        # differ in them coexist, and checkpoints written before keep their key.
+        fields = {**super().state_key_fields(), "mode": self.mode}
+        if self.mode == "pooled" and self.grid != 2:
+            fields["grid"] = self.grid
+        if self.mode == "sketch" and self.num_projections != 64:
+            fields["num_projections"] = self.num_projections
+        return fields
 
     @override
     def state_dict(self) -> dict[str, Any]:

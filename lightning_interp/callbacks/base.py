@@ -14,6 +14,7 @@ import difflib
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,18 +23,21 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 from typing_extensions import override
 
 from ..batch import Batch, BatchAdapter, default_batch_adapter
-from ..layers import eager, eval_mode, get_layer, list_layers, public_name
+from ..budget import check_max_overhead, scan_fits_budget
+from ..layers import eager, get_layer, list_layers, public_name, trace_layers
 from ..nns import check_finite, check_inputs
+from ..progress import trainer_shows_progress
 from ..viz import line_plot
 
 __all__ = [
-    "InterpCallback", "check_finite", "check_probe", "dry_forward", "guarded", "log_root", "rank_zero_decides",
+    "InterpCallback", "check_finite", "check_probe", "class_names", "dry_forward", "guarded", "log_root", "nearest_layers",
+    "rank_zero_decides",
     "select_probe", "warn_missing_keys",
 ]
 
@@ -219,34 +223,69 @@ def warn_missing_keys(trainer: pl.Trainer, keys: dict[str, str], owner: Any) -> 
 
 
 def dry_forward(model: torch.nn.Module, x: torch.Tensor, layers: Sequence[str]) -> tuple[Any, dict[str, Any]]:
-    """One forward of ``x`` in eval mode without gradients, recording what ``layers`` output.
+    """One forward of ``x`` in eval mode without gradients, recording what ``layers`` output
+    (:func:`lightning_interp.layers.trace_layers`).
 
     Returns:
         ``(output, layer_outputs)``: the model's output and, per layer, the shape of its tensor output
-        (a ``torch.Size``), the type name of a non-tensor output, ``None`` when the layer was not
-        called, or ``"called N times"`` when it was called more than once.
+        (a ``torch.Size``) when a scan can read it, ``None`` when the layer was not called, else why not
+        in words (the type name of a non-tensor output, ``"called N times"``, channels last).
     """
-    records: dict[str, list[Any]] = {layer: [] for layer in layers}
-    handles = []
+    output, traced = trace_layers(model, x, layers)
+    return output, {layer: t.shape if t.scannable else None if t.calls == 0 else t.describe()
+                    for layer, t in traced.items()}
 
-    def make_hook(layer: str):
-        def hook(module, args, output):
-            records[layer].append(output.shape if isinstance(output, torch.Tensor) else type(output).__name__)
 
-        return hook
+def nearest_layers(layer: str, valid: Sequence[str], n: int = 6) -> list[str]:
+    """Up to ``n`` of ``valid`` nearest ``layer`` in the module tree (longest shared path first, then in
+    their order): what a refusal suggests instead of ``layer``."""
+    parts = public_name(layer).split(".")
 
-    try:
-        for layer in layers:
-            handles.append(get_layer(model, layer).register_forward_hook(make_hook(layer)))
-        with eval_mode(model), torch.no_grad(), eager():
-            output = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    outputs = {
-        layer: (None if not r else r[0] if len(r) == 1 else f"called {len(r)} times") for layer, r in records.items()
-    }
-    return output, outputs
+    def shared(name: str) -> int:
+        common = 0
+        for a, b in zip(parts, name.split(".")):
+            if a != b:
+                break
+            common += 1
+        return common
+
+    ranked = sorted(enumerate(valid), key=lambda iv: (-shared(iv[1]), iv[0]))
+    return [name for _, name in ranked if name != public_name(layer)][:n]
+
+
+def class_names(trainer: pl.Trainer | None) -> Callable[[int], str]:
+    """``class index -> name`` for captions: the datamodule's ``classes`` (or ``class_names``), else the
+    ``classes`` of the dataset behind the train or val dataloader (torchvision's datasets have them; a
+    ``Subset``'s dataset is looked through), else the index itself."""
+    classes = None
+    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+    for source in (dm, *_loader_datasets(trainer)):
+        while source is not None and classes is None:
+            classes = getattr(source, "classes", None) or getattr(source, "class_names", None)
+            source = getattr(source, "dataset", None)
+        if classes is not None:
+            break
+    if classes is not None and not isinstance(classes, (list, tuple)):
+        classes = list(classes) if not isinstance(classes, (str, dict)) else None
+
+    def name(c: int) -> str:
+        return str(classes[c]) if classes is not None and 0 <= c < len(classes) else str(c)
+
+    return name
+
+
+def _loader_datasets(trainer: pl.Trainer | None) -> list[Any]:
+    if trainer is None:
+        return []
+    out = []
+    for attr in ("train_dataloader", "val_dataloaders"):
+        try:
+            loader = _first_loader(getattr(trainer, attr, None))
+        except Exception:  # a trainer without a fit loop
+            loader = None
+        if loader is not None:
+            out.append(getattr(loader, "dataset", None))
+    return out
 
 
 def eval_dataloader(trainer: pl.Trainer) -> Any:
@@ -292,6 +331,10 @@ class InterpCallback(Callback):
         seed: seed of the probe selection.
         batch_adapter: callable turning a collated batch into a :class:`Batch`.
         strict: re-raise exceptions from a scan instead of warning (never loses the run by default).
+        max_overhead: a time budget instead of a cadence: the fraction of the training time the scans (of every
+            monitor with a budget in the trainer) may add, e.g. ``0.1``. Scans are skipped while one more would
+            exceed it, from the measured scan and training times (:mod:`lightning_interp.budget`; the first scan
+            due always runs, to measure). None (default): scan every ``every_n_epochs`` epochs.
         log_prefix: prefix of every key this instance logs. When None: ``"interp"``, or, when the
             trainer holds several callbacks of this class, ``"interp/<layers>"`` (decided at setup), so
             two instances never log the same keys nor write the same files.
@@ -299,6 +342,14 @@ class InterpCallback(Callback):
 
     #: Prefix of every scalar this callback logs (``interp/<what>/<layer>/<name>``).
     log_prefix = "interp"
+    #: The ``<what>`` of the keys this class logs (``interp/<what>/...``), e.g. ``"anomaly"``; None: unchecked.
+    key_group: str | None = None
+    #: File name of the report the class writes under the log dir (None: it writes none); an instance writes
+    #: ``report_path`` when given, else ``<log dir>/<report_name>`` (:meth:`resolve_report_path`).
+    report_name: str | None = None
+    #: What the monitor skips when the probe has no foreground masks (None: it needs none); warned once
+    #: (:meth:`warn_no_mask`) and said in the HTML report (:meth:`report_notes`).
+    skipped_without_masks: str | None = None
     #: The monitor draws learning images as pictures and needs image inputs ``B x C x H x W``.
     needs_image_inputs = True
     #: The monitor computes losses or accuracies from ``pl_module(x)``, which must return logits.
@@ -316,6 +367,7 @@ class InterpCallback(Callback):
         batch_adapter: BatchAdapter | None = None,
         strict: bool = False,
         log_prefix: str | None = None,
+        max_overhead: float | None = None,
     ):
         super().__init__()
         layers = [layers] if isinstance(layers, str) else list(layers)
@@ -336,6 +388,7 @@ class InterpCallback(Callback):
         self.probe_split = probe_split
         self.probe_source = probe
         self.every_n_epochs = every_n_epochs
+        self.max_overhead = check_max_overhead(max_overhead)
         self.seed = seed
         if log_prefix is not None and (not isinstance(log_prefix, str) or not log_prefix.strip("/")):
             raise ValueError(f"Expected `log_prefix` to be a non-empty str or None but got {log_prefix!r}.")
@@ -344,9 +397,17 @@ class InterpCallback(Callback):
         self._explicit_prefix = log_prefix is not None
         if log_prefix is not None:
             self.log_prefix = log_prefix.strip("/")
+        self.report_path: str | None = None
+        self.log_root: str | None = None
+        #: Whether the monitor has warned that the probe has no foreground masks (run progress, in the state).
+        self.warned_no_mask = False
+        self._fit_started: float | None = None
         self.probe: Batch | None = None
         self.probe_indices: list[int] | None = None
         self.history: list[dict[str, float]] = []
+        #: Epochs whose scan failed and was skipped (a warning said why); wall seconds of each scan.
+        self.skipped_scans: list[int] = []
+        self.scan_seconds: list[float] = []
         #: The latest picture logged under each key: ``{key: (H x W x 3 uint8, caption, epoch)}``
         #: (rank zero; what :class:`~lightning_interp.callbacks.InterpReport` puts in the HTML report).
         self.figures: dict[str, tuple[np.ndarray, str, int]] = {}
@@ -357,8 +418,13 @@ class InterpCallback(Callback):
         return self._generate_state_key(**self.state_key_fields())
 
     def state_key_fields(self) -> dict[str, Any]:
-        """What identifies this instance among callbacks of its class (subclasses add settings)."""
-        return {"layers": tuple(self.layers)}
+        """What identifies this instance among callbacks of its class (subclasses add settings): its layers,
+        and its ``log_prefix`` when one was given (so two monitors of one layer can coexist; without one the
+        key stays what earlier releases wrote, and their checkpoints still resume)."""
+        fields: dict[str, Any] = {"layers": tuple(self.layers)}
+        if self._explicit_prefix:
+            fields["log_prefix"] = self.log_prefix
+        return fields
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -392,17 +458,19 @@ class InterpCallback(Callback):
 
     def _own_prefix(self, peers: Sequence[InterpCallback]) -> str:
         """The log prefix this instance uses among ``peers`` (instances of its class in one trainer):
-        explicit, else the class's, suffixed by its layers when it has peers — and by the rest of its
+        explicit, else the class's, suffixed by its layers when it has peers without a prefix of their own — and by the rest of its
         ``state_key_fields`` (e.g. ``mode``) when a peer watches the same layers."""
         if self._explicit_prefix:
             return self.log_prefix
         base = type(self).log_prefix
-        others = [cb for cb in peers if cb is not self]
+        # Peers with a prefix of their own leave the class's prefix free: `log_prefix="second"` on one of two
+        # monitors keeps the other on the plain keys (`interp/anomaly/...`).
+        others = [cb for cb in peers if cb is not self and not (cb._explicit_prefix and cb.log_prefix != base)]
         if not others:
             return base
         tag = "+".join(public_name(layer) for layer in self.layers)
         if any(list(cb.layers) == list(self.layers) for cb in others):
-            extra = [str(v) for k, v in self.state_key_fields().items() if k != "layers"]
+            extra = [str(v) for k, v in self.state_key_fields().items() if k not in ("layers", "log_prefix")]
             tag = "+".join([tag, *extra])
         return f"{base}/{tag}"
 
@@ -421,14 +489,36 @@ class InterpCallback(Callback):
                 f"`{type(self).__name__}(..., log_prefix='interp/{type(self).__name__.lower()}2')`."
             )
         self.log_prefix = mine
-        if getattr(self, "report_path", "") is None and hasattr(self, "resolve_report_path"):
+        self._check_monitored_keys(trainer, peers)
+        if self.report_name is not None and self.report_path is None:
             base, ext = os.path.splitext(self.resolve_report_path(trainer))
             self.report_path = f"{base}_{re.sub(r'[^A-Za-z0-9_.+-]+', '_', mine)}{ext}"
-        paths = [getattr(cb, "report_path", None) for cb in peers]
-        if getattr(self, "report_path", None) is not None and paths.count(self.report_path) > 1:
+        paths = [cb.report_path for cb in peers]
+        if self.report_path is not None and paths.count(self.report_path) > 1:
             raise ValueError(
                 f"Expected the {type(self).__name__} callbacks to write different reports but two write "
                 f"{self.report_path!r}; give each its own `report_path=` (or leave it None for one per instance)."
+            )
+
+    def _check_monitored_keys(self, trainer: pl.Trainer, peers: Sequence[InterpCallback]) -> None:
+        """Refuse, at setup, an ``EarlyStopping``/``ModelCheckpoint`` that monitors this class's single-instance
+        key (``interp/anomaly/overfit_alarm``) when several instances log under their own prefixes: no callback
+        would log it and the run would stop at its first check. The message names the keys to use."""
+        group = type(self).key_group
+        if group is None:
+            return
+        prefixes = {cb._own_prefix(peers): cb for cb in peers}
+        base = f"{type(self).log_prefix}/{group}/"
+        for other in trainer.callbacks:
+            key = getattr(other, "monitor", None)
+            if not isinstance(key, str) or not key.startswith(base) or type(self).log_prefix in prefixes:
+                continue
+            rest = key[len(type(self).log_prefix):]
+            keys = " or ".join(f"{prefix + rest!r} (layers {cb.layers})" for prefix, cb in prefixes.items())
+            raise ValueError(
+                f"Expected {type(other).__name__}(monitor={key!r}) to monitor a key a callback logs, but with "
+                f"{len(peers)} {type(self).__name__} callbacks each logs under its own prefix. Pass monitor={keys}, "
+                f"or give the one that should decide `log_prefix={type(self).log_prefix!r}`."
             )
 
     def check_layers(self, pl_module: pl.LightningModule) -> None:
@@ -442,6 +532,8 @@ class InterpCallback(Callback):
         # An explicit `probe=` sets the size: reports and settings state what was scanned.
         self.probe_size = len(self.probe)
         self.check_layer_outputs(pl_module, self.probe)
+        self.scan_seconds = []
+        self._fit_started = time.perf_counter()
 
     def check_layer_outputs(self, pl_module: pl.LightningModule, probe: Batch) -> None:
         """Refuse, before the first step, what the scans could not use, from one forward of two probe
@@ -489,23 +581,50 @@ class InterpCallback(Callback):
                 f"{layer!r}: {'never called' if out is None else out if isinstance(out, str) else 'shape ' + str(tuple(out))}"
                 for layer, out in bad.items()
             )
+            near = nearest_layers(next(iter(bad)), list(valid), 12)
             raise ValueError(
-                f"Expected `layers` to output one (B, K, ...) tensor per forward pass (K filters) but {list(bad)} "
-                f"do not ({got}). "
-                f"Layers that do: {', '.join(repr(n) for n in list(valid)[:12])}"
-                f"{', ...' if len(valid) > 12 else ''}; `lightning_interp.layers.list_layers(model, example_inputs)` "
-                "lists them all."
+                f"Expected `layers` to output one (B, K, ...) tensor per forward pass with the K filters on dim 1 "
+                f"but {list(bad)} do not ({got}). "
+                f"Layers that do, nearest first: {', '.join(repr(n) for n in near)}"
+                f"{', ...' if len(valid) > len(near) else ''}; `lightning_interp.layers.list_layers(model, "
+                "example_inputs)` lists them all."
             )
         self.check_dry_run(pl_module, probe, outputs)
 
     def check_dry_run(self, pl_module: pl.LightningModule, probe: Batch, outputs: dict[str, torch.Size]) -> None:
         """Subclass hook after the dry forward: refuse what this monitor cannot use (``outputs``: layer shapes)."""
 
+    def metric_keys(self) -> dict[str, str]:
+        """Subclass hook: the ``trainer.callback_metrics`` keys the monitor reads, ``{argument: key}`` (e.g.
+        ``{"val_acc_key": "val/acc"}``); after the first validation a missing one is warned about by name."""
+        return {}
+
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        keys = {arg: getattr(self, arg) for arg in ("val_acc_key", "val_loss_key") if isinstance(getattr(self, arg, None), str)}
+        keys = self.metric_keys()
         if keys:
             warn_missing_keys(trainer, keys, self)
+
+    def resolve_report_path(self, trainer: pl.Trainer) -> str | None:
+        """Where this instance writes its report: ``report_path``, else ``<log dir>/<report_name>``; None when
+        the class writes none."""
+        if self.report_path is not None or self.report_name is None:
+            return self.report_path
+        return os.path.join(self.log_root or trainer.default_root_dir, self.report_name)
+
+    def warn_no_mask(self) -> None:
+        """Warn, once per run, that the probe has no foreground masks and what is skipped for it."""
+        if not self.warned_no_mask:
+            rank_zero_warn(f"{type(self).__name__}: the probe has no foreground masks; skipped: "
+                           f"{self.skipped_without_masks}.")
+            self.warned_no_mask = True
+
+    def report_notes(self) -> list[str]:
+        """Why the monitor has less to show, as sentences for the HTML report (empty when nothing was skipped)."""
+        if not self.warned_no_mask or self.skipped_without_masks is None:
+            return []
+        return [f"Skipped because the probe has no foreground masks: {self.skipped_without_masks}. Give masks as `(x, y, mask)` batches, dicts with a 'mask' entry, or with `batch_adapter=` "
+                "(docs/guide/own_module.md)."]
 
     def _build_probe(self, trainer: pl.Trainer) -> tuple[Batch, list[int] | None]:
         probe, indices = self._select_probe(trainer)
@@ -539,7 +658,36 @@ class InterpCallback(Callback):
 
     # ---- cadence and fault isolation -------------------------------------------------------
     def should_scan(self, trainer: pl.Trainer) -> bool:
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not trainer.sanity_checking
+        """Scan at this epoch end: every ``every_n_epochs`` epochs, and, with ``max_overhead``, when one more scan
+        fits the time budget (decided on rank zero: the ranks' clocks differ, their scans must not)."""
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return False
+        return self.max_overhead is None or rank_zero_decides(trainer, lambda: self.within_budget(trainer))
+
+    def within_budget(self, trainer: pl.Trainer) -> bool:
+        """Whether one more scan, costed as this monitor's last, keeps every budgeted monitor's scans within
+        ``max_overhead`` of the training time so far (:func:`~lightning_interp.budget.scan_fits_budget`)."""
+        spent, train = self.budget_seconds(trainer)
+        last = self.scan_seconds[-1] if self.scan_seconds else None
+        return scan_fits_budget(train, spent, last, self.max_overhead)
+
+    def budget_seconds(self, trainer: pl.Trainer) -> tuple[float, float]:
+        """``(scans, training)``: wall seconds of this fit's scans by every monitor with a budget, and of the
+        fit so far without them."""
+        peers = [cb for cb in trainer.callbacks if isinstance(cb, InterpCallback) and cb.max_overhead is not None]
+        spent = sum(sum(cb.scan_seconds) for cb in peers)
+        started = self._fit_started if self._fit_started is not None else time.perf_counter()
+        return spent, time.perf_counter() - started - spent
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.max_overhead is not None and trainer.is_global_zero:
+            spent, train = self.budget_seconds(trainer)
+            rank_zero_info(
+                f"{type(self).__name__} ({', '.join(self.layers)}): {len(self.scan_seconds)} scans in "
+                f"{trainer.current_epoch} epochs within max_overhead={self.max_overhead:g} (the budgeted monitors' "
+                f"scans took {spent:.1f} s, {spent / max(train, 1e-9):.0%} of the {train:.1f} s of training)"
+            )
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -553,15 +701,24 @@ class InterpCallback(Callback):
                 raise FloatingPointError(f"non-finite values (NaN/inf in activations or learning images?) for {bad}")
             return {k: float(v) for k, v in scalars.items()}, self.decisions()
 
+        start = time.perf_counter()
         outcome = guarded(
             type(self).__name__, self.strict,
             f"skipped its scan at epoch {trainer.current_epoch} (training goes on; `strict=True` raises)",
             lambda: rank_zero_decides(trainer, run),
         )
+        seconds = time.perf_counter() - start
+        self.scan_seconds.append(seconds)
         if outcome is not None:
             scalars, decisions = outcome
             self.adopt_decisions(decisions)
             self.log_scalars(trainer, pl_module, scalars)
+        else:
+            self.skipped_scans.append(trainer.current_epoch)
+        if not trainer_shows_progress(trainer) and trainer.is_global_zero:
+            # No progress bar: one line per scan, so a long run is never silent for minutes.
+            rank_zero_info(f"{type(self).__name__} ({', '.join(self.layers)}): scan at epoch {trainer.current_epoch} "
+                           f"{'done' if outcome is not None else 'skipped'} in {seconds:.1f} s")
 
     def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
         """Run the monitor on the probe; log pictures; return the scalars to log and keep."""
@@ -649,7 +806,7 @@ class InterpCallback(Callback):
         return eval_dataloader(trainer)
 
     def _artifact_path(self, trainer: pl.Trainer, folder: str, key: str, ext: str) -> str:
-        root = getattr(self, "log_root", None) or trainer.default_root_dir
+        root = self.log_root or trainer.default_root_dir
         return os.path.join(root, folder, key.replace("/", "_"), f"epoch={trainer.current_epoch}.{ext}")
 
     def save_png(self, trainer: pl.Trainer, key: str, image: np.ndarray) -> str | None:
@@ -667,9 +824,15 @@ class InterpCallback(Callback):
     # ---- state -------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "probe_indices": self.probe_indices}
+        state = {"history": list(self.history), "probe_indices": self.probe_indices,
+                 "skipped_scans": list(self.skipped_scans)}
+        if self.skipped_without_masks is not None:
+            state["warned_no_mask"] = self.warned_no_mask
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.probe_indices = state_dict.get("probe_indices", self.probe_indices)
+        self.skipped_scans = list(state_dict.get("skipped_scans", []))
+        self.warned_no_mask = bool(state_dict.get("warned_no_mask", False))

@@ -26,7 +26,7 @@ from ..dynamics import DEFAULT_SCORE, SCORES, SampleDynamics, SampleScores, _che
 from ..layers import eval_mode, get_layer
 from ..overfitting import rise_alarm
 from ..viz import labelled_image_grid
-from .base import _first_loader, guarded, log_root, rank_zero_decides, select_probe, send_image, send_metrics
+from .base import _first_loader, class_names, guarded, log_root, rank_zero_decides, select_probe, send_image, send_metrics
 
 __all__ = ["ALARM_RULES", "SOURCES", "SampleDynamicsMonitor"]
 
@@ -38,16 +38,6 @@ SOURCES = ("batches", "subset")
 #: rose 0.05 over its running minimum for 2 consecutive epochs; ``"label_wave"`` — Label Wave's first
 #: minimum of prediction flips, passed for 2 epochs; None — no alarm (see the README for the benchmark).
 ALARM_RULES = ("flagged_fit", "label_wave")
-
-
-def _class_names(trainer: pl.Trainer):
-    dm = getattr(trainer, "datamodule", None)
-    classes = getattr(dm, "classes", None)
-
-    def name(c: int) -> str:
-        return str(classes[c]) if classes is not None and 0 <= c < len(classes) else str(c)
-
-    return name
 
 
 class SampleDynamicsMonitor(Callback):
@@ -386,7 +376,7 @@ class SampleDynamicsMonitor(Callback):
         top = scores.top(self.num_images).tolist()
         if not top:
             return
-        name = _class_names(trainer)
+        name = class_names(trainer)
         since = scores.columns["fit_since_epoch"]
         truth = self.truth(trainer)  # a datamodule that knows which labels it flipped (the demo)
         captions = []

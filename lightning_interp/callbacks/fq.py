@@ -50,6 +50,9 @@ class FeatureQuantityMonitor(InterpCallback):
     Without foreground masks the monitor warns once and does nothing.
     """
 
+    key_group = "fq"
+    skipped_without_masks = "feature quantity"
+
     def __init__(
         self,
         layers: str | Sequence[str],
@@ -85,7 +88,6 @@ class FeatureQuantityMonitor(InterpCallback):
         self.dbscan_eps = dbscan_eps
         self.dbscan_min_samples = dbscan_min_samples
         self.eval_max_batches = eval_max_batches
-        self._warned_no_mask = False
         self.diversity: dict[str, torch.Tensor] = {}
         self.filter_fq: dict[str, torch.Tensor] = {}
 
@@ -98,9 +100,7 @@ class FeatureQuantityMonitor(InterpCallback):
     @override
     def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
         if probe.mask is None:
-            if not self._warned_no_mask:
-                rank_zero_warn("FeatureQuantityMonitor: the probe has no foreground masks; feature quantity is skipped.")
-                self._warned_no_mask = True
+            self.warn_no_mask()
             return {}
         scalars: dict[str, float] = {}
         depth = {"fq_mean": [], "fq_variance": []}
@@ -156,14 +156,13 @@ class FeatureQuantityMonitor(InterpCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "warned_no_mask": self._warned_no_mask,
+        return {**super().state_dict(),
                 "diversity": {k: v.tolist() for k, v in self.diversity.items()},
                 "filter_fq": {k: v.tolist() for k, v in self.filter_fq.items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._warned_no_mask = bool(state_dict.get("warned_no_mask", False))
         self.diversity = {k: torch.tensor(v) for k, v in state_dict.get("diversity", {}).items()}
         self.filter_fq = {k: torch.tensor(v) for k, v in state_dict.get("filter_fq", {}).items()}
 

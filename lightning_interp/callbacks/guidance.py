@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch.nn import functional as F
 from typing_extensions import override
 
 from ..batch import Batch
 from ..cam import cam_iou, grad_cam
-from ..layers import eager, eval_mode, get_layer, public_name
+from ..layers import eager, eval_mode, get_layer, is_pass_through, public_name, trace_layers
 from ..losses import DEPRECATED_LOSSES, LOSSES, MASK_LOSSES, canonical_weights, guidance_terms
 from .base import InterpCallback
 
-__all__ = ["AttentionGuidance"]
+__all__ = ["AttentionGuidance", "guidable_layers"]
 
 #: How to give foreground masks, quoted by every message about missing masks.
 HOW_TO_GIVE_MASKS = (
@@ -49,6 +49,8 @@ class AttentionGuidance(InterpCallback):
 
     Every ``every_n_epochs`` epochs it logs the CAM/mask IoU on the probe (``interp/guidance/cam_iou``).
     """
+
+    key_group = "guidance"
 
     def __init__(
         self,
@@ -120,18 +122,11 @@ class AttentionGuidance(InterpCallback):
 
     @override
     def check_dry_run(self, pl_module: pl.LightningModule, probe: Batch, outputs: dict) -> None:
-        """Before the first step: a spatial map at ``layer``, masks and labels where the terms need them,
-        and one dry run of the terms' double backward on two probe samples."""
-        shape = outputs[self.layer]
+        """Before the first step: ``layer`` passes every check of :func:`guidable_layers` (a spatial map, no
+        module without a second derivative after it, masks that leave the terms something to penalise at its
+        resolution), masks and labels where the terms need them, and one dry run of the terms' double
+        backward on two probe samples. A refusal suggests only layers that pass every check."""
         x = probe.x[:2].to(pl_module.device)
-        if len(shape) != 4 or shape[2] * shape[3] < 2:
-            candidates = _spatial_layers(pl_module, x)
-            raise ValueError(
-                f"Expected `layer` {self.layer!r} to output a spatial map (B, K, H, W) with H x W >= 2 but it outputs "
-                f"{tuple(shape)} for inputs {tuple(x.shape)}: a 1x1 (or flat) map makes the CAM constant, so every "
-                f"attention term and the CAM IoU would be 0. Choose an earlier layer, e.g. "
-                f"{', '.join(repr(n) for n in candidates[-4:])}, or use larger inputs."
-            )
         needs_mask = [n for n in self.weights if n in MASK_LOSSES]
         if needs_mask and probe.mask is None:
             raise ValueError(f"Expected training batches with foreground masks for {needs_mask} but found none. "
@@ -139,6 +134,11 @@ class AttentionGuidance(InterpCallback):
         if probe.y is None and any(n in self.weights for n in ("attention_mining", "attention_supervision")):
             raise ValueError("Expected labelled training batches for the CAM terms but found no labels; pass "
                              "`batch_adapter=` if your batches hold them in another place.")
+        reasons, grids = guidable_layers(pl_module, x, self.weights, probe.mask)
+        layer = public_name(self.layer)
+        if reasons.get(layer):
+            raise ValueError(f"AttentionGuidance cannot guide `layer` {self.layer!r} for inputs {tuple(x.shape)}: "
+                             f"{reasons[layer]}. {_alternatives(pl_module, reasons, grids)}")
         sample = Batch(x, None if probe.y is None else probe.y[:2].to(pl_module.device),
                        None if probe.mask is None else probe.mask[:2].to(pl_module.device))
         try:  # in eval mode: the dry run must not move BatchNorm running statistics
@@ -149,7 +149,8 @@ class AttentionGuidance(InterpCallback):
                 if isinstance(total, torch.Tensor) and total.requires_grad and params:
                     torch.autograd.grad(total, params, allow_unused=True)
         except RuntimeError as err:
-            raise ValueError(_double_backward_message(pl_module, self.layer, self.weights, err)) from err
+            raise ValueError(f"AttentionGuidance: a dry run of its loss terms on two probe samples failed before "
+                             f"training: {type(err).__name__}: {err}") from err
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -169,43 +170,99 @@ class AttentionGuidance(InterpCallback):
 
 
 
-def _spatial_layers(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
-    """Module paths (forward order) whose single output is a ``B x K x H x W`` map with H x W >= 2."""
-    shapes: dict[str, list] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_hook(
-                lambda m, a, out, name=name: shapes.setdefault(name, []).append(
-                    out.shape if isinstance(out, torch.Tensor) else None)))
+#: Terms that differentiate twice through every module after ``layer`` (Grad-CAM with ``create_graph``).
+_CAM_TERMS = ("attention_mining", "attention_supervision", "cam_background", "cam_background_share")
+#: Terms that penalise the class evidence on the background cells of ``layer``'s grid.
+_BACKGROUND_TERMS = ("cam_background", "cam_background_share")
+
+
+@functools.cache
+def _lacks_second_derivative(kind: type) -> bool:
+    """Whether an elementwise activation type has no double backward in PyTorch (e.g. ``nn.Hardsigmoid``)."""
     try:
-        with eval_mode(model), torch.no_grad(), eager():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return [public_name(n) for n, s in shapes.items()
-            if len(s) == 1 and s[0] is not None and len(s[0]) == 4 and s[0][2] * s[0][3] >= 2]
+        module = kind()
+    except Exception:
+        return False
+    x = torch.linspace(-4, 4, 9, requires_grad=True)
+    try:
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(module(x).sum(), x, create_graph=True)
+            if g.requires_grad:
+                torch.autograd.grad(g.sum(), x, allow_unused=True)
+    except Exception as err:
+        return "not implemented" in str(err)
+    return False
 
 
-def _double_backward_message(model: torch.nn.Module, layer: str, weights: Mapping[str, float], err: Exception) -> str:
-    """Explain a failed double backward: which module type lacks a second derivative, and what to do."""
-    text = str(err)
-    found = re.search(r"derivative for (?:aten::)?(\w+) is not implemented", text)
-    if not found:
-        return (f"AttentionGuidance: a dry run of its loss terms on two probe samples failed before training: "
-                f"{type(err).__name__}: {text}")
-    op = found.group(1)
-    stem = re.sub(r"(_backward)+$", "", op).replace("_", "").lower()
-    names = [n for n, m in model.named_modules() if n and stem and stem in type(m).__name__.lower()]
-    kinds = sorted({type(get_layer(model, n)).__name__ for n in names}) or [op]
-    if "rrr" in weights:
-        where = ("the `rrr` term differentiates twice through the whole network: drop it, or replace those "
-                 "modules with twice-differentiable ones (e.g. nn.Sigmoid / nn.SiLU)")
-    else:
-        where = (f"the CAM terms differentiate twice through every module after `layer` ({layer!r}): choose a layer "
-                 f"after the last of them ({public_name(names[-1]) if names else op}), or replace them with "
-                 "twice-differentiable modules (e.g. nn.Hardsigmoid -> nn.Sigmoid)")
-    return (f"AttentionGuidance cannot train through {'/'.join(kinds)} modules "
-            f"({', '.join(repr(public_name(n)) for n in names[:4])}{', ...' if len(names) > 4 else ''}): PyTorch has no "
-            f"second derivative for {op}, which the attention terms need; {where}.")
+def guidable_layers(
+    model: torch.nn.Module, x: torch.Tensor, weights: Mapping[str, float], mask: torch.Tensor | None = None,
+) -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
+    """Every layer of ``model`` checked for ``AttentionGuidance`` with these ``weights`` on inputs ``x``, from one
+    traced forward (:func:`~lightning_interp.layers.trace_layers`).
+
+    A layer passes when (1) it outputs one channels-first spatial map ``B x K x H x W`` with ``H x W >= 2``
+    (a 1x1 map makes the CAM constant); (2) for the CAM terms, no module without a second derivative
+    (``nn.Hardsigmoid``) runs after it — the terms differentiate twice through every module after the layer; for
+    ``rrr``, none runs anywhere (it differentiates twice through the whole network); (3) for ``cam_background``
+    and ``cam_background_share``, the foreground ``mask`` (``B x 1 x H x W``, the probe's) leaves at least one
+    background cell at the layer's ``H x W`` (a cell is background where it holds no foreground pixel: on a
+    coarse grid a centred object covers every cell and the term is 0 at every step); for ``rrr``, the masks
+    leave a background pixel.
+
+    Returns:
+        ``({layer: why it fails, "" when it passes}, {layer: (H, W)})`` in forward order.
+    """
+    _, traced = trace_layers(model, x)
+    order = sorted(traced, key=lambda n: traced[n].order)
+    hard = [n for n in order if traced[n].calls and is_pass_through(get_layer(model, n))
+            and _lacks_second_derivative(type(get_layer(model, n)))]
+    last_hard = max((traced[n].order for n in hard), default=-1)
+    kinds = "/".join(sorted({type(get_layer(model, n)).__name__ for n in hard}))
+    cam_terms = any(n in weights for n in _CAM_TERMS)
+    background = [n for n in weights if n in _BACKGROUND_TERMS]
+    m = None if mask is None else (mask if mask.dim() == 4 else mask[:, None]).float().cpu()
+    reasons: dict[str, str] = {}
+    grids: dict[str, tuple[int, int]] = {}
+    for name in order:
+        t = traced[name]
+        if not t.scannable or len(t.shape) != 4 or t.shape[2] * t.shape[3] < 2:
+            shape = "" if not t.scannable else f" {tuple(t.shape)}"
+            why = t.describe() if not t.scannable and t.calls else f"it outputs{shape}"
+            if t.calls:
+                reasons[name] = (f"{why}, not a spatial map (B, K, H, W) with H x W >= 2: a 1x1 (or flat) map makes the "
+                                 "CAM constant, so every attention term and the CAM IoU would be 0")
+            continue
+        grids[name] = (int(t.shape[2]), int(t.shape[3]))
+        if "rrr" in weights and hard:
+            reasons[name] = (f"the `rrr` term differentiates twice through the whole network and PyTorch has no "
+                             f"second derivative for its {kinds} modules ({_names(hard)})")
+        elif cam_terms and t.order < last_hard:
+            reasons[name] = (f"the CAM terms differentiate twice through every module after the layer and PyTorch has "
+                             f"no second derivative for the {kinds} modules after it ({_names([h for h in hard if traced[h].order > t.order])})")
+        elif background and m is not None and not (F.adaptive_max_pool2d(m, grids[name]) == 0).any():
+            reasons[name] = (f"at its {grids[name][0]}x{grids[name][1]} grid the probe's foreground masks leave no "
+                             f"background cell in any of its {len(m)} samples, so {'/'.join(background)} would be 0 "
+                             "at every step")
+        elif "rrr" in weights and m is not None and not (m == 0).any():
+            reasons[name] = "the probe's foreground masks cover every pixel, so `rrr` (background = outside the mask) would be 0"
+        else:
+            reasons[name] = ""
+    return reasons, grids
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(repr(public_name(n)) for n in names[-3:]) + (", ..." if len(names) > 3 else "")
+
+
+def _alternatives(model: torch.nn.Module, reasons: dict[str, str], grids: dict[str, tuple[int, int]]) -> str:
+    """The layers that pass every check (the deepest four, with their grids), or what to change when none does."""
+    ok = [n for n, why in reasons.items() if not why]
+    if ok:
+        return ("Layers that pass every check: " + ", ".join(f"{n!r} ({grids[n][0]}x{grids[n][1]})" for n in ok[-4:])
+                + (f" (and {len(ok) - 4} earlier ones)" if len(ok) > 4 else "") + ".")
+    spatial = [n for n in grids]
+    why = sorted({r.split(" (")[0] for n, r in reasons.items() if n in grids and r})
+    return (f"No layer of {type(model).__name__} passes every check for these inputs "
+            f"({len(spatial)} output a spatial map; they fail because {'; '.join(why) or 'their maps are 1x1'}). "
+            "Replace the modules without a second derivative by twice-differentiable ones (e.g. nn.Hardsigmoid -> "
+            "nn.Sigmoid), use larger inputs (finer maps), or drop the terms that cannot work here.")

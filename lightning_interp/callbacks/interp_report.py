@@ -42,8 +42,7 @@ def _anomaly_section(cb: AnomalyFilterMonitor, curves: Curves) -> tuple[Section,
     section = Section(f"Anomaly filters ({', '.join(cb.layers)})")
     section.paragraphs.append(
         f"Mode {cb.mode}, probe of {cb.probe_size} samples, λ = {cb.min_cluster_size}. "
-        f"Best validation accuracy (WT) at epoch {s['wt_epoch']} with {s['wt_count']} anomaly filters; "
-        f"the last scan (epoch {s['final_epoch']}) has {s['final_count']}."
+        f"{cb.summary_text()[0].upper()}{cb.summary_text()[1:]}."
         + (f" The flagged filters below, which masking and pruning take, come from one exact rescan of the "
            f"probe at fit end ({cb.filter_scores().count} flagged)."
            if cb.filter_scores().settings.get("scanned") == "fit end" else "")
@@ -203,17 +202,6 @@ def _prune_section(cb: PruneFlaggedFilters) -> Section | None:
     return section
 
 
-def _skipped_notes(cb: InterpCallback) -> list[str]:
-    """Why a monitor has less to show: it ran without foreground masks."""
-    if not getattr(cb, "_warned_no_mask", False):
-        return []
-    how = ("Give masks as `(x, y, mask)` batches, dicts with a 'mask' entry, or with `batch_adapter=` "
-           "(docs/guide/own_module.md).")
-    if type(cb).__name__ == "FeatureQuantityMonitor":
-        return [f"Feature quantity was skipped: the probe has no foreground masks. {how}"]
-    return [f"Foreground/background properties and filter types were skipped: the probe has no foreground masks. {how}"]
-
-
 def _scalars_table(cb: InterpCallback) -> Table | None:
     scans = [h for h in cb.history if "fit_end" not in h]
     rows = []
@@ -253,7 +241,7 @@ def report_sections(
             if timeline is not None:
                 new[f"{cb.log_prefix}/anomaly/timeline"] = timeline
         elif isinstance(cb, InterpCallback):
-            section = Section(f"{type(cb).__name__} ({', '.join(cb.layers)})", paragraphs=_skipped_notes(cb))
+            section = Section(f"{type(cb).__name__} ({', '.join(cb.layers)})", paragraphs=cb.report_notes())
             section.figures.extend(Figure(k, img, cap) for k, (img, cap, _) in cb.figures.items())
         elif isinstance(cb, PruneFlaggedFilters):
             pruning = _prune_section(cb)
@@ -318,6 +306,7 @@ class InterpReport(Callback):
         self.curves: Curves = {}
         self.path: str | None = None
         self.report_dir: str | None = dirpath
+        self.log_root: str | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -351,7 +340,7 @@ class InterpReport(Callback):
         for key, image in new.items():
             send_image(trainer, key, image, "anomaly filters vs loss")
         meta: dict[str, Any] = {"epochs": trainer.current_epoch, "global step": trainer.global_step}
-        meta["log dir"] = getattr(self, "log_root", None) or trainer.default_root_dir
+        meta["log dir"] = self.log_root or trainer.default_root_dir
         try:
             self.path = write_html_report(self.report_dir, sections, title=self.title, meta=meta)
         except OSError as err:

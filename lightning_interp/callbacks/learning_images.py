@@ -63,6 +63,8 @@ class LearningImageLogger(InterpCallback):
         ...                      logger=WandbLogger(offline=True))
     """
 
+    key_group = "nns"
+
     #: Learning images need no logits: a model returning a dict is fine here.
     needs_logits = False
 

@@ -19,7 +19,26 @@ from ..pruning import check_prunable, load_pruned, prune_filters, save_pruned
 from ..scores import Scorer, ScoreSource, Selection, check_source, resolve_if_ready, resolve_scores
 from .base import _first_loader, eval_dataloader, guarded, log_root, send_metrics
 
-__all__ = ["PruneFlaggedFilters", "save_pruned", "load_pruned"]  # the file functions live in ..pruning
+__all__ = ["PruneFlaggedFilters", "network_at", "save_pruned", "load_pruned"]  # the file functions live in ..pruning
+
+
+def network_at(module: torch.nn.Module, model_attr: str) -> torch.nn.Module:
+    """The network to prune, ``module.<model_attr>``: the one check the callback and ``lightning-interp prune``
+    share.
+
+    Raises:
+        ValueError: ``model_attr`` is not an ``nn.Module`` attribute; the message names the module's.
+    """
+    net = getattr(module, model_attr, None)
+    if not isinstance(net, torch.nn.Module):
+        choices = [name for name, _ in module.named_children()]
+        hint = f"; pass `model_attr={choices[0]!r}`" if len(choices) == 1 else ""
+        raise ValueError(
+            f"Expected `model_attr={model_attr!r}` (`--model_attr` of `lightning-interp prune`) to name the network "
+            f"to prune, an nn.Module attribute of {type(module).__name__}, but `{type(module).__name__}.{model_attr}` "
+            f"is {type(net).__name__ if net is not None else 'missing'}. Its nn.Module attributes: {choices}{hint}."
+        )
+    return net
 
 
 class PruneFlaggedFilters(Callback):
@@ -120,17 +139,8 @@ class PruneFlaggedFilters(Callback):
         self.check_targets(pl_module, self._example(trainer, pl_module))
 
     def network(self, pl_module: pl.LightningModule) -> torch.nn.Module:
-        """The network to prune, ``pl_module.<model_attr>``; a ``ValueError`` naming the valid choices otherwise."""
-        net = getattr(pl_module, self.model_attr, None)
-        if not isinstance(net, torch.nn.Module):
-            choices = [name for name, _ in pl_module.named_children()]
-            hint = f"; pass `model_attr={choices[0]!r}`" if len(choices) == 1 else ""
-            raise ValueError(
-                f"Expected `model_attr={self.model_attr!r}` to name the network to prune, an nn.Module attribute of "
-                f"{type(pl_module).__name__}, but `pl_module.{self.model_attr}` is "
-                f"{type(net).__name__ if net is not None else 'missing'}. Its nn.Module attributes: {choices}{hint}."
-            )
-        return net
+        """The network to prune, ``pl_module.<model_attr>`` (:func:`network_at`)."""
+        return network_at(pl_module, self.model_attr)
 
     def _watched_layers(self) -> list[str]:
         if self.monitor is not None:

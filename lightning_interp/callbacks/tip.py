@@ -65,6 +65,9 @@ class TIPMonitor(InterpCallback):
         **kwargs: :class:`~lightning_interp.callbacks.base.InterpCallback` options.
     """
 
+    key_group = "tip"
+    skipped_without_masks = "foreground/background properties and filter types"
+
     def __init__(
         self,
         layers: str | Sequence[str],
@@ -96,7 +99,6 @@ class TIPMonitor(InterpCallback):
         self.top_filters = top_filters
         self.aipc_fractions = tuple(aipc_fractions)
         self.aipc_max_batches = aipc_max_batches
-        self._warned_no_mask = False
         self.last: dict[str, dict[str, torch.Tensor]] = {}
 
     def properties(self, pl_module: pl.LightningModule, layer: str, probe: Batch) -> dict[str, torch.Tensor]:
@@ -106,9 +108,8 @@ class TIPMonitor(InterpCallback):
 
     @override
     def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
-        if probe.mask is None and not self._warned_no_mask:
-            rank_zero_warn("TIPMonitor: the probe has no foreground masks; foreground/background properties and filter types are skipped.")
-            self._warned_no_mask = True
+        if probe.mask is None:
+            self.warn_no_mask()
         scalars: dict[str, float] = {}
         for layer in progress(self.layers, desc="TIP scan", enabled=len(self.layers) > 1 and trainer_shows_progress(trainer)):
             t = self.properties(pl_module, layer, probe)
@@ -196,12 +197,11 @@ class TIPMonitor(InterpCallback):
         # `last` (the latest T^k per layer) feeds the fit-end AIPC: a run resumed after its final
         # scan must still have it.
         last = {layer: {name: v.detach().cpu() for name, v in t.items()} for layer, t in self.last.items()}
-        return {**super().state_dict(), "warned_no_mask": self._warned_no_mask, "last": last}
+        return {**super().state_dict(), "last": last}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._warned_no_mask = bool(state_dict.get("warned_no_mask", False))
         self.last = {layer: dict(t) for layer, t in state_dict.get("last", {}).items()}
 
     # ---- filter scores -------------------------------------------------------------------------
