@@ -26,7 +26,16 @@ from ..dynamics import DEFAULT_SCORE, SCORES, SampleDynamics, SampleScores, _che
 from ..layers import eval_mode, get_layer
 from ..overfitting import rise_alarm
 from ..viz import labelled_image_grid
-from .base import _first_loader, class_names, guarded, log_root, rank_zero_decides, select_probe, send_image, send_metrics
+from .base import (
+    _first_loader,
+    class_names,
+    guarded,
+    log_root,
+    rank_zero_decides,
+    select_probe,
+    send_image,
+    send_metrics,
+)
 
 __all__ = ["ALARM_RULES", "SOURCES", "SampleDynamicsMonitor"]
 
