@@ -228,3 +228,31 @@ def test_the_logits_are_the_last_child_called_not_a_feature_vector(tmp_path):
         module.eval()
         preds = module(data.tensors[0]).argmax(1)
     assert torch.equal(monitor.dynamics.last_pred, preds)
+
+
+def test_memorisation_scorer_scores_the_monitors_flagged_samples_and_feeds_masking(tmp_path):
+    from lightning_interp.callbacks import FilterMasking, MemorisationScorer
+    from lightning_interp.memorisation import memorisation_scores
+    from lightning_interp.models import ImageClassifier
+    from lightning_interp.scores import Selection
+
+    dm = DigitsDataModule(image_size=16, batch_size=64, label_noise=0.3)
+    module = ImageClassifier(SimpleCNN(in_channels=1, width=(4, 8, 8)), lr=0.01)
+    monitor = SampleDynamicsMonitor(track_size=200, num_images=0, flag_rule=20)
+    held = MemorisationScorer(monitor, module, ["model.relu3"], max_suspects=16)
+    # Before the monitor has flagged anything: no flags (a masking callback masks nothing yet).
+    assert held.filter_scores().flags() == {}
+    masking = FilterMasking(held, select=Selection("taylor", amount=2), start_epoch=1)
+    trainer = make_trainer(tmp_path, max_epochs=3, limit_train_batches=None, limit_val_batches=2,
+                           callbacks=[monitor, masking])
+    trainer.fit(module, datamodule=dm)
+    # The scorer's answer is memorisation_scores on the 16 most suspect flagged samples and 32 others.
+    x, y, suspects = monitor.flagged_samples(16)
+    assert int(suspects.sum()) == 16 and len(x) == 48
+    expected = memorisation_scores(module, ["model.relu3"], x, y, suspects, variant="taylor")
+    torch.testing.assert_close(held.filter_scores().scores["model.relu3"], expected.scores["model.relu3"])
+    assert held.filter_scores("activation").scorer == "memorisation/activation"
+    # Masking took the 2 highest-scoring filters from epoch 1 on.
+    assert [h["num_masked"] for h in masking.history][-1] == 2
+    with pytest.raises(TypeError, match="SampleDynamicsMonitor"):
+        MemorisationScorer(object(), module, ["model.relu3"])

@@ -2,7 +2,7 @@
 
 from .anomaly import AnomalyFilterMonitor
 from .base import InterpCallback, rank_zero_decides, select_probe  # noqa: F401 (select_probe: importable, not exported)
-from .dynamics import SampleDynamicsMonitor
+from .dynamics import MemorisationScorer, SampleDynamicsMonitor
 from .fq import FeatureQuantityMonitor
 from .guidance import AttentionGuidance
 from .interp_report import InterpReport
@@ -19,6 +19,7 @@ __all__ = [
     "InterpCallback",
     "InterpReport",
     "LearningImageLogger",
+    "MemorisationScorer",
     "PruneFlaggedFilters",
     "SampleDynamicsMonitor",
     "TIPMonitor",

@@ -24,7 +24,9 @@ from typing_extensions import override
 from ..batch import Batch, BatchAdapter, default_batch_adapter
 from ..dynamics import DEFAULT_SCORE, SCORES, SampleDynamics, SampleScores, _check_rule, label_wave_alarm
 from ..layers import eval_mode, get_layer
+from ..memorisation import VARIANTS, memorisation_scores
 from ..overfitting import rise_alarm
+from ..scores import FilterScores
 from ..viz import labelled_image_grid
 from .base import (
     _first_loader,
@@ -37,7 +39,7 @@ from .base import (
     send_metrics,
 )
 
-__all__ = ["ALARM_RULES", "SOURCES", "SampleDynamicsMonitor"]
+__all__ = ["ALARM_RULES", "MemorisationScorer", "SOURCES", "SampleDynamicsMonitor"]
 
 #: Where the logits come from: ``"batches"`` — the training forward passes (free; batches must carry
 #: dataset indices, :func:`lightning_interp.data.with_index`); ``"subset"`` — an eval-mode pass over a
@@ -187,6 +189,7 @@ class SampleDynamicsMonitor(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader, dataset = self._dataset(trainer)
+        self._items = (dataset, loader.collate_fn or default_collate)
         n = len(dataset)
         if self.source == "batches":
             collate = loader.collate_fn or default_collate
@@ -374,12 +377,31 @@ class SampleDynamicsMonitor(Callback):
         return label_wave_alarm(flips, patience=2, min_index=first) is not None
 
     # ---- pictures, tables, files --------------------------------------------------------------------
-    def _images(self, trainer: pl.Trainer, positions: Sequence[int]) -> torch.Tensor:
+    def _inputs(self, positions: Sequence[int]) -> torch.Tensor:
+        """Inputs of tracked samples by position: the subset's, or the training dataset's items (way (a))."""
         if self.subset is not None:
-            return self.subset.x[list(positions)].float().cpu()
-        loader, dataset = self._dataset(trainer)
-        collate = loader.collate_fn or default_collate
-        return self.batch_adapter(collate([dataset[int(p)] for p in positions])).x.float().cpu()
+            return self.subset.x[list(positions)]
+        dataset, collate = self._items
+        return self.batch_adapter(collate([dataset[int(p)] for p in positions])).x
+
+    def _images(self, trainer: pl.Trainer, positions: Sequence[int]) -> torch.Tensor:
+        return self._inputs(positions).float().cpu()
+
+    def flagged_samples(self, max_suspects: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(inputs, given labels, suspects)`` for the memorisation score: the ``max_suspects`` most suspect
+        flagged samples and up to twice as many other observed ones (seeded), None before any flag."""
+        latest = self.latest
+        if latest is None or not latest.flagged.any():
+            return None
+        suspects = latest.top(len(latest))
+        suspects = suspects[latest.flagged[suspects]][:max_suspects]
+        others = ((latest.labels >= 0) & ~latest.flagged).nonzero().squeeze(1)
+        g = torch.Generator().manual_seed(seed)
+        others = others[torch.randperm(len(others), generator=g)[: 2 * len(suspects)]]
+        positions = torch.cat([suspects, others])
+        mask = torch.zeros(len(positions), dtype=torch.bool)
+        mask[: len(suspects)] = True
+        return self._inputs(positions.tolist()), latest.labels[positions], mask
 
     def _log_suspects(self, trainer: pl.Trainer, scores: SampleScores) -> None:
         top = scores.top(self.num_images).tolist()
@@ -488,3 +510,53 @@ class SampleDynamicsMonitor(Callback):
         if "dynamics" in state_dict:
             # Applied in on_train_start, once the number of tracked samples is known.
             self._state = {"dynamics": state_dict["dynamics"], "buffers": state_dict.get("buffers")}
+
+
+class MemorisationScorer:
+    """The filters that hold what the model memorised, scored on the samples a
+    :class:`SampleDynamicsMonitor` flags: a live filter-score source (``Scorer``) for
+    :class:`~lightning_interp.callbacks.FilterMasking`, :class:`~lightning_interp.callbacks.PruneFlaggedFilters`
+    and :class:`~lightning_interp.callbacks.InterpReport`.
+
+    Each :meth:`filter_scores` call takes the monitor's latest flags as the suspects and scores every filter
+    of ``layers`` with :func:`lightning_interp.memorisation.memorisation_scores` (suspects against as many
+    fitted clean samples). Before the monitor has flagged anything it answers with no flags, so a masking
+    callback masks nothing until then.
+
+    Args:
+        monitor: the sample-dynamics monitor whose flagged samples are the suspects.
+        model: the module the consumers act on (for callbacks the LightningModule: layers ``"net.layer3"``).
+        layers: module paths to score.
+        variant: the default variant (:data:`lightning_interp.memorisation.VARIANTS`); ``Selection(score=...)``
+            picks another.
+        max_suspects: at most this many suspects (the most suspect first) and twice as many others per call.
+
+    Examples:
+        >>> samples = SampleDynamicsMonitor(track_size=1024)
+        >>> held = MemorisationScorer(samples, module, ["net.layer3"])
+        >>> masking = FilterMasking(held, select=Selection("taylor", amount=0.125), start_epoch=10)
+    """
+
+    score_names = VARIANTS
+
+    def __init__(self, monitor: SampleDynamicsMonitor, model: torch.nn.Module, layers: str | Sequence[str], *,
+                 variant: str = "taylor", max_suspects: int = 512, seed: int = 0, batch_size: int = 256):
+        if not isinstance(monitor, SampleDynamicsMonitor):
+            raise TypeError(f"Expected `monitor` to be a SampleDynamicsMonitor but got {type(monitor).__name__}.")
+        if variant not in VARIANTS:
+            raise ValueError(f"Expected `variant` to be one of {list(VARIANTS)} but got {variant!r}.")
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        for layer in layers:
+            get_layer(model, layer)
+        self.monitor, self.model, self.layers = monitor, model, layers
+        self.variant, self.max_suspects, self.seed, self.batch_size = variant, max_suspects, seed, batch_size
+
+    def filter_scores(self, score: str | None = None) -> FilterScores:
+        variant = score or self.variant
+        samples = self.monitor.flagged_samples(self.max_suspects, self.seed)
+        if samples is None:
+            return FilterScores({}, {}, scorer=f"memorisation/{variant}",
+                                higher_is="more memorisation", settings={"suspects": 0})
+        x, y, suspects = samples
+        return memorisation_scores(self.model, self.layers, x, y, suspects, variant=variant, seed=self.seed,
+                                   batch_size=self.batch_size, epoch=self.monitor.latest.epoch)
