@@ -247,6 +247,12 @@ def cv_probs(args, data, model_name, noise, seed, run: Path, epochs: int) -> np.
     return probs
 
 
+def cv_train_seconds(run: Path) -> float:
+    """The training time of cleanlab's four folds (summed per epoch, so a resumed fold counts once)."""
+    return float(sum(e["train_seconds"] for k in range(4)
+                     for e in json.loads((run / f"cv_fold{k}" / "metrics.json").read_text())["epochs"]))
+
+
 def wt_epoch(log: dict) -> int:
     return int(np.argmax([e["val_acc"] for e in log["epochs"]])) + 1
 
@@ -308,7 +314,7 @@ def alarms_of(series: dict[str, list], epochs: list[int]) -> dict[str, int | Non
 def score_run(args, data, model_name, noise, seed, clean, run: Path) -> dict | None:
     log = json.loads((run / "metrics.json").read_text())
     epochs = [e["epoch"] for e in log["epochs"]]
-    if not epochs:
+    if not epochs or not log["done"]:  # a run still training (or stopped) is not scored
         return None
     y = given_labels(data, noise, seed)
     flipped = (y != data["train_y"]).numpy()
@@ -356,7 +362,7 @@ def score_run(args, data, model_name, noise, seed, clean, run: Path) -> dict | N
             res["cleanlab_4fold"] = {"auroc": auroc(cl_score, flipped), "p@k": precision_at_k(cl_score, flipped, k),
                                      "n": int(cl_flags.sum()), "precision": float(flipped[cl_flags].mean()),
                                      "recall": float(cl_flags[flipped].mean()),
-                                     "seconds": float((run / "cv_seconds.txt").read_text())}
+                                     "seconds": cv_train_seconds(run)}
         fit_flip = float((b[t - 1].argmax(1)[flipped] == y.numpy()[flipped]).mean())
         res["flipped_fit_rate"] = fit_flip
         out["at"][name] = res

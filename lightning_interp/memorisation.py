@@ -25,7 +25,7 @@ contribution on as many *fitted clean* samples C (not suspect, predicted as thei
   fire more on the suspects).
 
 High scores = more memorisation; masking or pruning the top filters of a layer is what the benchmark
-(``experiments/memorisation_filters.py``, ``docs/memorisation_filters.md``) measures.
+(``experiments/memorisation_filters.py``, ``docs/measurements/memorisation_filters.md``) measures.
 """
 
 from __future__ import annotations

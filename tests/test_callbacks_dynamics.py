@@ -74,7 +74,7 @@ def test_training_batches_and_the_tracked_subset_agree_on_the_same_samples_and_w
     # lr = 0 and a network without dropout or BatchNorm: the training forward passes and the eval-mode pass
     # after the epoch see the same function, so both ways must hold the same statistics for every sample.
     a = SampleDynamicsMonitor(source="batches")
-    b = SampleDynamicsMonitor(source="subset", track_size=None, log_prefix="subset")
+    b = SampleDynamicsMonitor(source="subset", track_size="all", log_prefix="subset")
     _fit(tmp_path, [a, b], lr=0.0, callbacks=[a, b])
     assert b.tracked == list(range(96))
     da, db = a.dynamics.state_dict(), b.dynamics.state_dict()
@@ -137,6 +137,8 @@ def test_bad_arguments_name_the_valid_choices():
         SampleDynamicsMonitor(flag_rule=-3)
     with pytest.raises(ValueError, match="only with source='batches'"):
         SampleDynamicsMonitor(logits_module="net")
+    with pytest.raises(ValueError, match="`track_size` to be 'auto', 'all' or a positive int but got 0"):
+        SampleDynamicsMonitor(track_size=0)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
