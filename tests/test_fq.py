@@ -131,6 +131,23 @@ def test_feature_quantity_limits_and_leak():
     assert stats["r_activation_fq"] == pytest.approx(1.0)
 
 
+def test_fq_layer_stats_equal_numpy():
+    # Thesis 4.3: the layer's FQ mean and (population) variance, and Pearson r(activation, FQ) (eq. 4-12).
+    gen = np.random.default_rng(0)
+    fq = gen.uniform(0, 1, (4, 5))
+    activation = fq * 2 + gen.normal(0, 0.3, (4, 5))  # correlated, not perfectly
+    stats = fq_layer_stats(torch.from_numpy(fq).float(), torch.from_numpy(activation).float())
+    assert stats["fq_mean"] == pytest.approx(np.mean(fq), rel=1e-6)
+    assert stats["fq_variance"] == pytest.approx(np.var(fq), rel=1e-5)
+    assert stats["r_activation_fq"] == pytest.approx(np.corrcoef(activation.ravel(), fq.ravel())[0, 1], rel=1e-5)
+    assert 0.5 < stats["r_activation_fq"] < 0.99
+    # A constant FQ: variance 0 and r defined as 0 rather than NaN.
+    flat = fq_layer_stats(torch.full((6,), 0.3), torch.arange(6.0))
+    assert flat == pytest.approx({"fq_mean": 0.3, "fq_variance": 0.0, "r_activation_fq": 0.0})
+    with pytest.raises(ValueError, match="same number of units"):
+        fq_layer_stats(torch.ones(3), torch.ones(4))
+
+
 def test_dbscan_diversity_equals_sklearn():
     gen = torch.Generator().manual_seed(0)
     fq = torch.cat([torch.rand(4, 12, generator=gen) * 0.1, torch.rand(4, 12, generator=gen) * 0.1 + 0.8], 1)
