@@ -364,3 +364,21 @@ def test_attention_supervision_loss_and_its_gradient_equal_numpy():
     assert attention_supervision_loss(cam, mask[:, 0]).item() == loss.item()  # B x H x W masks too
     with pytest.raises(ValueError, match="Expected `mask` of shape"):
         attention_supervision_loss(cam, mask[:1])
+
+
+def test_bad_cam_shapes_are_refused_naming_the_expected_shape():
+    net, b = known_net(), known_batch()
+    for shape in ((3, 4, 3), (3, 4, 5), (2, 4, 4), (4, 4, 4)):  # smaller and larger than (3, 4, 4)
+        with pytest.raises(ValueError, match=r"Expected `cam` of shape \(3, 4, 4\) but got"):
+            attention_mining_loss(net, b.x, torch.zeros(shape, dtype=torch.float64), b.y)
+
+
+def test_the_changed_key_warning_points_at_the_callers_line(monkeypatch):
+    monkeypatch.setattr(losses, "_WARNED_CHANGED_MEANING", False)
+    net, b = pooled_net(), batch()
+    with pytest.warns(UserWarning, match="changed meaning") as record:
+        guidance_terms(net, "1", b, {"cam_background": 1.0})
+    assert record[0].filename == __file__
+    with pytest.warns(FutureWarning, match="deprecated") as record:
+        guidance_terms(net, "1", b, {"cam_background_raw": 1.0})
+    assert record[0].filename == __file__
