@@ -108,3 +108,34 @@ def test_aipc_masks_the_highest_ranked_filters_first():
     types = {"one": torch.tensor([False, True, False, False]), "none": torch.zeros(4, dtype=torch.bool),
              "two": torch.tensor([True, False, False, True])}
     assert type_masking(net, "1", types, loader) == pytest.approx({"one": -0.2, "none": 0.0, "two": -0.5})
+
+
+def test_default_fractions_progress_and_bad_fractions():
+    from lightning_interp.metrics.aipc import DEFAULT_FRACTIONS
+
+    net, loader = one_filter_per_class()
+    calls = []
+    curve = aipc(net, "1", torch.tensor([0.1, 0.4, 0.3, 0.2]), loader, progress=lambda done, total: calls.append((done, total)))
+    assert curve.fractions == list(DEFAULT_FRACTIONS)
+    # round(r · 4) filters masked, in the order 1, 2, 3, 0: 0 up to r = 0.1, then 1, 1, 2, 2, 2, 3, 3, 4, 4.
+    masked = [0] * 6 + [1, 1, 2, 2, 2, 3, 3, 4, 4]
+    assert curve.accuracy == pytest.approx([[1.0, 0.8, 0.5, 0.1, 0.0][n] for n in masked])
+    assert calls == [(i, 15) for i in range(1, 16)]
+    for bad in ([-0.1, 0.5], [0.5, 1.5]):
+        with pytest.raises(ValueError, match=r"Expected `fractions` in \[0, 1\]"):
+            aipc(net, "1", torch.zeros(4), loader, fractions=bad)
+
+
+def test_filter_types_are_the_set_operations_of_the_thesis():
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(1)
+    fg, bg = torch.randperm(10, generator=gen).double(), torch.randperm(10, generator=gen).double()
+    types = filter_types(fg, bg, per=0.3)
+    top = lambda s: set(np.argsort(-s.numpy())[:3].tolist())  # noqa: E731
+    bottom = lambda s: set(np.argsort(s.numpy())[:3].tolist())  # noqa: E731
+    hf, hb, lf, lb = top(fg), top(bg), bottom(fg), bottom(bg)
+    want = {"H-H": hf & hb, "H-noH": hf - hb, "noH-H": hb - hf, "L-L": lf & lb, "L-noL": lf - lb, "noL-L": lb - lf}
+    for name, members in types.items():
+        assert members.dtype == torch.bool and set(members.nonzero().flatten().tolist()) == want[name], name
+    assert all(want[name] for name in ("H-noH", "noH-H", "L-noL", "noL-L"))  # the seed makes none of them empty
