@@ -74,6 +74,12 @@ def test_layer_feature_quantity_equals_the_closed_form_of_a_1x1_conv():
                     img[r, c] = xs[i, r, c] * w[k]
                 values.append(np_f(img, xs[i], ms[i]))
             assert got["neuron_fq"][k, j].item() == pytest.approx(max(values), abs=1e-12), (k, j)
+    # The conv's own output, rectified by default, gives what its ReLU gives; unrectified, other values.
+    conv = layer_feature_quantity(net, "0", x, mask, top_neurons=n)
+    for key in got:
+        torch.testing.assert_close(conv[key], got[key])
+    raw = layer_feature_quantity(net, "0", x, mask, top_neurons=n, rectify=False)
+    assert not torch.allclose(raw["neuron_activation"], got["neuron_activation"])
 
 
 def test_diversity_masking_equals_zeroed_weights():
@@ -212,15 +218,24 @@ def test_fq_components_ablation_and_all_neurons():
     # All neurons of every filter = FQ of the neuron learning images of every position.
     torch.manual_seed(0)
     net = SimpleCNN(in_channels=1, width=(2, 3, 3)).double()
+    with torch.no_grad():  # positive weights: every neuron of relu3 is active, each with its own FQ
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.abs_()
+                m.bias.fill_(0.05)
     img = torch.rand(2, 1, 8, 8, dtype=torch.float64)
     fg = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
     fg[:, :, 2:6, 2:6] = True
     got = all_neuron_feature_quantity(net, "relu3", img, fg, filters_per_chunk=2)
     neurons = [(c, i, j) for c in range(3) for i in range(2) for j in range(2)]
     ref = feature_quantity(neuron_learning_images(net, "relu3", img, neurons, rectify=True), img, fg).amax(0)
-    torch.testing.assert_close(got, ref.reshape(3, 4))
+    ref = ref.reshape(3, 4)
+    assert len(set(ref.flatten().tolist())) == 12  # twelve distinct values: a wrong neuron shows
+    torch.testing.assert_close(got, ref)
     sub = all_neuron_feature_quantity(net, "relu3", img, fg, max_neurons=3, seed=1)
-    assert sub.shape == (3, 3)
+    from lightning_interp.metrics.fq import sample_positions
+
+    torch.testing.assert_close(sub, ref[:, sample_positions(2, 2, 3, seed=1)])
 
 
 def test_combine_fq_is_the_product_of_the_kept_factors():
