@@ -75,7 +75,7 @@ def test_layer_feature_quantity_equals_the_closed_form_of_a_1x1_conv():
                 values.append(np_f(img, xs[i], ms[i]))
             assert got["neuron_fq"][k, j].item() == pytest.approx(max(values), abs=1e-12), (k, j)
     # The conv's own output, rectified by default, gives what its ReLU gives; unrectified, other values.
-    conv = layer_feature_quantity(net, "0", x, mask, top_neurons=n)
+    conv = layer_feature_quantity(model=net, layer="0", x=x, fg_mask=mask, top_neurons=n)  # documented keywords
     for key in got:
         torch.testing.assert_close(conv[key], got[key])
     raw = layer_feature_quantity(net, "0", x, mask, top_neurons=n, rectify=False)

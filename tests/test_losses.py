@@ -382,3 +382,16 @@ def test_the_changed_key_warning_points_at_the_callers_line(monkeypatch):
     with pytest.warns(FutureWarning, match="deprecated") as record:
         guidance_terms(net, "1", b, {"cam_background_raw": 1.0})
     assert record[0].filename == __file__
+
+
+def test_the_evidence_functions_take_their_documented_keywords():
+    net, b = pooled_net(), batch()
+    with capture_output(net[1], "1") as store:
+        logits = net(b.x)
+    a = store["output"]
+    torch.testing.assert_close(class_evidence_maps(activations=a, logits=logits, create_graph=False),
+                               class_evidence_maps(a, logits))
+    torch.testing.assert_close(cam_background_share_loss(activations=a, logits=logits, mask=b.mask, eps=1e-8),
+                               cam_background_share_loss(a, logits, b.mask))
+    with pytest.raises(TypeError):
+        class_evidence_maps(a, logits, False)  # create_graph is keyword-only
