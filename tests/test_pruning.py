@@ -87,11 +87,18 @@ class Sleeper(nn.Module):
 
 
 def test_latency_is_the_median_of_the_timed_forwards_in_ms():
-    # Two warm-up calls, then 1, 40 and 80 ms: the median is at least 40 ms (the minimum would be ~1 ms, a
-    # value in seconds 0.04), and the model is in eval mode while timed and in training mode after.
-    net = Sleeper([0.0, 0.0, 0.001, 0.04, 0.08]).train()
-    assert measure_latency(net, torch.zeros(1), repeats=3, warmup=2) >= 40.0
-    assert net.seconds == [] and net.modes == [False] * 5 and net.training
+    # Two warm-up calls, then 1, 40, 80, 120 and 160 ms: each call lasts at least its sleep, so the median
+    # is at least 80 ms (the second-smallest or the minimum would be ~40 or ~1 ms, a value in seconds 0.08),
+    # and the model is in eval mode while timed and in training mode after.
+    net = Sleeper([0.0, 0.0, 0.001, 0.04, 0.08, 0.12, 0.16]).train()
+    assert measure_latency(net, torch.zeros(1), repeats=5, warmup=2) >= 80.0
+    assert net.seconds == [] and net.modes == [False] * 7 and net.training
+    # By default 2 warm-up and 7 timed forwards: exactly 9 calls.
+    net = Sleeper([0.0] * 9)
+    measure_latency(net, torch.zeros(1))
+    assert net.seconds == [] and len(net.modes) == 9
+    # Inputs on a device other than CUDA never synchronise CUDA (a meta tensor would make it raise).
+    assert measure_latency(nn.Identity(), torch.zeros(1, device="meta"), repeats=1, warmup=0) >= 0
 
 
 def test_latency_is_measured_before_and_after():
@@ -139,6 +146,8 @@ def test_pruning_errors():
     x = torch.randn(1, 1, 16, 16)
     with pytest.raises(ValueError, match=r"\[0, 63\]"):
         prune_filters(net, {"relu2": [64]}, x)
+    with pytest.raises(ValueError, match=r"\[0, 63\] but got \[65, 300\]"):
+        prune_filters(net, {"relu2": [1, 65, 300]}, x)
     with pytest.raises(ValueError, match="no channels|channels to prune"):
         prune_filters(net, {"flatten": [0]}, x)
     with pytest.raises(ValueError, match="ignored layer"):
