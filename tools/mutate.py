@@ -100,7 +100,8 @@ def ask(sock_path: str, args: list[str] | None) -> int:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.connect(sock_path)
         conn.sendall((json.dumps(args) + "\n").encode())
-        return int(conn.makefile().readline() or 0)
+        answer = conn.makefile().readline()
+    return int(answer) if answer else 3  # no answer: the server died (run_all then stops with an error)
 
 
 def copy_repo(dest: Path) -> None:
@@ -163,7 +164,9 @@ def run_module(module: str, tests: list[str], work: Path, out: Path, sample: int
     cosmic_ray = [sys.executable, "-m", "cosmic_ray.cli"]
     subprocess.run([*cosmic_ray, "init", str(config), str(session), "--force"], cwd=work, check=True)
 
-    spans = annotation_spans((work / module).read_text())
+    source = (work / module).read_text()
+    # Annotations are strings at run time only under the __future__ import; otherwise they are evaluated.
+    spans = annotation_spans(source) if "from __future__ import annotations" in source else []
     with use_db(str(session), WorkDB.Mode.open) as db:
         items = list(db.pending_work_items)
         annotations = [w for w in items if all(inside(m.start_pos, m.end_pos, spans) for m in w.mutations)]
@@ -238,13 +241,14 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("the test server did not start")
         time.sleep(0.2)
     try:
-        run_all(args, modules, work, sock)
+        run_all(args, modules, work, sock, server)
     finally:
-        ask(sock, None)
+        if server.poll() is None:
+            ask(sock, None)
         server.wait()
 
 
-def run_all(args: argparse.Namespace, modules: list[str], work: Path, sock: str) -> None:
+def run_all(args: argparse.Namespace, modules: list[str], work: Path, sock: str, server: subprocess.Popen) -> None:
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for module in modules:
@@ -253,6 +257,8 @@ def run_all(args: argparse.Namespace, modules: list[str], work: Path, sock: str)
             print(f"{module}: skipped, none of its test files {MODULES[module]} exists", flush=True)
             continue
         r = run_module(module, tests, work / "repo", work, args.sample, args.seed, args.timeout, sock)
+        if server.poll() is not None:  # every mutant after its death would count as killed
+            raise SystemExit(f"{module}: the test server died during the run; its results are not valid.")
         results[module] = r
         results_path.write_text(json.dumps(results, indent=1))
         rate = "n/a" if r["kill_rate"] is None else f"{100 * r['kill_rate']:.0f} %"
