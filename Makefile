@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test docs lint bench clean
+.PHONY: demo test docs lint bench mutate clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/nns.py
+
+# Mutation testing (docs/measurements/testing.md), not part of `make test`: a seeded sample of mutants per module,
+# one worker. MUTATE_ARGS passes options, e.g. MUTATE_ARGS="--sample 0 lightning_interp/losses.py".
+mutate: $(STAMP)
+	$(PY) -c "import cosmic_ray" 2>/dev/null || $(PY) -m pip install --quiet 'cosmic-ray>=8.7'
+	OMP_NUM_THREADS=1 $(PY) tools/mutate.py $(MUTATE_ARGS)
 
 clean:
 	rm -rf $(VENV) wandb lightning_logs runs .pytest_cache site

@@ -8,6 +8,7 @@ import json
 import os
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from conftest import make_trainer
@@ -56,7 +57,11 @@ def test_fit_logs_counts_writes_report_and_resumes(tmp_path, digits):
         report = json.load(fh)
     assert report["format"] == "lightning_interp.anomaly_report/1"
     assert [h["epoch"] for h in report["history"]] == [0, 1]
-    assert report["wt_epoch"] in (0, 1) and report["final_count"] == totals[-1]
+    # The WT epoch is the epoch of the best validation accuracy the logger recorded (the first on ties;
+    # test_early_stopping_on_the_alarm_as_in_the_readme has a run whose best epoch is neither end).
+    val_acc = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
+    assert len(val_acc) == 2
+    assert report["wt_epoch"] == int(np.argmax(val_acc)) and report["final_count"] == totals[-1]
     assert report["layers"]["model.relu3"]["num_filters"] == 16
     scores = FilterScores.load(report_path)  # the report is the monitor's FilterScores plus the run's story
     # The scans ran in the default (pooled) mode; the flags consumers get were rescanned exactly at fit end.
@@ -70,9 +75,10 @@ def test_fit_logs_counts_writes_report_and_resumes(tmp_path, digits):
     for _layer, entry in report["layers"].items():
         for item in entry["flagged"]:
             assert item["outlier_clusters"] > 0.2 * item["num_clusters"]
-    if totals[-1] > 0:  # pictures of flagged filters went to W&B
-        pngs = glob.glob(os.path.join(run_dir, "media", "images", "**", "*.png"), recursive=True)
-        assert any("clusters" in p for p in pngs)
+    # This run flags filters, and their pictures (cluster scatter plots) went to W&B.
+    assert totals[-1] > 0
+    pngs = glob.glob(os.path.join(run_dir, "media", "images", "**", "*.png"), recursive=True)
+    assert any("clusters" in p for p in pngs)
     # The flagged filters can be masked by name, with the "model." prefix stripped for the bare net.
     net = trainer.lightning_module.model
     with FilterMask(net, FilterScores.load(report_path).strip_prefix("model.").flags()):
@@ -101,16 +107,41 @@ def test_early_stopping_can_monitor_the_count(tmp_path, digits):
     assert stopped_early == any(c >= min(counts[:i]) for i, c in enumerate(counts) if i > 0)
 
 
+#: The validation loss a scripted run reports each epoch: best at epoch 2, above it by more than 1 % from
+#: epoch 3 on. The default rule (rise > 1 % over the best for 2 consecutive scans, not before 3 epochs)
+#: therefore fires at epoch 4 and not before.
+SCRIPTED_VAL_LOSS = [1.0, 0.8, 0.6, 0.7, 0.9, 1.1, 1.2, 1.3]
+#: ... and its validation accuracy: best at epoch 2 (the WT epoch), neither the first nor the last scan.
+SCRIPTED_VAL_ACC = [0.3, 0.5, 0.7, 0.6, 0.65, 0.6, 0.6, 0.6]
+
+
+class ScriptedValLoss(ImageClassifier):
+    """Logs ``scripted/val_loss`` = SCRIPTED_VAL_LOSS[epoch]: an overfitting run whose alarm epoch is known."""
+
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        self.log("scripted/val_loss", SCRIPTED_VAL_LOSS[self.current_epoch])
+        self.log("scripted/val_acc", SCRIPTED_VAL_ACC[self.current_epoch])
+        return out
+
+
 def test_early_stopping_on_the_alarm_as_in_the_readme(tmp_path, digits):
-    # The README's idiom: stop when the alarm fires (1), never merely because it stays 0.
-    mon = monitor(alarm_patience=1)
-    stop = EarlyStopping(monitor="interp/anomaly/overfit_alarm", mode="max", stopping_threshold=0.5,
-                         patience=10**6, check_on_train_epoch_end=True)
-    trainer = make_trainer(tmp_path, logger=False, callbacks=[mon, stop], max_epochs=4)
-    trainer.fit(classifier(), datamodule=digits)
+    # The README's idiom on a run whose validation loss turns at epoch 2: the alarm fires at epoch 4 and
+    # EarlyStopping stops the run at that epoch's end (max_epochs is 8). With validation every epoch,
+    # EarlyStopping checks at the training epoch's end, after the monitor (listed first) has logged.
+    mon = monitor(probe_size=32, k_max=3, val_loss_key="scripted/val_loss", val_acc_key="scripted/val_acc")
+    stop = EarlyStopping(monitor="interp/anomaly/overfit_alarm", mode="max", stopping_threshold=0.5, patience=10**6)
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[mon, stop], max_epochs=len(SCRIPTED_VAL_LOSS),
+                           limit_train_batches=1, limit_val_batches=1)
+    pl.seed_everything(0)
+    trainer.fit(ScriptedValLoss(SimpleCNN(width=(8, 16, 16)), lr=3e-3), datamodule=digits)
+    assert [mon._val_at(h["epoch"], "val_loss") for h in mon.history] == pytest.approx(SCRIPTED_VAL_LOSS[:5])
     alarms = [h["interp/anomaly/overfit_alarm"] for h in mon.history]
-    assert all(a == 0.0 for a in alarms[:-1])
-    assert len(alarms) == 4 or alarms[-1] == 1.0
+    assert alarms == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert trainer.current_epoch == 5 and stop.stopped_epoch == 4
+    assert mon.wt_epoch == 2
+    report = json.loads(open(mon.resolve_report_path(trainer)).read())
+    assert report["wt_epoch"] == 2 and report["alarm_epoch"] == 4
 
 
 def test_overfit_alarm_rule():

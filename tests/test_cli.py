@@ -8,6 +8,7 @@ import torch
 from conftest import make_trainer, run_recipe
 
 from lightning_interp.cli import main
+from lightning_interp.data import DigitsDataModule
 from lightning_interp.importance import importance_scores
 from lightning_interp.models import ImageClassifier
 from lightning_interp.pruning import load_pruned
@@ -33,10 +34,15 @@ def test_scan_runs_monitors_on_a_checkpoint_without_training(tmp_path):
           "--progress", "false"])
     report = json.loads((out / "anomaly_report.json").read_text())
     assert report["layers"]["model.relu2"]["num_filters"] == 64 and report["layers"]["model.relu3"]["num_filters"] == 64
-    assert report["history"][0]["val_acc"] is not None  # validated before the scan
     html = (out / "interp_report" / "index.html").read_text()
     assert "interp/nns/model.relu3/learning_images" in html and "interp/tip/model.relu3/aipc" in html
     module = ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu")
+    # Validated before the scan: the report's accuracy is the checkpoint's on the whole validation split.
+    digits = DigitsDataModule(image_size=32)
+    digits.setup("validate")
+    with torch.no_grad():
+        right = [(module.eval()(x).argmax(1) == y) for x, y, *_ in digits.val_dataloader()]
+    assert report["history"][0]["val_acc"] == pytest.approx(torch.cat(right).double().mean().item(), abs=1e-5)
     for k, v in module.state_dict().items():  # the scan never trains
         torch.testing.assert_close(v, before[k])
 

@@ -16,12 +16,37 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_html_report_renders_its_figures_in_headless_chromium(tmp_path):
+def _chromium_required() -> bool:
+    """In CI (``CI`` set true, as .ci/run and the CI services do) or when asked, a missing browser is a failure."""
+    return any(os.environ.get(key, "").lower() not in ("", "0", "false", "no")
+               for key in ("CI", "LIGHTNING_INTERP_REQUIRE_CHROMIUM"))
+
+
+def _browser() -> str:
+    """Chromium's path; without it the test fails in CI (a failed install must not pass as a skip), else skips."""
     browser = _chromium()
     if browser is None:
-        if os.environ.get("LIGHTNING_INTERP_REQUIRE_CHROMIUM"):
-            pytest.fail("chromium is required (LIGHTNING_INTERP_REQUIRE_CHROMIUM is set) but not installed")
+        if _chromium_required():
+            pytest.fail("chromium is required in CI (CI or LIGHTNING_INTERP_REQUIRE_CHROMIUM is set) but not "
+                        "installed: install Debian's `chromium` package")
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    return browser
+
+
+@pytest.mark.parametrize("env, outcome", [({"CI": "true"}, "fail"), ({"LIGHTNING_INTERP_REQUIRE_CHROMIUM": "1"}, "fail"),
+                                          ({"CI": "false"}, "skip"), ({}, "skip")])
+def test_a_missing_browser_fails_in_ci_and_skips_elsewhere(monkeypatch, env, outcome):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("LIGHTNING_INTERP_REQUIRE_CHROMIUM", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception):
+        _browser()
+
+
+def test_html_report_renders_its_figures_in_headless_chromium(tmp_path):
+    browser = _browser()
     run_recipe("demo", tmp_path)
     page = tmp_path / "interp_report" / "index.html"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

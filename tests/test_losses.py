@@ -244,3 +244,154 @@ def test_the_changed_cam_background_key_warns_once(monkeypatch):
         warnings.simplefilter("error")
         losses.canonical_weights({"cam_background": 2.0})  # once per process
         losses.canonical_weights({"cam_background_share": 1.0})  # the other key never warns
+
+
+# ---- every term against NumPy on a network whose gradients are known in closed form ----------------
+# x (B x 2 x 4 x 4) → 1x1 conv (3 filters) → ReLU → flatten → linear (3 classes). Its forward pass, its
+# Grad-CAM and its input gradient are written out below without torch; an RRR that penalises the
+# relevant region, a mining loss that keeps the attended region, or a supervision term (A + m)² all
+# give other numbers.
+
+
+def known_net() -> nn.Sequential:
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)).double()
+    with torch.no_grad():  # positive Grad-CAM weights: maps that vary over the image, not a lone pixel
+        net[3].weight.abs_()
+        net[0].bias.fill_(0.2)
+    return net
+
+
+def known_batch() -> Batch:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    mask = torch.zeros(3, 1, 4, 4, dtype=torch.bool)
+    mask[0, :, :2, :] = True  # top half is the object
+    mask[1, :, :, 1:3] = True
+    mask[2, :, 3, 3] = True
+    return Batch(x, torch.tensor([0, 2, 1]), mask)
+
+
+def np_params(net):
+    wc, bc = net[0].weight.detach().numpy()[:, :, 0, 0], net[0].bias.detach().numpy()  # 3 x 2, 3
+    wl, bl = net[3].weight.detach().numpy(), net[3].bias.detach().numpy()  # 3 x 48, 3
+    return wc, bc, wl, bl
+
+
+def np_forward(net, x):
+    """Pre-activations (B x 3 x 4 x 4), ReLU output and logits of ``known_net`` in NumPy."""
+    wc, bc, wl, bl = np_params(net)
+    pre = np.einsum("fc,bcij->bfij", wc, x) + bc[None, :, None, None]
+    h = np.maximum(pre, 0)
+    return pre, h, h.reshape(len(x), -1) @ wl.T + bl
+
+
+def np_log_softmax_sum_grad(net, x):
+    """∂Σ_k log p_k/∂x: ∂/∂z_j = 1 − K p_j, back through the linear layer, the ReLU and the 1x1 conv."""
+    wc, _, wl, _ = np_params(net)
+    pre, _, z = np_forward(net, x)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    dz = 1 - z.shape[1] * p  # B x K
+    dh = (dz @ wl).reshape(pre.shape) * (pre > 0)
+    return np.einsum("fc,bfij->bcij", wc, dh)
+
+
+def np_grad_cam(net, x, y):
+    """Grad-CAM of the ReLU: ∂z_y/∂h is the linear layer's row y, so w_f is its spatial mean; ReLU, min-max."""
+    _, _, wl, _ = np_params(net)
+    _, h, _ = np_forward(net, x)
+    grads = wl[y].reshape(len(x), 3, 4, 4)
+    cam = np.maximum((grads.mean((2, 3))[:, :, None, None] * h).sum(1), 0)
+    lo = cam.min((1, 2), keepdims=True)
+    return (cam - lo) / ((cam - lo).max((1, 2), keepdims=True) + 1e-7)
+
+
+def np_attention_mining(net, x, cam, y, sigma=10.0, omega=0.5):
+    t = 1 / (1 + np.exp(-sigma * (cam - omega)))  # GAIN's soft mask T(A)
+    _, _, z = np_forward(net, x - t[:, None] * x)  # the attended region erased
+    return float(np.mean(1 / (1 + np.exp(-z[np.arange(len(y)), y]))))
+
+
+def test_rrr_loss_equals_numpy_on_a_known_network():
+    net, b = known_net(), known_batch()
+    x, background = b.x.numpy(), (~b.mask).double().numpy()
+    g = np_log_softmax_sum_grad(net, x)
+    # The input gradient itself, then RRR: Σ (A ⊙ g)² over the input, mean over the batch, A = background.
+    xi = b.x.clone().requires_grad_(True)
+    (got_g,) = torch.autograd.grad(torch.log_softmax(net(xi), 1).sum(), xi)
+    np.testing.assert_allclose(got_g.numpy(), g, rtol=1e-10, atol=1e-12)
+    want = float(((background * g) ** 2).reshape(3, -1).sum(1).mean())
+    assert rrr_loss(net, b.x, ~b.mask).item() == pytest.approx(want, rel=1e-10)
+    # The foreground's share is another number: the test sees which region is penalised.
+    on_object = float(((b.mask.double().numpy() * g) ** 2).reshape(3, -1).sum(1).mean())
+    assert on_object != pytest.approx(want, rel=1e-3)
+    assert guidance_terms(net, "1", b, {"rrr": 1.0})["rrr"].item() == pytest.approx(want, rel=1e-10)
+
+
+def test_attention_mining_loss_equals_numpy_on_a_known_network():
+    net, b = known_net(), known_batch()
+    x, y = b.x.numpy(), b.y.numpy()
+    cam = torch.linspace(0, 1, 16, dtype=torch.float64).reshape(1, 4, 4).repeat(3, 1, 1)
+    cam[1] = cam[1].flip(-1)
+    want = np_attention_mining(net, x, cam.numpy(), y)
+    assert attention_mining_loss(net, b.x, cam, b.y).item() == pytest.approx(want, rel=1e-10)
+    assert attention_mining_loss(net, b.x, cam, b.y, sigma=3.0, omega=0.2).item() == pytest.approx(
+        np_attention_mining(net, x, cam.numpy(), y, sigma=3.0, omega=0.2), rel=1e-10)
+    kept = float(np.mean(1 / (1 + np.exp(-np_forward(net, (1 / (1 + np.exp(-10 * (cam.numpy() - 0.5))))[:, None] * x)[2][
+        np.arange(3), y]))))
+    assert kept != pytest.approx(want, rel=1e-3)  # keeping the attended region instead gives another number
+    # Inside guidance_terms: Grad-CAM of the ReLU (written out in NumPy) feeds the mining term.
+    np_cam = np_grad_cam(net, x, y)
+    torch.testing.assert_close(grad_cam(net, "1", b.x, b.y), torch.from_numpy(np_cam))
+    terms = guidance_terms(net, "1", b, {"attention_mining": 1.0, "attention_supervision": 1.0})
+    assert terms["attention_mining"].item() == pytest.approx(np_attention_mining(net, x, np_cam, y), rel=1e-8)
+    m = b.mask[:, 0].double().numpy()
+    assert terms["attention_supervision"].item() == pytest.approx(float(np.mean((np_cam - m) ** 2)), rel=1e-8)
+    assert float(np.mean((np_cam + m) ** 2)) != pytest.approx(float(np.mean((np_cam - m) ** 2)), rel=1e-3)
+
+
+def test_attention_supervision_loss_and_its_gradient_equal_numpy():
+    g = torch.Generator().manual_seed(5)
+    cam = torch.rand(2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 1, 3, 3, generator=g) > 0.5
+    c, m = cam.detach().numpy(), mask[:, 0].double().numpy()
+    loss = attention_supervision_loss(cam, mask)
+    assert loss.item() == pytest.approx(float(np.mean((c - m) ** 2)), rel=1e-12)
+    assert loss.item() != pytest.approx(float(np.mean((c + m) ** 2)), rel=1e-3)
+    (grad,) = torch.autograd.grad(loss, cam)
+    np.testing.assert_allclose(grad.numpy(), 2 * (c - m) / c.size, rtol=1e-12)  # d mean((A − m)²)/dA
+    assert attention_supervision_loss(cam, mask[:, 0]).item() == loss.item()  # B x H x W masks too
+    with pytest.raises(ValueError, match="Expected `mask` of shape"):
+        attention_supervision_loss(cam, mask[:1])
+
+
+def test_bad_cam_shapes_are_refused_naming_the_expected_shape():
+    net, b = known_net(), known_batch()
+    for shape in ((3, 4, 3), (3, 4, 5), (2, 4, 4), (4, 4, 4)):  # smaller and larger than (3, 4, 4)
+        with pytest.raises(ValueError, match=r"Expected `cam` of shape \(3, 4, 4\) but got"):
+            attention_mining_loss(net, b.x, torch.zeros(shape, dtype=torch.float64), b.y)
+
+
+def test_the_changed_key_warning_points_at_the_callers_line(monkeypatch):
+    monkeypatch.setattr(losses, "_WARNED_CHANGED_MEANING", False)
+    net, b = pooled_net(), batch()
+    with pytest.warns(UserWarning, match="changed meaning") as record:
+        guidance_terms(net, "1", b, {"cam_background": 1.0})
+    assert record[0].filename == __file__
+    with pytest.warns(FutureWarning, match="deprecated") as record:
+        guidance_terms(net, "1", b, {"cam_background_raw": 1.0})
+    assert record[0].filename == __file__
+
+
+def test_the_evidence_functions_take_their_documented_keywords():
+    net, b = pooled_net(), batch()
+    with capture_output(net[1], "1") as store:
+        logits = net(b.x)
+    a = store["output"]
+    torch.testing.assert_close(class_evidence_maps(activations=a, logits=logits, create_graph=False),
+                               class_evidence_maps(a, logits))
+    torch.testing.assert_close(cam_background_share_loss(activations=a, logits=logits, mask=b.mask, eps=1e-8),
+                               cam_background_share_loss(a, logits, b.mask))
+    with pytest.raises(TypeError):
+        class_evidence_maps(a, logits, False)  # create_graph is keyword-only

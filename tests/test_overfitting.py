@@ -95,11 +95,23 @@ def test_activation_divergence_is_cohens_d(seed):
     assert d[4] > d[1]
 
 
+def test_activation_divergence_on_the_smallest_sets():
+    # 2 and 3 samples (the fewest allowed; n1 + n2 − 2 = 3 degrees of freedom), written out by hand.
+    a, b = torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [2.0], [6.0]])
+    pooled = np.sqrt((2.0 * 1 + 7.0 * 2) / 3)  # sample variances 2 and 7
+    assert activation_divergence(a, b).item() == pytest.approx(abs(1.0 - 3.0) / pooled)
+    assert activation_divergence(b, a).item() == pytest.approx(abs(1.0 - 3.0) / pooled)
+    for one in ((a[:1], b), (a, b[:1])):
+        with pytest.raises(ValueError, match="at least 2 samples"):
+            activation_divergence(*one)
+
+
 def test_hard_sample_loss_is_the_mean_of_the_top_fraction():
     from lightning_interp.overfitting import hard_sample_loss
 
     loss = torch.tensor([0.1, 3.0, 0.5, 2.0, 0.2, 1.0, 0.3, 0.4, 0.6, 0.7])
     assert hard_sample_loss(loss, 0.2) == pytest.approx((3.0 + 2.0) / 2)
+    assert hard_sample_loss(loss) == pytest.approx((3.0 + 2.0) / 2)  # 20 % by default
     assert hard_sample_loss(loss, 1.0) == pytest.approx(float(loss.double().mean()))
     assert hard_sample_loss(loss, 0.01) == pytest.approx(3.0)  # at least one sample
     with pytest.raises(ValueError, match="fraction"):
@@ -126,6 +138,10 @@ def test_alarm_rule_matches_rise_alarm_and_the_count_rule():
     for bad in (dict(rule="loss"), dict(patience=0), dict(rel=-1.0), dict(min_epoch=True)):
         with pytest.raises(ValueError, match="Expected `alarm"):
             AlarmRule(**bad)
+    # min_epoch counts trained epochs: with 2, the scan after epoch 1 (0-based) may already fire.
+    early = dict(rel=0.01, patience=1)
+    assert AlarmRule("val_loss", min_epoch=2, **early).fired([0, 1], [0, 0], [1.0, 2.0])
+    assert not AlarmRule("val_loss", min_epoch=3, **early).fired([0, 1], [0, 0], [1.0, 2.0])
     history = [{"epoch": 0, "val_acc": 0.5}, {"epoch": 1}, {"epoch": 2, "val_acc": 0.7}, {"epoch": 3, "val_acc": 0.7}]
     assert best_epoch(history, "val_acc") == 2 and best_epoch(history, "val_acc", mode="min") == 0
     assert best_epoch([], "val_acc") is None
@@ -146,3 +162,17 @@ def test_grouped_gradient_magnitude_is_the_group_means_of_per_sample_gradients()
     assert grouped_gradient_magnitude(model, x, y, torch.zeros(10, dtype=torch.bool)) is None
     with pytest.raises(ValueError, match="one group flag per sample"):
         grouped_gradient_magnitude(model, x, y, groups[:3])
+
+
+def test_overfit_alarm_over_the_last_patience_plus_one_scans():
+    from lightning_interp.overfitting import overfit_alarm
+
+    # Exactly patience + 1 scans are enough; fewer are not.
+    assert overfit_alarm([1, 1, 2], [0.5, 0.6, 0.7], patience=2)  # never fell, rose overall (1 -> 2)
+    assert not overfit_alarm([1, 2], [0.5, 0.7], patience=2)
+    assert overfit_alarm([1, 2], [0.5, 0.7], patience=1)
+    # Only the last patience + 1 scans count: an earlier fall or a higher earlier loss does not matter.
+    assert overfit_alarm([9, 1, 1, 2], [0.9, 0.5, 0.6, 0.7], patience=2)
+    assert not overfit_alarm([1, 2, 2, 2], [0.5, 0.6, 0.6, 0.7], patience=2)  # flat over the window
+    assert not overfit_alarm([1, 2, 1, 3], [0.5, 0.6, 0.7, 0.8], patience=2)  # fell inside the window
+    assert not overfit_alarm([1, 1, 2], [0.7, 0.6, 0.7], patience=2)  # the loss did not rise overall

@@ -46,14 +46,22 @@ def test_masking_then_pruning_through_any_elementwise_activation(act):
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
     x = torch.randn(2, 3, 16, 16)
     assert prune_target(net, "2") == "0" and prune_target(net, "4") == "3"
-    # The filters of an activation are the conv's channels: a masked channel still passes act(0),
-    # so the equality holds for the conv's output; pruning the conv removes the same channel.
-    with FilterMask(net, {"3": [1, 5]}), torch.no_grad():
-        masked = net(x)
     pruned, summary = prune_filters(net, {"4": [1, 5]}, x, latency=False)
-    if act()(torch.zeros(1)).abs().item() < 1e-6:  # act(0) = 0: the outputs agree exactly
-        torch.testing.assert_close(pruned(x), masked, atol=1e-5, rtol=1e-5)
     assert summary.channels["3"] == (8, 6) and pruned(x).shape == (2, 4)
+    # Masking the activation's output (what the next layer sees) is what pruning does, for any activation.
+    with FilterMask(net, {"4": [1, 5]}), torch.no_grad():
+        torch.testing.assert_close(pruned(x), net(x), atol=1e-5, rtol=1e-5)
+    # Masking the conv's output instead leaves act(0) in channels 1 and 5, constant after pooling: the
+    # pruned output is the masked one with act(0)·W[:, 1] + act(0)·W[:, 5] taken out of the linear bias.
+    a0 = act()(torch.zeros(1)).item()
+    folded = copy.deepcopy(net)
+    with torch.no_grad():
+        folded[7].bias -= a0 * folded[7].weight[:, [1, 5]].sum(1)
+    with FilterMask(folded, {"3": [1, 5]}), torch.no_grad():
+        torch.testing.assert_close(pruned(x), folded(x), atol=1e-5, rtol=1e-5)
+    if abs(a0) > 1e-6:  # and the fold is needed: without it the outputs differ
+        with FilterMask(net, {"3": [1, 5]}), torch.no_grad():
+            assert not torch.allclose(pruned(x), net(x), atol=1e-4)
 
 
 def test_channel_mixing_modules_are_not_pass_through():
@@ -74,6 +82,36 @@ def test_blocks_map_to_the_layer_that_owns_their_output_channels():
     with pytest.raises(ValueError, match=r"block 'features.denseblock1'.*concatenates.*e.g. 'features.denseblock1"):
         check_prunable(densenet, ["features.denseblock1"], x)
     assert check_prunable(densenet, ["features.transition1"], x) == {"features.transition1": "features.transition1.conv"}
+
+
+class Sleeper(nn.Module):
+    """A forward that sleeps a scripted time per call (sleep never returns early: lower bounds are safe)."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds, self.modes = list(seconds), []
+
+    def forward(self, x):
+        import time
+
+        self.modes.append(self.training)
+        time.sleep(self.seconds.pop(0))
+        return x
+
+
+def test_latency_is_the_median_of_the_timed_forwards_in_ms():
+    # Two warm-up calls, then 1, 40, 80, 120 and 160 ms: each call lasts at least its sleep, so the median
+    # is at least 80 ms (the second-smallest or the minimum would be ~40 or ~1 ms, a value in seconds 0.08),
+    # and the model is in eval mode while timed and in training mode after.
+    net = Sleeper([0.0, 0.0, 0.001, 0.04, 0.08, 0.12, 0.16]).train()
+    assert measure_latency(net, torch.zeros(1), repeats=5, warmup=2) >= 80.0
+    assert net.seconds == [] and net.modes == [False] * 7 and net.training
+    # By default 2 warm-up and 7 timed forwards: exactly 9 calls.
+    net = Sleeper([0.0] * 9)
+    measure_latency(net, torch.zeros(1))
+    assert net.seconds == [] and len(net.modes) == 9
+    # Inputs on a device other than CUDA never synchronise CUDA (a meta tensor would make it raise).
+    assert measure_latency(nn.Identity(), torch.zeros(1, device="meta"), repeats=1, warmup=0) >= 0
 
 
 def test_latency_is_measured_before_and_after():
@@ -288,6 +326,8 @@ def test_pruning_errors():
     x = torch.randn(1, 1, 16, 16)
     with pytest.raises(ValueError, match=r"\[0, 63\]"):
         prune_filters(net, {"relu2": [64]}, x)
+    with pytest.raises(ValueError, match=r"\[0, 63\] but got \[65, 300\]"):
+        prune_filters(net, {"relu2": [1, 65, 300]}, x)
     with pytest.raises(ValueError, match="no channels|channels to prune"):
         prune_filters(net, {"flatten": [0]}, x)
     with pytest.raises(ValueError, match="ignored layer"):

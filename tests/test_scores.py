@@ -61,10 +61,12 @@ def test_select_refuses_bad_amounts_and_flags_without_scores():
 def test_construction_checks_shapes_indices_and_details():
     with pytest.raises(ValueError, match="1-D"):
         FilterScores({"a": torch.zeros(2, 3)}, {}, "x")
-    with pytest.raises(ValueError, match=r"\[0, 3\]"):
-        FilterScores({"a": torch.zeros(4)}, {"a": [1, 4]}, "x")
+    with pytest.raises(ValueError, match=r"\[0, 3\] but got \[4, 7\]"):  # the offending indices, named
+        FilterScores({"a": torch.zeros(4)}, {"a": [1, 4, 7]}, "x")
     with pytest.raises(ValueError, match="non-negative"):
         FilterScores({}, {"a": [-1]}, "x")
+    with pytest.raises(ValueError, match=r"non-negative.*but got \[-1\]"):
+        FilterScores({}, {"a": [2, -1]}, "x")  # mixed: the lowest index is the negative one
     with pytest.raises(TypeError, match="lists of filter indices"):
         FilterScores({}, {"a": [1.5]}, "x")
     with pytest.raises(ValueError, match="one detail entry per flagged filter"):
@@ -219,3 +221,29 @@ def test_a_source_that_cannot_answer_masks_nothing_and_never_loses_the_run(tmp_p
         trainer.fit(ImageClassifier(SimpleCNN(width=(8, 16, 16))), DataLoader(data, batch_size=16),
                     DataLoader(data, batch_size=16))
     assert trainer.current_epoch == 2 and masking.history[1]["num_masked"] == 0
+
+
+def test_a_saved_file_without_a_scorer_and_details_with_a_filter_key(tmp_path):
+    import json
+
+    from lightning_interp.scores import ANOMALY_REPORT_FORMAT, SCORES_FORMAT
+
+    layers = {"a": {"scores": [0.1, 0.9], "flagged": [{"filter": 1, "clusters": 3}]}}
+    for fmt, scorer in ((SCORES_FORMAT, "given"), (ANOMALY_REPORT_FORMAT, "anomaly")):
+        path = tmp_path / f"{scorer}.json"
+        path.write_text(json.dumps({"format": fmt, "layers": layers}))  # hand-written: no "scorer" key
+        loaded = FilterScores.load(path)
+        assert loaded.scorer == scorer and loaded.flags() == {"a": [1]}
+    # Details whose keys were built at run time (e.g. read from JSON) keep "filter" out of the extra columns.
+    details = json.loads('{"a": [{"filter": 1, "clusters": 3}]}')
+    columns, rows = FilterScores({"a": torch.tensor([0.1, 0.9])}, {"a": [1]}, "x", details=details).rows()
+    assert columns.count("filter") == 1 and rows[0][:2] == ["a", 1]
+
+
+def test_a_selection_is_a_frozen_value():
+    import dataclasses
+
+    sel = Selection("sou", amount=2, lowest=True)
+    assert sel == Selection("sou", amount=2, lowest=True) and hash(sel) == hash(Selection("sou", 2, True))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sel.amount = 3

@@ -36,6 +36,7 @@ from lightning_interp.callbacks import (
     TIPMonitor,
 )
 from lightning_interp.pruning import load_pruned, prune_filters, prune_target
+from lightning_interp.scores import Selection
 
 torch.set_num_threads(1)
 
@@ -139,7 +140,9 @@ def test_torchvision_networks_in_a_user_module(tmp_path, name):
         InterpReport(),
     ]
     if name not in NOT_PRUNABLE:
-        callbacks.insert(-1, PruneFlaggedFilters(monitor=monitor, model_attr="net", evaluate=False))
+        # The two highest anomaly scores of the layer, flagged or not: every prunable network gets pruned.
+        callbacks.insert(-1, PruneFlaggedFilters(monitor=monitor, select=Selection(amount=2), model_attr="net",
+                                                 evaluate=False))
     if name != "mobilenet_v3_small":  # its Hardsigmoid has no double backward: refused, see below
         callbacks.insert(0, AttentionGuidance(layer, {"attention_mining": 0.1, "attention_supervision": 0.1},
                                               probe_size=4))
@@ -160,9 +163,9 @@ def test_torchvision_networks_in_a_user_module(tmp_path, name):
     assert pruned(x).shape == (2, 4) and summary.params_after < summary.params_before
     assert summary.latency_ms_before > 0 and summary.latency_ms_after > 0
     pruner = next(cb for cb in callbacks if isinstance(cb, PruneFlaggedFilters))
-    if pruner.saved_to is not None:  # the monitor flagged filters: the callback pruned them at fit end
-        net, _ = load_pruned(pruner.saved_to, build())
-        assert net(x).shape == (2, 4) and "Pruning (flagged filters removed)" in html
+    net, saved = load_pruned(pruner.saved_to, build())  # the callback pruned the two selected filters at fit end
+    assert [len(v) for v in saved["pruned"].values()] == [2] and saved["params_after"] < saved["params_before"]
+    assert net(x).shape == (2, 4) and "Pruning (flagged filters removed)" in html
 
 
 # ---- bad input: refused before the first step, with the fix named -----------------------------------

@@ -47,3 +47,15 @@ def test_timeline_and_line_plot_render():
                          wt_epoch=1)
     p = line_plot([0, 1], {"training: train_loss": [1.0, 0.5], "validation: val_loss": [1.2, 0.9]}, "Loss", "epoch", "loss")
     assert t.ndim == p.ndim == 3 and t.dtype == p.dtype == np.uint8
+    # What is drawn shows in the pixels: other counts, the WT line and the red alarm line each change them.
+    args = ([0, 1, 2], {"net.features.2": [1, 2, 4]}, {"train_loss": [(0, 2.0), (1, 1.0), (2, 0.5)]})
+    bare = anomaly_timeline(*args)
+    assert t.shape == bare.shape and not np.array_equal(t, bare)
+    other = anomaly_timeline([0, 1, 2], {"net.features.2": [4, 2, 1]}, args[2])
+    assert not np.array_equal(other, bare)
+
+    def red(img):
+        return int(((img[..., 0] > 200) & (img[..., 1] < 90) & (img[..., 2] < 90)).sum())
+
+    assert red(anomaly_timeline(*args, alarm_epoch=2)) > red(bare) + 50
+    assert len(np.unique(bare.reshape(-1, 3), axis=0)) > 10  # lines and text, not a blank canvas
