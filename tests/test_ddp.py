@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -31,7 +32,23 @@ def _report(out, why: str) -> str:
 
 
 def run(out, devices):
-    """``run_ddp.py`` in its own process group; fails with every rank's log when it fails or stalls."""
+    """``run_ddp.py`` in its own process group; fails with every rank's log when it fails or stalls.
+
+    Rendezvous goes through a TCP port that Lightning picks by binding port 0 and closing it before the
+    store binds it again: on a busy machine another process can take it in between ("Address already in
+    use", the known race of free-port pickers, e.g. pytorch/pytorch#30676). That one error is retried once
+    with a new port; any other failure fails at once."""
+    try:
+        return _run(out, devices)
+    except pytest.fail.Exception as failure:
+        if "address already in use" not in str(failure).lower():
+            raise
+        warnings.warn(f"DDP rendezvous port was taken (Address already in use); retrying once:\n{str(failure)[:2000]}",
+                      stacklevel=2)
+        return _run(f"{out}_retry", devices)
+
+
+def _run(out, devices):
     # Rank variables from the caller's environment would make the launcher join another job (or wait for
     # ranks that never come): each run picks its own free port and starts its own ranks.
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
