@@ -5,7 +5,8 @@ The scripts are found by glob, so a new one is covered the day it lands (and fai
 the torch import again) from an empty working directory, on generated data: nothing here reads
 ``../shared/data/cifar10``. A refactor that breaks a script's imports, a renamed function or a changed
 return type fails here instead of on the day someone re-runs the measurement. The committed results
-next to the scripts must come out of the run unchanged: tiny outputs go to a temporary folder.
+next to the scripts must come out of the run unchanged, and nothing may be left in the working directory:
+tiny outputs go to a temporary folder that the script removes.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def test_script_runs_tiny(script: Path, tmp_path, monkeypatch, capsys):
             if str(getattr(sys.modules[name], "__file__", "") or "").startswith(str(script.parent)):
                 del sys.modules[name]
     assert capsys.readouterr().out.strip(), f"{script.name} --tiny printed nothing"
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert not left, f"{script.name} --tiny left files in the working directory (use a temporary folder): {left}"
     after = _tree_digest()
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"{script.name} --tiny wrote into the checkout: {changed}"
