@@ -8,6 +8,7 @@ Prints seconds, the speed-up, and the agreement (same K, same flags).
 
     python benchmarks/anomaly.py                    # CPU (and the GPU too when there is one)
     python benchmarks/anomaly.py --filters 128      # a smaller layer
+    python benchmarks/anomaly.py --tiny             # 6 filters x 32 samples: the smoke run of make test
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--k-max", type=int, default=10)
     parser.add_argument("--min-cluster-size", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help="6 filters x 32 samples, K = 2..3 (make test)")
     args = parser.parse_args()
+    if args.tiny:
+        args.filters, args.samples, args.k_max, args.min_cluster_size = 6, 32, 3, 3
     feats, act = synthetic_features(args.samples, args.filters, 16)
     kw = dict(k_max=args.k_max, min_cluster_size=args.min_cluster_size)
     print(f"{args.filters} filters x {args.samples} samples, K = 2..{args.k_max}, torch threads {torch.get_num_threads()}")

@@ -13,6 +13,7 @@ gradient comparison included), ``LearningImageLogger`` and ``InterpReport``.
 
     python benchmarks/memory.py                  # both fits, then the table
     python benchmarks/memory.py --width 0.25     # a quarter-width VGG (quick check)
+    python benchmarks/memory.py --tiny           # a VGG of 4-32 filters a layer: the smoke run of make test
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ def fit(monitored: bool, args) -> dict:
         def __init__(self):
             super().__init__()
             cfg = [int(c * args.width) if c != "M" else c for c in [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]]
-            if args.width == 1.0:
+            if args.width == 1.0 and args.hidden == 4096:
                 self.net = torchvision.models.vgg11_bn(weights=None, num_classes=10)
             else:
                 self.net = torchvision.models.VGG(torchvision.models.vgg.make_layers(cfg, batch_norm=True), num_classes=10)
-                self.net.classifier[0] = nn.Linear(cfg[-2] * 7 * 7, 4096)  # the narrower last block
+                self.net.classifier[0] = nn.Linear(cfg[-2] * 7 * 7, args.hidden)  # the narrower last block
+                self.net.classifier[3] = nn.Linear(args.hidden, args.hidden)
+                self.net.classifier[6] = nn.Linear(args.hidden, 10)
 
         def forward(self, x):
             return self.net(x)
@@ -105,9 +108,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--probe", type=int, default=64, help="AnomalyFilterMonitor probe size")
     parser.add_argument("--layer", default="net.features.2", help="layer the monitors watch")
+    parser.add_argument("--hidden", type=int, default=4096, help="width of the classifier's hidden layers (vgg11_bn: 4096)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true",
+                        help="width 1/16, hidden 64, two batches of 8, probe 16, one thread (make test)")
     parser.add_argument("--child", choices=["plain", "monitored"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tiny:
+        args.width, args.hidden, args.batches, args.batch_size, args.probe, args.threads = 1 / 16, 64, 2, 8, 16, 1
     if args.child:
         print(json.dumps(fit(args.child == "monitored", args)))
         return
@@ -120,7 +128,7 @@ def main() -> None:
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     plain, mon = results["plain"]["peak_rss_bytes"], results["monitored"]["peak_rss_bytes"]
     gib = 2**30
-    print(f"vgg11_bn width {args.width} ({results['plain']['params'] / 1e6:.1f} M parameters), "
+    print(f"vgg11_bn width {args.width}, hidden {args.hidden} ({results['plain']['params'] / 1e6:.1f} M parameters), "
           f"{args.batches} batches of {args.batch_size}, probe {args.probe}, layer {args.layer}, CPU")
     print(f"{'fit':<12}{'peak RSS (GiB)':>16}{'seconds':>10}")
     print(f"{'plain':<12}{plain / gib:>16.2f}{results['plain']['seconds']:>10.1f}")

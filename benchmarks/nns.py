@@ -10,6 +10,7 @@ Outputs are checked equal before timing is reported. Prints seconds per method a
 
     python benchmarks/nns.py                      # the cases for this machine (GPU if present)
     python benchmarks/nns.py --case resnet --device cuda --batch 256
+    python benchmarks/nns.py --tiny               # 4 filters, 2 inputs, one repeat: the smoke run of make test
 """
 
 from __future__ import annotations
@@ -90,10 +91,14 @@ def main() -> None:
     parser.add_argument("--case", choices=["all", "resnet", "simple"], default="all")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=None, help="inputs (default 256 on GPU; 32 resnet / 128 simple on CPU)")
-    parser.add_argument("--filters", type=int, default=None, help="filters of the resnet layer (default all 512 on GPU, 64 on CPU)")
+    parser.add_argument("--filters", type=int, default=None,
+                        help="filters of each layer (default: resnet all 512 on GPU, 64 on CPU; SimpleCNN all 64)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-captum", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="4 filters of each layer, 2 inputs, one repeat (make test)")
     args = parser.parse_args()
+    if args.tiny:
+        args.filters, args.batch, args.repeats = 4, 2, 1
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if gpu:
@@ -107,7 +112,7 @@ def main() -> None:
     if args.case in ("all", "simple"):
         batch = args.batch or (256 if gpu else 128)
         run_case("SimpleCNN", SimpleCNN(in_channels=3), "conv3", torch.randn(batch, 3, 32, 32),
-                 list(range(64)), device, args.repeats, args.skip_captum)
+                 list(range(args.filters or 64)), device, args.repeats, args.skip_captum)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ SimpleCNN, 5,000 samples.
     python benchmarks/overhead.py                 # the GPU case where there is one, else the CPU case
     python benchmarks/overhead.py --device cpu --epochs 4 --mode exact
     python benchmarks/overhead.py --budget 0.1 --epochs 6 --data ../shared/data/cifar10   # defaults vs the budget
+    python benchmarks/overhead.py --tiny          # seconds, generated images: the smoke run of make test
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import tempfile
 import time
 from collections import defaultdict
 from functools import wraps
@@ -49,6 +51,7 @@ import lightning_interp.callbacks.tip as tip_cb
 import lightning_interp.metrics.anomaly as anomaly_metrics
 from lightning_interp.callbacks import AnomalyFilterMonitor, LearningImageLogger, TIPMonitor
 from lightning_interp.callbacks.base import InterpCallback
+from lightning_interp.data import write_toy_imagefolder
 from lightning_interp.models import ImageClassifier, SimpleCNN, resnet18_cifar
 from lightning_interp.nns import SCAN_MODES
 
@@ -56,11 +59,12 @@ from lightning_interp.nns import SCAN_MODES
 #: (Schneider, Dangel, Hennig: "Cockpit", NeurIPS 2021, their benchmark data): the anchor.
 COCKPIT_ECONOMY = {"every 64th step": 1.02, "every 16th step": 1.04, "every step": 1.51}
 
-#: part -> (module or class, attribute) whose self time it is.
+#: part -> (module or class, attribute) whose self time it is: the names the monitors' epoch-end scans
+#: call (a rename there fails the ``--tiny`` run in ``make test``, see ``PartTimer.patch``).
 PARTS = {
     "features": [(anomaly_metrics, "anomaly_features"), (anomaly_metrics, "layer_activations"),
-                 (tip_cb, "layer_properties"), (li_cb, "layer_activations"), (li_cb, "filter_knowledge_quantity"),
-                 (li_cb, "layer_knowledge_quantity")],
+                 (tip_cb, "layer_properties"), (li_cb, "layer_activations"), (li_cb, "iter_filter_learning_images"),
+                 (li_cb, "reduce_knowledge_quantity"), (li_cb, "layer_knowledge_quantity")],
     "PCA": [(anomaly_metrics, "project_filters_2d")],
     "GMM": [(anomaly_metrics, "gmm_sweep")],
     "per-sample gradients": [(anomaly_cb, "grouped_gradient_magnitude")],
@@ -81,15 +85,17 @@ class PartTimer:
         self.stack: list[float] = []
         self.monitor = "?"
         self.patched: list[tuple[object, str, object]] = []
+        self.called: set[str] = set()  # "owner.name" of the patched functions that ran
 
     def _now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def timed(self, part: str, fn):
+    def timed(self, part: str, fn, label: str):
         @wraps(fn)
         def wrapper(*args, **kwargs):
+            self.called.add(label)
             start = self._now()
             self.stack.append(0.0)
             try:
@@ -108,7 +114,11 @@ class PartTimer:
                     raise AttributeError(f"{owner.__name__}.{name} is gone: update benchmarks/overhead.py PARTS")
                 original = getattr(owner, name)
                 self.patched.append((owner, name, original))
-                setattr(owner, name, self.timed(part, original))
+                setattr(owner, name, self.timed(part, original, f"{owner.__name__}.{name}"))
+
+    def never_called(self) -> list[str]:
+        """The patched names no scan called: a part whose function the monitors stopped using reads 0 s."""
+        return [f"{o.__name__}.{n}" for o, n, _ in self.patched if f"{o.__name__}.{n}" not in self.called]
 
     def unpatch(self) -> None:
         for owner, name, original in reversed(self.patched):
@@ -160,17 +170,17 @@ def peak_memory(device: str) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (peak RSS of the process so far)"
 
 
-def cifar10(root: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cifar10(root: str, n: int, cache: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` of a seeded shuffle of ``root/train`` (an ImageFolder of CIFAR-10), standardised:
     real images, so the scans flag filters and draw their pictures as in a user's run (random data does
-    not). Decoded once into ``runs/cifar10_uint8.pt`` (the overfitting benchmark's cache)."""
+    not). Decoded once into ``cache`` (``runs/cifar10_uint8.pt``: the overfitting benchmark's cache)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
     import overfitting_signals as ofs
 
-    raw = ofs.load_cifar(root, Path("runs/cifar10_uint8.pt"))
+    raw = ofs.load_cifar(root, Path(cache))
     idx = torch.randperm(len(raw["train_y"]), generator=torch.Generator().manual_seed(0))[:n]
     x = (raw["train_x"][idx].float() / 255 - ofs.MEAN) / ofs.STD
     return x, raw["train_y"][idx].clone()
@@ -180,7 +190,7 @@ def run(monitored: bool, args, device: str, parts: PartTimer | None = None) -> E
     pl.seed_everything(0)
     g = torch.Generator().manual_seed(0)
     if args.data:
-        x, y = cifar10(args.data, args.samples)
+        x, y = cifar10(args.data, args.samples, args.cache)
     else:
         x = torch.rand(args.samples, 3, 32, 32, generator=g)
         y = torch.randint(0, 10, (args.samples,), generator=g)
@@ -305,11 +315,23 @@ def main() -> None:
                              "defaults vs max_overhead=BUDGET (CPU)")
     parser.add_argument("--sizes", default="320,3000,20000", help="with --budget: images per epoch")
     parser.add_argument("--models", default=",".join(BUDGET_MODELS), help=f"with --budget: of {list(BUDGET_MODELS)}")
+    parser.add_argument("--cache", default="runs/cifar10_uint8.pt", help="decoded --data images (written on the first run)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="seconds on a generated 10-class image folder, outputs in a temporary folder (make test)")
     args = parser.parse_args()
-    if args.budget is not None:
+    if args.budget is not None and not args.tiny:
         os.environ.setdefault("WANDB_MODE", "disabled")
         budget_table(args)
         return
+    with tempfile.TemporaryDirectory(prefix="overhead-tiny-") as tmp:
+        if args.tiny:
+            args.data = write_toy_imagefolder(os.path.join(tmp, "cifar10"), images=(8, 2))
+            args.cache, args.out = os.path.join(tmp, "cifar10_uint8.pt"), os.path.join(tmp, "overhead")
+            args.samples, args.batch_size, args.epochs, args.probe_size = 64, 32, 2, 16
+        measure(args)
+
+
+def measure(args) -> None:
     gpu = args.device == "cuda"
     args.samples = args.samples or (50_000 if gpu else 5_000)
     args.batch_size = args.batch_size or (256 if gpu else 128)
@@ -359,6 +381,8 @@ def main() -> None:
         print(f"| {name:22s} | {'**total**':22s} | {total:8.3f} | {total / mean_plain:8.3f} |")
     print("\nanchor: Cockpit's economy instruments on CIFAR-10 3C3D (published): "
           + ", ".join(f"{k} {v:.2f}x" for k, v in COCKPIT_ECONOMY.items()))
+    if parts.never_called():
+        print(f"timed but never called in this run (0 s above): {', '.join(parts.never_called())}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Times are medians of ``--repeats`` runs after a warm-up, synchronised. Ratios ar
 
     python benchmarks/sketch.py --data /path/to/cifar10 --out runs/sketch.json
     python benchmarks/sketch.py --cases simple_cnn --epochs 2 --device cpu     # a quick CPU look
+    python benchmarks/sketch.py --tiny       # generated images, probe 16, P = 4: the smoke run of make test
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 
 import torch
 from torch.nn import functional as F
 
+from lightning_interp.data import write_toy_imagefolder
 from lightning_interp.metrics.anomaly import anomaly_features, detect_anomaly_filters, scan_anomaly_filters
 from lightning_interp.metrics.tip import avou
 from lightning_interp.models import SimpleCNN, resnet18_cifar
@@ -194,7 +197,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--save-dir", default=None, help="save each case's flags and exact 2-D features here")
+    parser.add_argument("--tiny", action="store_true", help="simple_cnn on a generated 10-class image folder, one "
+                        "epoch, probe 16, P = 4, one repeat, outputs in a temporary folder (make test)")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sketch-tiny-") as tmp:
+        if args.tiny:
+            args.data = write_toy_imagefolder(os.path.join(tmp, "cifar10"), images=(4, 2))
+            args.cases, args.epochs, args.probe_size, args.projections, args.repeats = ["simple_cnn"], 1, 16, [4], 1
+            args.out, args.save_dir = os.path.join(tmp, "sketch.json"), tmp
+        measure(args)
+
+
+def measure(args) -> None:
     device = torch.device(args.device)
     data = load_data(args.data)
     rows = []

@@ -10,12 +10,15 @@ the mean epoch time (first epoch dropped) and the whole fit with and without the
 alarm, the flags, the pruned sizes and the report path.
 
     python benchmarks/user_module.py --data ../shared/data/cifar10 --epochs 4
+    python benchmarks/user_module.py --tiny       # generated images, 2 epochs, probe 16: the smoke run of make test
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from lightning_interp.callbacks import (
     TIPMonitor,
     load_pruned,
 )
+from lightning_interp.data import write_toy_imagefolder
 
 
 class MyModule(pl.LightningModule):
@@ -77,12 +81,12 @@ def fit(monitored: bool, args, train, val) -> tuple[list[float], float, list]:
     pl.seed_everything(0)
     callbacks = []
     if monitored:
-        anomaly = AnomalyFilterMonitor(["net.features.3", "net.features.6"], probe_size=256, min_cluster_size=0.05,
+        anomaly = AnomalyFilterMonitor(["net.features.3", "net.features.6"], probe_size=args.probe_size, min_cluster_size=0.05,
                                        val_acc_key="val_acc", val_loss_key="val_loss")
-        tip = TIPMonitor("net.features.6")
+        tip = TIPMonitor("net.features.6", probe_size=min(64, args.probe_size))
         least = Selection("sou", amount=0.25, lowest=True)
         out = Path(args.out)
-        callbacks = [anomaly, tip, LearningImageLogger("net.features.6"),
+        callbacks = [anomaly, tip, LearningImageLogger("net.features.6", probe_size=min(32, args.probe_size)),
                      FilterMasking(anomaly, start_epoch=2, when="eval_only"),
                      PruneFlaggedFilters(monitor=anomaly, model_attr="net", out_path=str(out / "pruned_anomaly.pt")),
                      PruneFlaggedFilters(tip, select=least, model_attr="net", out_path=str(out / "pruned_sou.pt")),
@@ -102,11 +106,24 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=3000)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--out", default="runs/user_module")
+    p.add_argument("--cache", default="runs/cifar10_uint8.pt", help="decoded --data images (written on the first run)")
+    p.add_argument("--probe-size", type=int, default=256, help="the anomaly monitor's probe (TIP's is at most 64, the logger's 32)")
+    p.add_argument("--tiny", action="store_true", help="a generated 10-class image folder, 40 training images, "
+                   "2 epochs, probe 16, outputs in a temporary folder (make test)")
     args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="user-module-tiny-") as tmp:
+        if args.tiny:
+            args.data = write_toy_imagefolder(os.path.join(tmp, "cifar10"), images=(4, 2))
+            args.cache, args.out = os.path.join(tmp, "cifar10_uint8.pt"), os.path.join(tmp, "user_module")
+            args.train_size, args.epochs, args.probe_size = 40, 2, 16
+        measure(args)
+
+
+def measure(args) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
     import overfitting_signals as ofs
 
-    raw = ofs.load_cifar(args.data, Path("runs/cifar10_uint8.pt"))
+    raw = ofs.load_cifar(args.data, Path(args.cache))
     g = torch.Generator().manual_seed(0)
     tr = torch.randperm(len(raw["train_y"]), generator=g)[: args.train_size]
     va = torch.randperm(len(raw["val_y"]), generator=g)[:1000]

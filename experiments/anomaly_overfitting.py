@@ -15,6 +15,7 @@ layers every epoch. WT = the epoch with the best validation accuracy, OF = the l
 
     python experiments/anomaly_overfitting.py --cifar ../shared/data/cifar10 --out runs/anomaly
     python experiments/anomaly_overfitting.py --only digits --epochs 20      # embedded data only
+    python experiments/anomaly_overfitting.py --tiny       # generated images, 2 epochs: the smoke run of make test
 
 Writes `<out>/results.json` and prints a Markdown table.
 """
@@ -25,6 +26,7 @@ import argparse
 import copy
 import json
 import os
+import tempfile
 import time
 
 import lightning.pytorch as pl
@@ -33,7 +35,12 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_interp.batch import default_batch_adapter
 from lightning_interp.callbacks import AnomalyFilterMonitor
-from lightning_interp.data import DigitsDataModule, ImageFolderDataModule, ShapesDataModule
+from lightning_interp.data import (
+    DigitsDataModule,
+    ImageFolderDataModule,
+    ShapesDataModule,
+    write_toy_imagefolder,
+)
 from lightning_interp.gradients import per_sample_gradient_magnitude
 from lightning_interp.masking import FilterMask
 from lightning_interp.models import ImageClassifier, LeNet5, SimpleCNN
@@ -136,7 +143,8 @@ def run(model_name: str, data_name: str, args) -> dict:
     mask_monitor = AnomalyFilterMonitor(
         layers, probe_size=args.probe_size, min_cluster_size=20, theta=0.5, seed=args.seed
     )
-    flagged = [(layer, k) for layer in layers for k in mask_monitor.detect(module, layer, probe.x).flagged]
+    exp3 = {layer: mask_monitor.detect(module, layer, probe.x) for layer in layers}
+    flagged = [(layer, k) for layer, res in exp3.items() for k in res.flagged]
     val_loader, train_loader = data.val_dataloader(), data.train_dataloader()
     eval_batches = args.eval_batches
     base_val = accuracy(module, val_loader)
@@ -149,7 +157,7 @@ def run(model_name: str, data_name: str, args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     chosen = [flagged[i] for i in torch.randperm(len(flagged), generator=g)[: args.max_masked].tolist()]
     anomaly_changes = [masked_change(layer, k) for layer, k in chosen]
-    widths = {layer: monitor.num_filters[layer] for layer in layers}
+    widths = {layer: res.anomaly.numel() for layer, res in exp3.items()}
     pool = [(layer, k) for layer in layers for k in range(widths[layer])]
     random_changes = [masked_change(*pool[i]) for i in torch.randint(len(pool), (args.random_trials,), generator=g).tolist()]
 
@@ -207,10 +215,20 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=20, help="training batches used for train accuracy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/anomaly_experiment")
+    parser.add_argument("--tiny", action="store_true", help="both models on a generated 10-class image folder, 2 "
+                        "epochs, probe 24, outputs in a temporary folder (make test)")
     args = parser.parse_args()
-    datasets = args.only or (["digits", "shapes"] + (["cifar10"] if args.cifar else []))
-    if "cifar10" in datasets and not args.cifar:
-        parser.error("--cifar DIR is needed to run cifar10")
+    with tempfile.TemporaryDirectory(prefix="anomaly-overfitting-tiny-") as tmp:
+        if args.tiny:
+            args.cifar, args.only, args.out = write_toy_imagefolder(os.path.join(tmp, "cifar10"), images=(4, 2)), ["cifar10"], tmp
+            args.epochs, args.probe_size, args.every_n_epochs, args.max_masked, args.random_trials = 2, 24, 1, 2, 2
+        datasets = args.only or (["digits", "shapes"] + (["cifar10"] if args.cifar else []))
+        if "cifar10" in datasets and not args.cifar:
+            parser.error("--cifar DIR is needed to run cifar10")
+        run_all(datasets, args)
+
+
+def run_all(datasets: list[str], args) -> None:
     os.makedirs(args.out, exist_ok=True)
     results = []
     for data_name in datasets:

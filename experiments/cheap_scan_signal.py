@@ -26,6 +26,7 @@ Counts use the monitor's default criteria (the benchmark's ``count_thesis``: λ 
 
     python experiments/cheap_scan_signal.py                  # compute what is missing, then score
     python experiments/cheap_scan_signal.py --stage score
+    python experiments/cheap_scan_signal.py --tiny       # on overfitting_signals.py --tiny's runs: the smoke run of make test
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -228,7 +231,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/ofsig")
     p.add_argument("--cache", default="runs/cifar10_uint8.pt")
     p.add_argument("--stage", choices=["compute", "score", "all"], default="all")
-    p.add_argument("--models", nargs="+", default=list(ofs.MODELS), choices=list(ofs.MODELS))
+    p.add_argument("--models", nargs="+", default=ofs.BENCHMARK_MODELS, choices=list(ofs.MODELS))
     p.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2, 0.4])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--train-size", type=int, default=5000)
@@ -238,7 +241,20 @@ def main() -> None:
     p.add_argument("--grid4", action="store_true", help="also the 4 x 4 grid (16 products per checkpoint)")
     p.add_argument("--benchmark", default=str(ofs.RESULTS), help="overfitting_signals.json (the alarm rule)")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--tiny", action="store_true", help="on the runs of `overfitting_signals.py --tiny`, made first; "
+                   "outputs in a temporary folder (make test)")
     args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cheap-scan-tiny-") as tmp:
+        if args.tiny:
+            bench = ofs.use_tiny(ofs.parser().parse_args([]), tmp)
+            ofs.run(bench)
+            for name in ("data", "cache", "out", "models", "noise", "seeds", "train_size", "probe"):
+                setattr(args, name, getattr(bench, name))
+            args.benchmark, args.results = bench.results, os.path.join(tmp, "cheap_scan_signal.json")
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stage in ("compute", "all"):
@@ -246,7 +262,7 @@ def main() -> None:
         compute(args, data)
     if args.stage in ("score", "all"):
         summary = score(args)
-        summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("stage", "threads")}
+        summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("stage", "threads", "tiny")}
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(summary, indent=1, default=float))
         buf = io.StringIO()

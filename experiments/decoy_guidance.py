@@ -28,6 +28,7 @@ and on the random-decoy validation split; the CAM/mask IoU of ``--layer`` on 200
 images is recorded too. Prints a Markdown table and writes ``<out>/results.json``.
 
     python experiments/decoy_guidance.py --seeds 0 1 2 --guided attention_supervision=10 rrr=1 --out runs/decoy
+    python experiments/decoy_guidance.py --tiny      # one seed, 96 images, one epoch: the smoke run of make test
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from collections import OrderedDict
 
@@ -82,10 +84,11 @@ def build_model(num_classes: int, args) -> nn.Module:
 
 def train(condition: str, seed: int, args, weights: dict[str, float] | None = None) -> dict:
     pl.seed_everything(seed, workers=True)
-    data = ShapesDataModule(num_train=args.num_train, num_val=500, num_test=500, decoy=condition != "clean", seed=seed)
+    data = ShapesDataModule(num_train=args.num_train, num_val=args.num_eval // 2, num_test=args.num_eval // 2,
+                            decoy=condition != "clean", seed=seed)
     module = ImageClassifier(build_model(data.num_classes, args), lr=args.lr)
     layer = ("model.cnn." if args.standardize else "model.") + args.layer
-    callbacks = [AttentionGuidance(layer, weights, probe_size=64)] if weights else []
+    callbacks = [AttentionGuidance(layer, weights, probe_size=min(64, args.num_train))] if weights else []
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="auto", devices=1, logger=False, callbacks=callbacks,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -94,9 +97,10 @@ def train(condition: str, seed: int, args, weights: dict[str, float] | None = No
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - t0
-    clean = make_shapes(1000, num_classes=data.num_classes, decoy="none", seed=10_000 + seed)
+    clean = make_shapes(args.num_eval, num_classes=data.num_classes, decoy="none", seed=10_000 + seed)
     module.eval()
-    cam = grad_cam(module, layer, clean["image"][:200], clean["label"][:200])
+    n_cam = args.num_eval // 5
+    cam = grad_cam(module, layer, clean["image"][:n_cam], clean["label"][:n_cam])
     guidance = {k.rsplit("/", 1)[-1].removesuffix("_epoch"): round(float(v), 5) for k, v in trainer.callback_metrics.items()
                 if "guidance" in k and k.endswith("_epoch")}
     return {
@@ -104,7 +108,7 @@ def train(condition: str, seed: int, args, weights: dict[str, float] | None = No
         "acc_decoy_free": accuracy(module, DataLoader(ShapesDataset(clean), batch_size=256)),
         "acc_random_decoy_val": accuracy(module, data.val_dataloader()),
         "acc_train": accuracy(module, data.train_dataloader()),
-        "cam_iou_decoy_free": round(cam_iou(cam, clean["mask"][:200]).item(), 4),
+        "cam_iou_decoy_free": round(cam_iou(cam, clean["mask"][:n_cam]).item(), 4),
         "guidance_terms_last_epoch": guidance,
     }
 
@@ -121,8 +125,19 @@ def main() -> None:
     parser.add_argument("--guided", nargs="+", type=parse_spec, default=None,
                         help="one guided condition per spec NAME=WEIGHT[,NAME=WEIGHT...], NAME in " + ", ".join(LOSSES))
     parser.add_argument("--baselines", nargs="*", default=["clean", "decoy"], choices=["clean", "decoy"])
+    parser.add_argument("--num-eval", type=int, default=1000,
+                        help="decoy-free test images (the CAM IoU on a fifth of them); val and test splits of half as many")
     parser.add_argument("--out", default="runs/decoy")
+    parser.add_argument("--tiny", action="store_true", help="seed 0, 96 training and 100 test images, one epoch, "
+                        "outputs in a temporary folder (make test)")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="decoy-tiny-") as tmp:
+        if args.tiny:
+            args.seeds, args.epochs, args.num_train, args.num_eval, args.out = [0], 1, 96, 100, tmp
+        run_all(args)
+
+
+def run_all(args) -> None:
     guided = args.guided if args.guided is not None else [{"attention_supervision": 10.0}]
     conditions = [(c, None) for c in args.baselines] + [
         ("guided " + ",".join(f"{k}={v:g}" for k, v in w.items()), w) for w in guided]

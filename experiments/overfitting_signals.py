@@ -29,6 +29,7 @@ Stages (each resumable; ``--stage all`` runs them in order):
 
     python experiments/overfitting_signals.py --data ../shared/data/cifar10 --out runs/ofsig
     python experiments/overfitting_signals.py --data ../shared/data/cifar10 --out runs/ofsig --stage score
+    python experiments/overfitting_signals.py --tiny      # seconds, generated images: the smoke run of make test
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +63,10 @@ MODELS = {
     # name: (constructor, conv layers for the thesis tables, layer of the live signal)
     "simple_cnn": (lambda: SimpleCNN(in_channels=3), ["relu1", "relu2", "relu3"], "relu3"),
     "lenet5": (lambda: LeNet5(in_channels=3), ["relu1", "relu2"], "relu2"),
+    # SimpleCNN at 8-16-16 filters: the --tiny runs (one exact scan is 16 VJPs, not 64)
+    "tiny_cnn": (lambda: SimpleCNN(in_channels=3, width=(8, 16, 16)), ["relu1", "relu2", "relu3"], "relu3"),
 }
+BENCHMARK_MODELS = ["simple_cnn", "lenet5"]  # what the benchmark trains unless --models says otherwise
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 K_MAX = 10
@@ -555,7 +560,7 @@ def score(args) -> dict:
             }
     for r in summary["runs"]:
         r.pop("run", None)
-    summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("stage", "results", "threads")}
+    summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("stage", "results", "threads", "tiny")}
     return summary
 
 
@@ -609,7 +614,8 @@ def print_tables(summary: dict) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, t in summary["thesis"].items():
         model = key.split("/")[0]
-        th = THESIS.get(model)
+        # tiny_cnn: a model the thesis did not train, no thesis numbers beside it
+        th = THESIS.get(model, {"6-2": ("–",) * 2, "6-3": ("–",) * 4, "6-4": ("–",) * 2, "6-5": (float("nan"),) * 2})
         g = t["6-3"]
         m4 = t["6-4"]
         m5 = t["6-5"]
@@ -638,12 +644,12 @@ def print_tables(summary: dict) -> None:
 SPLITS: dict[str, torch.Tensor] = {}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="../shared/data/cifar10")
     p.add_argument("--out", default="runs/ofsig")
     p.add_argument("--stage", choices=["train", "signals", "tables", "score", "all"], default="all")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=BENCHMARK_MODELS, choices=list(MODELS))
     p.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2, 0.4])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--train-size", type=int, default=5000)
@@ -656,7 +662,26 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--cache", default="runs/cifar10_uint8.pt", help="decoded images (written on the first run)")
-    args = p.parse_args()
+    p.add_argument("--tiny", action="store_true", help="two 3-epoch runs of a narrow SimpleCNN on a generated 10-class image "
+                   "folder, probe 64, every stage, outputs in a temporary folder (make test)")
+    return p
+
+
+def use_tiny(args: argparse.Namespace, tmp: str) -> argparse.Namespace:
+    """``--tiny``: the benchmark at the smallest size that runs every stage (two runs, clean and 40 % noise;
+    the runs, the decoded images and the results JSON under ``tmp``). Also the tiny checkpoints that
+    ``cheap_scan_signal.py --tiny`` and ``tip_sketch_agreement.py --tiny`` read."""
+    from lightning_interp.data import write_toy_imagefolder
+
+    args.data = write_toy_imagefolder(os.path.join(tmp, "cifar10"), images=(8, 4))
+    args.out, args.cache, args.results = (os.path.join(tmp, name) for name in ("ofsig", "cifar10_uint8.pt", "ofsig.json"))
+    args.models, args.noise, args.seeds = ["tiny_cnn"], [0.0, 0.4], [0]
+    # probe 64: table 6-1's exp. 1 takes λ = 50 probe samples
+    args.train_size, args.probe, args.max_epochs, args.past_best, args.scan_every, args.mask_trials = 80, 64, 3, 1, 2, 2
+    return args
+
+
+def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     raw = load_cifar(args.data, Path(args.cache))
@@ -677,6 +702,12 @@ def main() -> None:
         Path(args.results).write_text(json.dumps(summary, indent=1, default=float))
         print_tables(summary)
         print(f"\n(raw numbers: {os.path.relpath(args.results)})")
+
+
+def main() -> None:
+    args = parser().parse_args()
+    with tempfile.TemporaryDirectory(prefix="ofsig-tiny-") as tmp:
+        run(use_tiny(args, tmp) if args.tiny else args)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ delete the cache files to time again). Threads: 1 (``torch.set_num_threads``).
     python experiments/sketch_agreement.py --table experiments/results/sketch_agreement_{small,resnet}.json
     OMP_NUM_THREADS=1 python experiments/sketch_agreement.py --models simple_cnn --projection-check 16 64 128 512 2048 \
         --out experiments/results/sketch_projection_check.json
+    python experiments/sketch_agreement.py --tiny     # LeNet5 on generated images, probe 16, P = 4: the smoke run of make test
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 
 import torch
 from torch.nn import functional as F
 
+from lightning_interp.data import write_toy_imagefolder
 from lightning_interp.metrics.anomaly import detect_anomaly_filters, project_filters_2d
 from lightning_interp.metrics.tip import PROPERTIES, avou, interpretable_properties, spearman
 from lightning_interp.models import LeNet5, SimpleCNN, resnet18_cifar
@@ -316,7 +319,21 @@ def main() -> None:
     parser.add_argument("--projection-check", type=int, nargs="+", metavar="P",
                         help="only run projection_check with these P (from the exact learning images)")
     parser.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of these result files")
+    parser.add_argument("--tiny", action="store_true", help="lenet5 on a generated 10-class image folder, probe 16, "
+                        "P = 4, then --projection-check 4 and --table; outputs in a temporary folder (make test)")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sketch-agreement-tiny-") as tmp:
+        if not args.tiny:
+            return run(args)
+        args.cifar = write_toy_imagefolder(os.path.join(tmp, "cifar10"), images=(4, 2))
+        args.models, args.probe_size, args.projections, args.eval_images = ["lenet5"], 16, [4], 16
+        args.ckpt_dir, args.out = tmp, os.path.join(tmp, "sketch_agreement.json")
+        run(args)
+        run(argparse.Namespace(**{**vars(args), "projection_check": [4], "out": os.path.join(tmp, "check.json")}))
+        run(argparse.Namespace(**{**vars(args), "table": [args.out]}))
+
+
+def run(args: argparse.Namespace) -> None:
     if args.table:
         rows = [r for path in args.table for r in json.load(open(path))["rows"]]
         print(table(rows))

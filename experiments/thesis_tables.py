@@ -16,7 +16,7 @@ thesis used pool1, pool2, conv3, conv4, conv5 of AlexNet); "conv1..3" of table 4
 ``relu1..3``; the last conv layer (tables 4-3, 4-4, 5-x) is ``relu3`` (64 filters).
 
     python experiments/thesis_tables.py                       # about 10 minutes, one CPU thread
-    python experiments/thesis_tables.py --quick               # a smoke run with tiny sizes
+    python experiments/thesis_tables.py --tiny                # tiny sizes, generated images: the smoke run of make test
 
 Writes ``experiments/results/thesis_tables.json`` and ``.md`` (the Markdown printed at the end).
 """
@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -35,7 +36,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
 from lightning_interp.cam import grad_cam
-from lightning_interp.data import ImageFolderDataModule, ShapesDataModule
+from lightning_interp.data import ImageFolderDataModule, ShapesDataModule, write_toy_imagefolder
 from lightning_interp.metrics.aipc import aipc, evaluate
 from lightning_interp.metrics.fq import (
     FQ_COMPONENTS,
@@ -298,7 +299,7 @@ def shapes_part(cfg, results, md, cifar_52=None):
     # Tables 4-3 and 4-4: diversity of the last conv layer from all neurons' FQ, masking 20 filters.
     t0 = time.time()
     nd = cfg["probe_div"]
-    comp = all_neuron_feature_quantity(final, LAST, xs[:nd], ms[:nd], max_neurons=None, components=True)
+    comp = all_neuron_feature_quantity(final, LAST, xs[:nd], ms[:nd], max_neurons=cfg["div_neurons"], components=True)
     t_scan = time.time() - t0
     base = evaluate(final, val_loader)
     k = comp["nf"].shape[1]
@@ -485,18 +486,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cifar", default=os.path.join(HERE, "..", "..", "shared", "data", "cifar10"))
     p.add_argument("--out", default=os.path.join(HERE, "results", "thesis_tables.json"))
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every table")
+    p.add_argument("--tiny", action="store_true", help="every table at tiny sizes on a generated 10-class image "
+                   "folder; outputs in a temporary folder (make test)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = dict(seed=args.seed, cifar_train=20000, cifar_val=2000, cifar_epochs=8, low_step=40, probe=128,
-               probe_small=64, probe_kq=16, kq_neurons=256, fq_neurons=256, probe_div=32, random_trials=10,
-               shapes_train=2000, shapes_val=500, shapes_epochs=24)
-    if args.quick:
-        cfg.update(cifar_train=512, cifar_val=256, cifar_epochs=1, low_step=1, probe=32, probe_small=8, probe_kq=4,
-                   kq_neurons=16, fq_neurons=16, probe_div=4, random_trials=2, shapes_train=256, shapes_val=128,
-                   shapes_epochs=3)
+               probe_small=64, probe_kq=16, kq_neurons=256, fq_neurons=256, probe_div=32, div_neurons=None,
+               random_trials=10, shapes_train=2000, shapes_val=500, shapes_epochs=24)
+    with tempfile.TemporaryDirectory(prefix="thesis-tables-tiny-") as tmp:
+        if args.tiny:
+            args.cifar = write_toy_imagefolder(os.path.join(tmp, "cifar10"), images=(8, 4))
+            args.out = os.path.join(tmp, "thesis_tables.json")
+            cfg.update(cifar_train=80, cifar_val=40, cifar_epochs=2, low_step=1, probe=32, probe_small=8, probe_kq=4,
+                       kq_neurons=16, fq_neurons=16, probe_div=4, div_neurons=8, random_trials=2, shapes_train=128, shapes_val=64,
+                       shapes_epochs=3)
+        run(args, cfg)
+
+
+def run(args: argparse.Namespace, cfg: dict) -> None:
     t_start = time.time()
     results: dict = {"config": cfg, "thesis": THESIS}
     md: list[str] = []

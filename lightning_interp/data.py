@@ -2,6 +2,8 @@
 
 * :class:`DigitsDataModule` — scikit-learn's bundled handwritten digits (1,797 8×8 images),
   resized, with the digit's pixels as foreground mask. Batches are ``(x, y, mask)``.
+* :func:`write_toy_imagefolder` — a few generated images in CIFAR-10's exported ImageFolder layout, for
+  trying an :class:`ImageFolderDataModule` recipe or a benchmark's ``--tiny`` run offline.
 * :class:`ShapesDataModule` — generated shapes on textured backgrounds with foreground masks
   and bounding boxes; ``label_noise`` makes a model overfit, ``decoy`` adds a background patch
   whose colour predicts the label in train only. Batches are dicts with ``image``, ``label``,
@@ -18,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = [
     "DigitsDataModule", "ImageFolderDataModule", "IndexedDataset", "ShapesDataModule", "ShapesDataset", "make_shapes",
-    "SHAPES", "with_index",
+    "SHAPES", "with_index", "CIFAR10_CLASSES", "write_toy_imagefolder",
 ]
 
 
@@ -428,3 +430,38 @@ class ImageFolderDataModule(_DataModule):
         self.train_set = self._load("train", self.label_noise)
         self.val_set = self._load("val", 0.0)
         self.test_set = self._load("test", 0.0) if os.path.isdir(os.path.join(self.root, "test")) else self.val_set
+
+
+#: CIFAR-10's class names, in its label order.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def write_toy_imagefolder(
+    root: str, classes: tuple[str, ...] = CIFAR10_CLASSES, images: tuple[int, int] = (8, 4), size: int = 32, seed: int = 0
+) -> str:
+    """Write a toy image set in CIFAR-10's exported layout, ``<root>/{train,val}/<class>/<i>.png``.
+
+    ``images`` = (per class in ``train``, per class in ``val``), ``size x size`` RGB PNGs: uniform noise
+    tinted by a colour of the class, so a model learns something in a few steps. Stands in for
+    ``../shared/data/cifar10`` where that folder is not available (tests, the ``--tiny`` runs of the
+    benchmarks and experiments); nothing is downloaded. Returns ``root``.
+
+    Example:
+        >>> root = write_toy_imagefolder("/tmp/toy_cifar10", images=(4, 2))
+        >>> ImageFolderDataModule(root, batch_size=8).num_classes
+        10
+    """
+    import os
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    tints = torch.rand(len(classes), 1, 1, 3, generator=g)
+    for split, count in zip(("train", "val"), images, strict=True):
+        for c, name in enumerate(classes):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                pixels = 0.5 * torch.rand(size, size, 3, generator=g) + 0.5 * tints[c]
+                Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(os.path.join(folder, f"{i}.png"))
+    return str(root)

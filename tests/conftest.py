@@ -61,17 +61,9 @@ RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
 
 def write_fake_imagefolder(root, classes=("airplane", "cat", "dog"), n=(8, 4), size=32):
     """CIFAR-10's exported on-disk layout: <root>/<split>/<class>/<i>.png, 32×32 RGB."""
-    from PIL import Image
+    from lightning_interp.data import write_toy_imagefolder
 
-    rng = torch.Generator().manual_seed(0)
-    for split, count in zip(("train", "val"), n):
-        for c in classes:
-            folder = os.path.join(root, split, c)
-            os.makedirs(folder)
-            for i in range(count):
-                pixels = (torch.rand(size, size, 3, generator=rng) * 255).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
-    return str(root)
+    return write_toy_imagefolder(str(root), classes=classes, images=n, size=size)
 
 
 def shrink(config: dict, tmp_path, data_root: str | None = None) -> dict:

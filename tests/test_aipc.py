@@ -4,7 +4,7 @@ types and type masking on a trained net."""
 import pytest
 import torch
 
-from lightning_interp.metrics.aipc import aipc, filter_types, type_masking
+from lightning_interp.metrics.aipc import aipc, filter_types, masked_loss_change, type_masking
 from lightning_interp.models import SimpleCNN
 
 
@@ -139,3 +139,23 @@ def test_filter_types_are_the_set_operations_of_the_thesis():
     for name, members in types.items():
         assert members.dtype == torch.bool and set(members.nonzero().flatten().tolist()) == want[name], name
     assert all(want[name] for name in ("H-noH", "noH-H", "L-noL", "noL-L"))  # the seed makes none of them empty
+def test_masked_loss_change_equals_zeroed_weights():
+    import copy
+
+    torch.manual_seed(0)
+    net = SimpleCNN(width=(3, 4, 5)).double().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (24,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=12)
+    got = masked_loss_change(net, "relu3", [1, 3], loader)
+    zeroed = copy.deepcopy(net)
+    with torch.no_grad():  # relu(0·x + 0) = 0: the same as masking the channels' outputs
+        zeroed.conv3.weight[[1, 3]] = 0
+        zeroed.conv3.bias[[1, 3]] = 0
+        base = torch.nn.functional.cross_entropy(net(x), y).item()
+        masked = torch.nn.functional.cross_entropy(zeroed(x), y).item()
+        acc0 = (net(x).argmax(1) == y).double().mean().item()
+        acc1 = (zeroed(x).argmax(1) == y).double().mean().item()
+    assert got["loss_pct"] == pytest.approx(100 * (masked - base) / base, rel=1e-5)
+    assert got["accuracy_change"] == pytest.approx(acc1 - acc0)

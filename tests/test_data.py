@@ -83,3 +83,26 @@ def test_image_folder_datamodule_on_real_layout(tmp_path):
     torch.testing.assert_close(lazy.val_set[0][0], dm.val_set[0][0])
     with pytest.raises(FileNotFoundError, match="ImageFolder split"):
         ImageFolderDataModule(str(tmp_path / "missing")).setup()
+
+
+def test_toy_imagefolder_is_cifar10s_layout_and_learnable(tmp_path):
+    from lightning_interp.data import CIFAR10_CLASSES, ImageFolderDataModule, write_toy_imagefolder
+
+    root = write_toy_imagefolder(str(tmp_path / "toy"), images=(3, 2), size=16)
+    assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == ["train", "val"]
+    assert sorted(p.name for p in (tmp_path / "toy" / "train").iterdir()) == sorted(CIFAR10_CLASSES)
+    dm = ImageFolderDataModule(root, image_size=16, batch_size=8)
+    dm.setup()
+    assert dm.classes == sorted(CIFAR10_CLASSES) and len(dm.train_set) == 30 and len(dm.val_set) == 20
+    x, y = dm.train_set.tensors
+    assert x.shape == (30, 3, 16, 16)
+    # Noise tinted by a class colour: the class means are far apart next to the noise (a nearest-mean
+    # classifier fitted on train labels the validation images).
+    means = torch.stack([x[y == c].mean((0, 2, 3)) for c in range(10)])  # 10 x 3
+    xv, yv = dm.val_set.tensors
+    nearest = torch.cdist(xv.mean((2, 3)), means).argmin(1)
+    assert (nearest == yv).double().mean() >= 0.9
+    # Seeded: the same files again.
+    again = write_toy_imagefolder(str(tmp_path / "again"), images=(3, 2), size=16)
+    assert (tmp_path / "again" / "val" / "cat" / "1.png").read_bytes() == (tmp_path / "toy" / "val" / "cat" / "1.png").read_bytes()
+    assert again == str(tmp_path / "again")

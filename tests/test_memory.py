@@ -54,13 +54,13 @@ def test_per_sample_gradients_degrade_to_one_sample_then_a_loop(monkeypatch, bud
         budget = 10**9 // per_sample_gradient_chunk(net, x[:1], 10**9)  # ≈ the bytes of one sample
         assert per_sample_gradient_chunk(net, x[:1], budget) == 1
     calls = {"loop": 0}
-    loop = gradients._loop_magnitudes
+    loop = gradients._loop_reduce
 
     def spy(*args):
         calls["loop"] += 1
         return loop(*args)
 
-    monkeypatch.setattr(gradients, "_loop_magnitudes", spy)
+    monkeypatch.setattr(gradients, "_loop_reduce", spy)
     got = per_sample_gradient_magnitude(net, x, y, max_bytes=budget)
     assert calls["loop"] == (path == "loop")
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-8)

@@ -12,6 +12,7 @@ from lightning_interp.metrics.thesis import (
     filter_type_phases,
     fq_saliency_iou,
     global_ssim,
+    layer_fq_ssim,
     map_iou,
     masked_loss_change,
     saliency_property_spearman,
@@ -148,21 +149,51 @@ def small_cnn_and_loader(seed=0):
     return net, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=12), x, y
 
 
-def test_masked_loss_change_equals_zeroed_weights():
-    import copy
+def np_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Global SSIM of two images (Wang et al. 2004, population moments, data range 1), written out."""
+    c1, c2 = 0.01**2, 0.03**2
+    ma, mb = a.mean(), b.mean()
+    cov = ((a - ma) * (b - mb)).mean()
+    return (2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (a.var() + b.var() + c2))
 
-    net, loader, x, y = small_cnn_and_loader()
-    got = masked_loss_change(net, "relu3", [1, 3], loader)
-    zeroed = copy.deepcopy(net)
-    with torch.no_grad():  # relu(0·x + 0) = 0: the same as masking the channels' outputs
-        zeroed.conv3.weight[[1, 3]] = 0
-        zeroed.conv3.bias[[1, 3]] = 0
-        base = nn.functional.cross_entropy(net(x), y).item()
-        masked = nn.functional.cross_entropy(zeroed(x), y).item()
-        acc0 = (net(x).argmax(1) == y).double().mean().item()
-        acc1 = (zeroed(x).argmax(1) == y).double().mean().item()
-    assert got["loss_pct"] == pytest.approx(100 * (masked - base) / base, rel=1e-5)
-    assert got["accuracy_change"] == pytest.approx(acc1 - acc0)
+
+@pytest.mark.parametrize("max_neurons", [None, 10])
+def test_layer_fq_ssim_equals_the_closed_form_of_a_3x3_conv(max_neurons):
+    # Table 4-2 on f_k = ReLU(w_k * x + b_k) (3 x 3, zero padding): neuron (k, r, c)'s learning image is x ⊙ w_k
+    # placed on its 3 x 3 window when it is active, else 0 (eq. 3-13); FQ = max over samples of F (eq. 4-7,
+    # tests/test_fq.py's np_f), SSIM averaged over samples; both then over the neurons. 3 x 6 x 6 = 108 neurons:
+    # the scan's chunks of 64 are crossed.
+    from test_fq import np_f
+
+    from lightning_interp.nns import sample_neurons
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU()).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 1, 6, 6, generator=g, dtype=torch.float64) - 0.3
+    mask = torch.zeros(4, 1, 6, 6, dtype=torch.bool)
+    mask[:, :, 1:5, 1:4] = True
+    w, b = net[0].weight.detach().numpy()[:, 0], net[0].bias.detach().numpy()  # K x 3 x 3, K
+    xs, ms = x[:, 0].numpy(), mask[:, 0].numpy()
+    xp = np.pad(xs, ((0, 0), (1, 1), (1, 1)))
+    neurons = sample_neurons((3, 6, 6), max_neurons, seed=3)
+    fq, ssim = [], []
+    for k, r, c in neurons:
+        images = []
+        for i in range(4):
+            window = xp[i, r : r + 3, c : c + 3]
+            img = np.zeros((8, 8))
+            if (window * w[k]).sum() + b[k] > 0:
+                img[r : r + 3, c : c + 3] = window * w[k]
+            images.append(img[1:7, 1:7])
+        fq.append(max(np_f(images[i], xs[i], ms[i]) for i in range(4)))
+        ssim.append(np.mean([np_ssim(images[i].ravel(), xs[i].ravel()) for i in range(4)]))
+    got = layer_fq_ssim(net, "1", x, mask, max_neurons=max_neurons, seed=3)
+    assert got["neurons"] == len(neurons) == (108 if max_neurons is None else 10)
+    assert got["fq"] == pytest.approx(np.mean(fq), rel=1e-9)
+    assert got["fq_variance"] == pytest.approx(np.var(fq), rel=1e-9)
+    assert got["ssim"] == pytest.approx(np.mean(ssim), rel=1e-9)
+    assert max(fq) > 0.01 and np.var(fq) > 0  # the case is not degenerate (many neurons have F = 0)
 
 
 def test_spearman_table_and_type_phases():

@@ -106,6 +106,31 @@ def test_saliencies_against_oracles():
     assert spearman(torch.ones(5), a[:5]).item() == 0.0
 
 
+def test_per_sample_sou_stays_within_the_scan_budget(monkeypatch):
+    """The per-sample SoU goes through gradients.reduce_per_sample_gradients: with a budget too small
+    for one vmapped sample it loops one backward per sample, and the values stay the loop oracle's."""
+    from lightning_interp import gradients
+    from lightning_interp.memory import limit_scan_memory
+
+    torch.manual_seed(0)
+    net = SimpleCNN(width=(4, 6, 6)).double()
+    x, y = torch.randn(5, 1, 12, 12, dtype=torch.float64), torch.randint(0, 10, (5,))
+    want = torch.stack([
+        (net.conv2.weight * torch.autograd.grad(torch.nn.functional.cross_entropy(net(x[i : i + 1]), y[i : i + 1]),
+                                                net.conv2.weight)[0]).abs().mean((1, 2, 3)).detach()
+        for i in range(5)
+    ]).mean(0)
+    loops = []
+    loop = gradients._loop_reduce
+    monkeypatch.setattr(gradients, "_loop_reduce", lambda *a: loops.append(1) or loop(*a))
+    torch.testing.assert_close(sou(net, "relu2", x, y, estimate="per_sample"), want)
+    assert not loops  # the default budget holds a vmapped chunk
+    with limit_scan_memory(1):
+        torch.testing.assert_close(sou(net, "relu2", x, y, estimate="per_sample"), want)
+    assert loops == [1]
+    assert all(p.grad is None for p in net.parameters())
+
+
 class _Concat(torch.nn.Module):
     """A block whose one conv makes 4 channels but which outputs 8 (its output twice)."""
 

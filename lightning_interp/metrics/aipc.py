@@ -17,7 +17,10 @@ from ..batch import BatchAdapter, default_batch_adapter
 from ..layers import eval_mode
 from ..masking import FilterMask
 
-__all__ = ["accuracy", "evaluate", "aipc", "AIPC", "DEFAULT_FRACTIONS", "filter_types", "FILTER_TYPES", "type_masking"]
+__all__ = [
+    "accuracy", "evaluate", "aipc", "AIPC", "DEFAULT_FRACTIONS", "filter_types", "FILTER_TYPES", "type_masking",
+    "masked_loss_change",
+]
 
 DEFAULT_FRACTIONS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 FILTER_TYPES = ("H-H", "H-noH", "noH-H", "L-L", "L-noL", "noL-L")
@@ -199,3 +202,36 @@ def type_masking(
         with FilterMask(model, {layer: idx}):
             out[name] = accuracy(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches) - base
     return out
+
+
+def masked_loss_change(
+    model: nn.Module,
+    layer: str,
+    filters: Sequence[int] | torch.Tensor,
+    dataloader: Iterable,
+    *,
+    loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+    batch_adapter: BatchAdapter = default_batch_adapter,
+    max_batches: int | None = None,
+    base: tuple[float, float] | None = None,
+) -> dict[str, float]:
+    """The % change in loss (tables 4-3, 4-4) and the accuracy change when ``filters`` of ``layer``
+    are masked (outputs set to 0 through :class:`~lightning_interp.masking.FilterMask`).
+
+    Args:
+        base: ``(accuracy, loss)`` of the unmasked model if already measured.
+
+    Returns:
+        ``{"loss_pct": 100·(L_masked − L)/L, "accuracy_change": acc_masked − acc (fraction),
+        "loss": L_masked, "base_loss": L}``.
+    """
+    kw = {"loss_fn": loss_fn, "batch_adapter": batch_adapter, "max_batches": max_batches}
+    acc0, loss0 = base if base is not None else evaluate(model, dataloader, **kw)
+    idx = torch.as_tensor(filters, dtype=torch.long).flatten().tolist()
+    if idx:
+        with FilterMask(model, {layer: idx}):
+            acc, loss = evaluate(model, dataloader, **kw)
+    else:
+        acc, loss = acc0, loss0
+    pct = 100.0 * (loss - loss0) / loss0 if loss0 > 0 else float("nan")
+    return {"loss_pct": pct, "accuracy_change": acc - acc0, "loss": loss, "base_loss": loss0}

@@ -42,7 +42,7 @@ from ..nns import (
     neuron_learning_images,
     sample_indices,
 )
-from .aipc import evaluate
+from .aipc import evaluate, masked_loss_change
 from .tip import _check_mask
 
 __all__ = [
@@ -388,12 +388,10 @@ def diversity_masking(
 
     Returns:
         ``{layer: {"most": r, "least": r}}``, each ``r`` with ``filters`` (the masked count) and what
-        :func:`~lightning_interp.metrics.thesis.masked_loss_change` returns: ``loss_pct``
+        the masking evaluation :func:`~lightning_interp.metrics.aipc.masked_loss_change` returns: ``loss_pct``
         = 100·(L_masked − L)/L (NaN when L = 0), ``accuracy_change``, ``loss``, ``base_loss``. The
         unmasked model is evaluated once (not at all with ``base``).
     """
-    from .thesis import masked_loss_change  # thesis.py imports this module
-
     if base is None:
         base = evaluate(model, dataloader, batch_adapter=batch_adapter, max_batches=max_batches)
     out: dict[str, dict[str, dict[str, float]]] = {}

@@ -6,7 +6,8 @@ correlation of feature maps with filter learning images (eqs. 3-17, 3-18, table 
 IoU of the learning images of each filter's two most activated neurons (eqs. 3-19, 3-20,
 table 3-4). Chapter 4 (FQ): the SSIM baseline of table 4-2, FQ and SSIM per layer, the
 foreground IoU of the max-FQ output learning image (table 4-5), and the % loss change when
-filters are masked (tables 4-3, 4-4). Chapter 5 (TIP): the Spearman table of saliencies against
+filters are masked (tables 4-3, 4-4: :func:`~lightning_interp.metrics.aipc.masked_loss_change`, kept with the
+other masking evaluations in ``metrics.aipc`` and importable from here too). Chapter 5 (TIP): the Spearman table of saliencies against
 properties (table 5-2) and filter types masked at several training phases (tables 5-3..5-6).
 
 Binary maps. Eqs. 3-17..3-20 and table 4-5 intersect images as sets and the thesis does not say
@@ -19,14 +20,13 @@ quantity (3.3.1); table 4-5 binarises min-max normalised saliency maps at 0.5, a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..batch import BatchAdapter, default_batch_adapter
-from ..masking import FilterMask
 from ..nns import (
     _auto_chunk,
     _forward_to_layer,
@@ -39,7 +39,7 @@ from ..nns import (
     sample_neurons,
     scan_mode,
 )
-from .aipc import FILTER_TYPES, evaluate, filter_types, type_masking
+from .aipc import FILTER_TYPES, filter_types, masked_loss_change, type_masking
 from .fq import feature_quantity
 from .tip import PROPERTIES, _check_mask, spearman
 
@@ -337,39 +337,6 @@ def fq_saliency_iou(
     best = feature_quantity(li, x, mask).argmax(1)
     chosen = li[torch.arange(x.shape[0], device=x.device), best]  # (B, C, H, W)
     return map_iou(normalize_maps(chosen.abs().sum(1)), mask[:, :1], threshold)
-
-
-def masked_loss_change(
-    model: nn.Module,
-    layer: str,
-    filters: Sequence[int] | torch.Tensor,
-    dataloader: Iterable,
-    *,
-    loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
-    batch_adapter: BatchAdapter = default_batch_adapter,
-    max_batches: int | None = None,
-    base: tuple[float, float] | None = None,
-) -> dict[str, float]:
-    """The % change in loss (tables 4-3, 4-4) and the accuracy change when ``filters`` of ``layer``
-    are masked (outputs set to 0 through :class:`~lightning_interp.masking.FilterMask`).
-
-    Args:
-        base: ``(accuracy, loss)`` of the unmasked model if already measured.
-
-    Returns:
-        ``{"loss_pct": 100·(L_masked − L)/L, "accuracy_change": acc_masked − acc (fraction),
-        "loss": L_masked, "base_loss": L}``.
-    """
-    kw = {"loss_fn": loss_fn, "batch_adapter": batch_adapter, "max_batches": max_batches}
-    acc0, loss0 = base if base is not None else evaluate(model, dataloader, **kw)
-    idx = torch.as_tensor(filters, dtype=torch.long).flatten().tolist()
-    if idx:
-        with FilterMask(model, {layer: idx}):
-            acc, loss = evaluate(model, dataloader, **kw)
-    else:
-        acc, loss = acc0, loss0
-    pct = 100.0 * (loss - loss0) / loss0 if loss0 > 0 else float("nan")
-    return {"loss_pct": pct, "accuracy_change": acc - acc0, "loss": loss, "base_loss": loss0}
 
 
 # ---- chapter 5 ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import Metric
 
+from ..gradients import reduce_per_sample_gradients
 from ..layers import filter_owner, get_layer
 from ..nns import (
     ScanSpec,
@@ -185,13 +186,14 @@ def sou(
       gradients disagree cancel; it is ≤ the per-sample form.
     * ``estimate="per_sample"`` (the thesis' averaging): mean_x mean_w |w · ∂ℓ_x/∂w|, the
       absolute first-order loss change per sample and connection, then averaged as eq. 5-10 does.
-      It costs per-sample gradients of the weight: one batched backward (``is_grads_batched``),
-      a loop over samples where the model's ops have no batching rule.
+      It costs per-sample gradients of the weight, within the scan memory budget
+      (:func:`~lightning_interp.gradients.reduce_per_sample_gradients`: vmapped chunks sized from the
+      budget, one backward per sample where a chunk of one does not fit or the model cannot run under vmap).
 
     The weights are those of :func:`weight_layer_for` ``(model, layer)``; row k of its weight is
     filter k. Gradients are taken with ``torch.autograd.grad`` in eval mode, so parameter
     ``.grad`` is untouched. ``loss_fn(logits, y)`` must return the batch mean; the per-sample
-    form calls it as ``loss_fn(logits, y, reduction="none")``.
+    form calls it on one sample at a time.
 
     Returns:
         ``K`` tensor.
@@ -212,21 +214,18 @@ def _sou(
     estimate: str = "snip",
 ) -> torch.Tensor:
     """:func:`sou` of the filters whose rows ``weight`` holds, the owner already resolved."""
-    with scan_mode(model):
-        if estimate == "snip":
+    if estimate == "snip":
+        with scan_mode(model):
             loss = loss_fn(model(x), y)
             (g,) = torch.autograd.grad(loss, weight)
-            return (weight.detach() * g).abs().reshape(weight.shape[0], -1).mean(1)
-        losses = loss_fn(model(x), y, reduction="none")  # (B,)
-        eye = torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)
-        try:
-            (g,) = torch.autograd.grad(losses, weight, eye, is_grads_batched=True)  # (B, *w.shape)
-        except RuntimeError:  # an op without a batching rule: one backward per sample
-            g = torch.stack([
-                torch.autograd.grad(losses[i], weight, retain_graph=i < losses.shape[0] - 1)[0]
-                for i in range(losses.shape[0])
-            ])
-    return (weight.detach() * g).abs().reshape(g.shape[0], weight.shape[0], -1).mean(2).mean(0)
+        return (weight.detach() * g).abs().reshape(weight.shape[0], -1).mean(1)
+    name = next(n for n, p in model.named_parameters() if p is weight)
+    w = weight.detach()
+
+    def per_filter(grads: dict[str, torch.Tensor]) -> torch.Tensor:  # (K,): mean_w |w · ∂ℓ_x/∂w| of each filter
+        return (w * grads[name]).abs().reshape(w.shape[0], -1).mean(1)
+
+    return reduce_per_sample_gradients(model, x, y, per_filter, parameters=[name], loss_fn=loss_fn).mean(0)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,19 @@ training loader is sharded by hand with a ``DistributedSampler`` (even counts: D
 all-reduce needs the same number of steps on every rank). The learning-image monitor draws its
 probe from the validation split, which differs between ranks, and asks for more samples than
 rank 1 has: the probe, the anomaly flags, the WT epoch and the masks are decided on rank 0.
+
+Each rank writes its stdout and stderr to ``OUT_DIR/rank<r>.log`` (the launcher's own output, before rank 1
+exists, goes to rank 0's), one ``heartbeat`` line per training and validation batch, and dumps the stacks of
+all its threads there on ``SIGUSR1``: the test reads the logs to tell a slow run from a stuck one and shows
+them when a run fails.
 """
 
+import faulthandler
 import json
 import os
+import signal
 import sys
+import time
 
 import lightning.pytorch as pl
 import torch
@@ -63,7 +71,41 @@ def _plain(state: dict) -> dict:
     return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
+class Heartbeat(pl.Callback):
+    """A line per batch: progress the test's watchdog sees (a rank stuck in a collective writes none)."""
+
+    def _beat(self, trainer, what, batch_idx):
+        print(f"{time.strftime('%H:%M:%S')} heartbeat rank {trainer.global_rank} epoch {trainer.current_epoch} "
+              f"{what} batch {batch_idx}", flush=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._beat(trainer, "train", batch_idx)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._beat(trainer, "val", batch_idx)
+
+    def on_train_epoch_end(self, trainer, pl_module):  # after the monitors' epoch-end scans (placed last)
+        self._beat(trainer, "epoch end", -1)
+
+
+def log_to_file(out: str) -> None:
+    """Send this process' stdout/stderr (file descriptors 1 and 2, so C++ and child output too) to
+    ``out/rank<LOCAL_RANK>.log``; dump every thread's stack there on SIGUSR1."""
+    os.makedirs(out, exist_ok=True)
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    log = open(os.path.join(out, f"rank{rank}.log"), "a", buffering=1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout.reconfigure(line_buffering=True)
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    print(f"{time.strftime('%H:%M:%S')} rank {rank} pid {os.getpid()} argv {sys.argv} "
+          f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}", flush=True)
+
+
 def main(out: str, devices: int) -> None:
+    log_to_file(out)
     pl.seed_everything(0)
     torch.set_num_threads(1)
     data = RankDependentData()
@@ -78,7 +120,7 @@ def main(out: str, devices: int) -> None:
     # DistributedSampler splits between the ranks: each rank sees half the samples and the epoch's observations
     # are summed across ranks.
     batches = SampleDynamicsMonitor(source="batches", log_prefix="interp_batches", num_images=2)
-    callbacks = [*made.values(), batches]
+    callbacks = [*made.values(), batches, Heartbeat()]
     trainer = pl.Trainer(
         strategy="ddp" if devices > 1 else "auto", accelerator="cpu", devices=devices, max_epochs=2,
         default_root_dir=out, logger=pl.loggers.CSVLogger(out, name="csv"), callbacks=callbacks,
