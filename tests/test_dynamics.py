@@ -226,3 +226,38 @@ def test_state_dict_round_trip_continues_identically():
             torch.testing.assert_close(other, value, rtol=0, atol=0, equal_nan=True)
         else:
             assert other == value, name
+
+
+def test_fitted_empty_epochs_and_the_label_buffer_between_epochs():
+    dyn = SampleDynamics(4)
+    assert dyn.end_epoch(0) == {"seen": 0.0, "flips": pytest.approx(float("nan"), nan_ok=True),
+                                "fit": pytest.approx(float("nan"), nan_ok=True),
+                                "forgotten": pytest.approx(float("nan"), nan_ok=True)}
+    assert dyn.last_epoch is None, "an epoch with no observation is not an epoch of the state"
+    z = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])
+    dyn.observe(torch.tensor([0, 1, 2]), z, torch.tensor([0, 2, 2]))
+    dyn.end_epoch(1)
+    # Fitted: observed and predicted as the given label (sample 3 never observed, sample 1 misfitted).
+    assert dyn.fitted.tolist() == [True, False, True, False]
+    # Between epochs the label buffer says "unseen" (-1) everywhere: under DDP it is combined by maximum.
+    assert dyn.buffers()["labels"].tolist() == [-1, -1, -1, -1]
+    # A changed label is refused whatever the label was (here 2 -> 1).
+    dyn.observe(torch.tensor([2]), z[:1], torch.tensor([1]))
+    with pytest.raises(ValueError, match="keep its given label"):
+        dyn.end_epoch(2)
+
+
+def test_csv_label_score_is_minus_the_suspect_score_and_ties_keep_dataset_order(tmp_path):
+    import csv
+
+    dyn = SampleDynamics(4)
+    z = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    dyn.observe(torch.arange(4), z, torch.tensor([0, 0, 0, 1]))
+    dyn.end_epoch(0)
+    s = SampleScores.from_dynamics(dyn, torch.tensor([10, 11, 12, 13]), rule=2)
+    # Samples 0 and 1 tie (margin -1): the lower dataset index first.
+    assert s.flagged_indices.tolist() == [10, 11]
+    rows = list(csv.DictReader(open(s.save_csv(tmp_path / "x.csv"))))
+    for row in rows:
+        assert float(row["label_score"]) == pytest.approx(-float(row["suspect_aum"]))
+    assert label_wave_alarm([0.5, 0.4, 0.45, 0.5, 0.6]) == 3  # the default patience is 2
