@@ -95,10 +95,11 @@ def importance_scores(
             as masking and pruning do (:func:`~lightning_interp.pruning.prune_target`).
         example_inputs: a batch the model accepts (Torch-Pruning traces its dependency graph with it).
         criterion: one of :data:`CRITERIA`.
-        inputs, labels: the samples whose mean cross-entropy gives the gradients of ``"taylor"``
-            (required for it, ignored otherwise). The gradients come from ``torch.autograd.grad`` in eval
+        inputs: the samples whose mean cross-entropy gives the gradients of ``"taylor"``
+            (required for it, ignored otherwise; with ``labels``, their labels). The gradients come from ``torch.autograd.grad`` in eval
             mode and are handed to Torch-Pruning through the parameters' ``.grad`` for the call only:
             every ``.grad`` is restored afterwards.
+        labels: the labels of ``inputs``.
 
     Returns:
         ``FilterScores`` with ``scorer="torch_pruning/<criterion>"``, ``K`` scores per layer, no flags.
@@ -158,7 +159,8 @@ class ImportanceScorer:
         layers: module paths to score.
         example_inputs: a batch the model accepts; moved to the model's device when scoring.
         criterion: the default criterion (one of :data:`CRITERIA`); ``Selection(score=...)`` picks another.
-        inputs, labels: the samples of ``"taylor"``.
+        inputs: the samples of ``"taylor"``.
+        labels: their labels.
 
     Example:
         >>> l1 = ImportanceScorer(module, ["model.relu3"], x[:2])
