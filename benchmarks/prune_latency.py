@@ -106,13 +106,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=5, help="times each comparison is repeated")
+    parser.add_argument("--tiny", action="store_true",
+                        help="seconds: a narrow SimpleCNN instead of vgg11_bn/convnext_tiny, one repeat, few rounds (make test)")
     args = parser.parse_args()
+    networks, rounds = NETWORKS, {"medians": 32, "channels": 60, "mlp": 300}
+    if args.tiny:
+        from lightning_interp.models import SimpleCNN
+
+        networks = {"simple_cnn": (lambda: SimpleCNN(in_channels=3, num_classes=10, width=(8, 192, 16)), "conv2")}
+        args.repeats, rounds = 1, {"medians": 2, "channels": 2, "mlp": 2}
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     warnings.filterwarnings("ignore")  # Torch-Pruning's note on convnext's layer_scale; our not-faster warning
     x = torch.rand(2, 3, 32, 32, device=device)
     print(f"device {device}, {args.threads} thread(s), batch of 2 at 32x32, {args.repeats} repeats per comparison")
-    for name, (build, layer) in NETWORKS.items():
+    for name, (build, layer) in networks.items():
         torch.manual_seed(0)
         net = build().to(device).eval()
         copy_of_net = build().to(device).eval()
@@ -139,12 +147,12 @@ def main() -> None:
             print(f"  interleaved, fixed order, A/A identical copy:       {ratios(fixed_aa)}")
         print(f"  interleaved, order alternating, A/A identical copy: {ratios(new_aa)}")
         print(f"  interleaved, order alternating, 5 filters pruned:   {ratios(new)}")
-        medians = compare_latency(net, *pruned.values(), example_inputs=x, repeats=32)
-        print(f"  interleaved medians (32 rounds): original {medians[0]:.2f} ms, "
+        medians = compare_latency(net, *pruned.values(), example_inputs=x, repeats=rounds["medians"])
+        print(f"  interleaved medians ({rounds['medians']} rounds): original {medians[0]:.2f} ms, "
               + ", ".join(f"{case} {m:.2f} ms ({m / medians[0]:.2f}x)" for case, m in zip(pruned, medians[1:])))
-    print("\nodd vs aligned channel counts (60 interleaved rounds, median):")
-    channel_counts(device, rounds=60)
-    mlp_widths(device, rounds=300)
+    print(f"\nodd vs aligned channel counts ({rounds['channels']} interleaved rounds, median):")
+    channel_counts(device, rounds=rounds["channels"])
+    mlp_widths(device, rounds=rounds["mlp"])
 
 
 if __name__ == "__main__":

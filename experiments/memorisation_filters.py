@@ -438,6 +438,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.tiny:
+        if args.out == p.get_default("out"):  # the smoke run writes nowhere but a temporary folder
+            import tempfile
+
+            args.out = tempfile.mkdtemp(prefix="memfilters_tiny_")
         args.classes, args.epochs, args.width, args.seeds, args.lr = 4, 60, [8, 16, 16], args.seeds[:1], 1e-2
         args.clean_eval, args.score_samples, args.finetune_random = 40, 40, 1
         data = tiny_data()

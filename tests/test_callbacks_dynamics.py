@@ -172,6 +172,7 @@ def test_logs_to_wandb_and_scores_the_flags_against_the_datamodules_flipped_labe
     trainer = make_trainer(tmp_path, max_epochs=3, limit_train_batches=None, limit_val_batches=2, logger=logger,
                            callbacks=[monitor])
     trainer.fit(ImageClassifier(SimpleCNN(in_channels=1, width=(4, 8, 8)), lr=0.01), datamodule=dm)
+    logger.experiment.finish()  # else the next WandbLogger in this process writes into this run
     assert [h["epoch"] for h in monitor.history if "fit_end" not in h] == [0, 1, 2]
     assert "interp/samples/flagged_fraction" in trainer.callback_metrics
     end = monitor.history[-1]
