@@ -51,6 +51,14 @@ SOURCES = ("batches", "subset")
 ALARM_RULES = ("flagged_fit", "label_wave")
 
 
+def _score_caption(scores: SampleScores, p: int) -> str:
+    """The score as users read it: AUM and confidence as themselves (not negated), others as suspect scores."""
+    raw = {"aum": ("AUM", "aum"), "confidence": ("conf", "confidence")}.get(scores.score)
+    if raw is not None and raw[1] in scores.columns:
+        return f"{raw[0]} {float(scores.columns[raw[1]][p]):.2f}"
+    return f"{scores.score} {float(scores.scores[p]):.2f}"
+
+
 class SampleDynamicsMonitor(Callback):
     """Track per-sample training dynamics, flag the samples the model memorises, and say since when.
 
@@ -420,7 +428,7 @@ class SampleDynamicsMonitor(Callback):
         for p in top:
             fit = int(since[p])
             captions.append(f"#{int(scores.indices[p])} given: {name(int(scores.labels[p]))} / pred: "
-                            f"{name(int(scores.predicted[p]))} / {scores.score} {float(scores.scores[p]):.2f}"
+                            f"{name(int(scores.predicted[p]))} / {_score_caption(scores, p)}"
                             + (f" / fit since ep {fit}" if fit >= 0 else "")
                             + ("" if truth is None else " / FLIPPED" if truth[p] else " / label ok"))
         grid = labelled_image_grid(self._images(trainer, top), captions, thumb=96)

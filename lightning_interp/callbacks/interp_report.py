@@ -162,7 +162,7 @@ def _dynamics_section(cb: SampleDynamicsMonitor, trainer: pl.Trainer | None) -> 
         section.figures.append(Figure(f"{cb.key}/curves", line_plot(epochs, series, "tracked samples per epoch",
                                                                     "epoch", "fraction"),
                                       "flagged samples' fit rate, prediction flips and flagged fraction per epoch"))
-    columns = ["index", "given", "predicted", cb.score, "fit since epoch"] + (["truly flipped"] if truth is not None else [])
+    columns = ["index", "given", "predicted", f"suspect score ({cb.score}; higher = more suspect)", "fit since epoch"] + (["truly flipped"] if truth is not None else [])
     rows = []
     for p in latest.top(20).tolist():
         row = [int(latest.indices[p]), int(latest.labels[p]), int(latest.predicted[p]), round(float(latest.scores[p]), 3),
