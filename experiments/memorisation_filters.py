@@ -56,10 +56,11 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overfitting_signals as ofs  # noqa: E402
 
+from lightning_interp.dynamics import margins  # noqa: E402
 from lightning_interp.finetune import fine_tune  # noqa: E402
 from lightning_interp.importance import importance_scores  # noqa: E402
 from lightning_interp.masking import FilterMask  # noqa: E402
-from lightning_interp.memorisation import VARIANTS, given_label_margin, memorisation_scores  # noqa: E402
+from lightning_interp.memorisation import VARIANTS, memorisation_scores  # noqa: E402
 from lightning_interp.metrics.tip import sou  # noqa: E402
 from lightning_interp.models import SimpleCNN  # noqa: E402
 
@@ -222,7 +223,7 @@ def evaluate_point(args, data, run: Path, seed: int, epoch: int, point: str) -> 
     fitted = pred == y_given
     flipped = y_given != y_true
     hist = torch.load(run / "last.pt")["logits"][:epoch].float()  # epochs 1..epoch
-    aum = torch.stack([given_label_margin(h, y_given) for h in hist]).mean(0)
+    aum = torch.stack([margins(h, y_given) for h in hist]).mean(0)
     suspects = {"oracle": flipped & fitted, "aum": fitted & (aum < 0)}
     g = torch.Generator().manual_seed(seed)
     clean = torch.nonzero(fitted & ~flipped & ~suspects["aum"]).flatten()

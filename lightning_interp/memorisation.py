@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .dynamics import margins
 from .layers import capture_output, get_layer
 from .nns import check_inputs, scan_mode
 from .scores import FilterScores
@@ -46,7 +47,6 @@ __all__ = [
     "TARGETS",
     "filter_contributions",
     "fitted_clean",
-    "given_label_margin",
     "memorisation_scores",
     "as_sample_mask",
 ]
@@ -58,14 +58,6 @@ TARGETS = ("margin", "loss", "activation")
 _TARGET_OF = {"taylor": "margin", "taylor_normalised": "margin", "loss_taylor": "loss", "activation": "activation"}
 #: Relative floor of the denominator of ``"taylor_normalised"`` (share of the layer's mean |clean contribution|).
 NORMALISE_FLOOR = 0.1
-
-
-def given_label_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``z_{i,y_i} − max_{j≠y_i} z_{i,j}`` per sample (``B``) from logits ``B x C`` (C >= 2):
-    positive when sample i is predicted as its given label (the margin of AUM, Pleiss et al. 2020)."""
-    given = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.scatter(1, labels[:, None], float("-inf"))
-    return given - others.max(1).values
 
 
 def _check_labels(labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -183,7 +175,7 @@ def filter_contributions(
                 continue
             y = labels[s : s + batch_size].to(device)
             if target == "margin":
-                objective = given_label_margin(logits.float(), y).sum()  # samples are independent in eval mode
+                objective = margins(logits.float(), y).sum()  # samples are independent in eval mode
             else:
                 objective = -F.cross_entropy(logits.float(), y, reduction="sum")
             grads = torch.autograd.grad(objective, list(acts.values()), allow_unused=True)

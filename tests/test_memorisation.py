@@ -13,12 +13,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_interp.dynamics import margins
 from lightning_interp.masking import FilterMask
 from lightning_interp.memorisation import (
     VARIANTS,
     filter_contributions,
     fitted_clean,
-    given_label_margin,
     memorisation_scores,
 )
 from lightning_interp.models import SimpleCNN
@@ -42,7 +42,7 @@ def _nonlinear_tail():
 
 def _margin(net, x, y):
     with torch.no_grad():
-        return given_label_margin(net(x), y)
+        return margins(net(x), y)
 
 
 def _scaled(net, layer, k, factor):
@@ -56,7 +56,7 @@ def _scaled(net, layer, k, factor):
 
 def test_margin_is_given_logit_minus_largest_other():
     logits = torch.tensor([[2.0, 5.0, 1.0], [0.5, -1.0, 3.0]])
-    torch.testing.assert_close(given_label_margin(logits, torch.tensor([1, 0])), torch.tensor([3.0, -2.5]))
+    torch.testing.assert_close(margins(logits, torch.tensor([1, 0])), torch.tensor([3.0, -2.5]))
 
 
 def test_taylor_score_equals_explicit_ablation_when_linear_after_the_layer():
@@ -85,7 +85,7 @@ def test_contributions_equal_finite_differences_through_a_nonlinear_tail(target)
     assert c["2"].shape == (6, 6) and c["4"].shape == (6, 5)
 
     def fit(out):
-        return given_label_margin(out, y) if target == "margin" else -F.cross_entropy(out, y, reduction="none")
+        return margins(out, y) if target == "margin" else -F.cross_entropy(out, y, reduction="none")
 
     eps = 1e-6
     for layer, channels in (("2", 6), ("4", 5)):
