@@ -463,6 +463,15 @@ class SampleScores:
             return float("nan")
         return float((self.predicted[sel] == self.labels[sel]).double().mean())
 
+    def precision_recall(self, truth: torch.Tensor) -> tuple[float, float]:
+        """Precision and recall of the flags against ``truth`` (``N`` bool, e.g. the truly flipped labels);
+        NaN where undefined (nothing flagged, nothing true)."""
+        truth = torch.as_tensor(truth, dtype=torch.bool).cpu()
+        flags = self.flagged
+        precision = float(truth[flags].double().mean()) if flags.any() else float("nan")
+        recall = float(flags[truth].double().mean()) if truth.any() else float("nan")
+        return precision, recall
+
     def rows(self) -> tuple[list[str], list[list[Any]]]:
         """cleanlab's column names where they exist (``is_label_issue``, ``label_score`` — lower = more
         likely an issue, here minus the suspect score —, ``given_label``, ``predicted_label``), then the

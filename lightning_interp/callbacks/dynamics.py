@@ -400,9 +400,6 @@ class SampleDynamicsMonitor(Callback):
         dataset, collate = self._items
         return self.batch_adapter(collate([dataset[int(p)] for p in positions])).x
 
-    def _images(self, trainer: pl.Trainer, positions: Sequence[int]) -> torch.Tensor:
-        return self._inputs(positions).float().cpu()
-
     def flagged_samples(self, max_suspects: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(inputs, given labels, suspects)`` for the memorisation score: the ``max_suspects`` most suspect
         flagged samples and up to twice as many other observed ones (seeded), None before any flag."""
@@ -433,7 +430,7 @@ class SampleDynamicsMonitor(Callback):
                             f"{name(int(scores.predicted[p]))} / {_score_caption(scores, p)}"
                             + (f" / fit since ep {fit}" if fit >= 0 else "")
                             + ("" if truth is None else " / FLIPPED" if truth[p] else " / label ok"))
-        grid = labelled_image_grid(self._images(trainer, top), captions, thumb=96)
+        grid = labelled_image_grid(self._inputs(top).float().cpu(), captions, thumb=96)
         key = f"{self.key}/suspects"
         caption = (f"epoch {trainer.current_epoch}: the {len(top)} most suspect training samples by {scores.score} "
                    f"({int(scores.flagged.sum())} flagged; flagged fit rate {scores.fit_rate():.2f})")
@@ -461,9 +458,9 @@ class SampleDynamicsMonitor(Callback):
             return
         truth = self.truth(trainer)
         if truth is not None and trainer.is_global_zero:
-            flags = self.latest.flagged
-            metrics = {f"{self.key}/flipped_precision": float(truth[flags].double().mean()) if flags.any() else 0.0,
-                       f"{self.key}/flipped_recall": float(flags[truth].double().mean()) if truth.any() else 0.0}
+            precision, recall = self.latest.precision_recall(truth)  # logged as 0.0 where undefined
+            metrics = {f"{self.key}/flipped_precision": 0.0 if math.isnan(precision) else precision,
+                       f"{self.key}/flipped_recall": 0.0 if math.isnan(recall) else recall}
             send_metrics(trainer, metrics)
             self.history.append({"epoch": trainer.current_epoch, "fit_end": 1.0, **metrics})
         if trainer.is_global_zero:

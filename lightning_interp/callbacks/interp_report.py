@@ -144,8 +144,7 @@ def _dynamics_section(cb: SampleDynamicsMonitor, trainer: pl.Trainer | None) -> 
     latest = cb.latest
     if truth is not None:
         flags = latest.flagged
-        precision = float(truth[flags].double().mean()) if flags.any() else float("nan")
-        recall = float(flags[truth].double().mean()) if truth.any() else float("nan")
+        precision, recall = latest.precision_recall(truth)
         section.paragraphs.append(
             f"The datamodule knows which labels it flipped: {int((flags & truth).sum())} of the {int(flags.sum())} flagged "
             f"samples truly have a flipped label (precision {precision:.2f}; recall {recall:.2f} of the "
