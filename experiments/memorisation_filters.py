@@ -16,9 +16,11 @@ and **OF** (the last epoch) — two suspect sets:
 Per watched layer and k in {1/32, 1/16, 1/8} of its filters, masking (``FilterMask``) by each score:
 the memorisation scores (``lightning_interp.memorisation``, every variant, from each suspect set),
 Torch-Pruning's L1 (lowest and highest), Taylor (lowest and highest) and LAMP (lowest), TIP's SoU
-(highest), random filters (5 seeds). BN scale needs BatchNorm, which SimpleCNN here has not; the
-thesis' anomaly flags need the exact learning-image scan per checkpoint (minutes on the CPU; the
-issue's table already has them at random's level), so neither is in the table.
+(highest), the thesis' anomaly flags (``anomaly``: ``scan_anomaly_filters``, what ``AnomalyFilterMonitor``
+scans, in exact mode on a 512-sample training probe; the flagged filters first, then the others by their
+CH index, so any k can be taken), random filters (5 seeds). BN scale needs BatchNorm, which these runs
+keep off (``--batch-norm`` turns it on) so that the numbers stay those of the runs measured before; it
+is compared in ``memorisation_pruning.py``'s clean BatchNorm runs.
 
 Reported per mask: fit (prediction = given label) of the oracle and aum suspects, of all flipped
 samples, of clean fitted samples (up to 1000), test accuracy — without and, at k = 1/8, with a
@@ -61,15 +63,16 @@ from lightning_interp.finetune import fine_tune  # noqa: E402
 from lightning_interp.importance import importance_scores  # noqa: E402
 from lightning_interp.masking import FilterMask  # noqa: E402
 from lightning_interp.memorisation import VARIANTS, memorisation_scores  # noqa: E402
+from lightning_interp.metrics.anomaly import scan_anomaly_filters  # noqa: E402
 from lightning_interp.metrics.tip import sou  # noqa: E402
 from lightning_interp.models import SimpleCNN  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memorisation_filters.json"
 FRACTIONS = (1 / 32, 1 / 16, 1 / 8)
 RANDOM_SEEDS = 5
-PEERS = ("l1_low", "l1_high", "taylor_low", "taylor_high", "lamp_low", "sou_high")
+PEERS = ("l1_low", "l1_high", "taylor_low", "taylor_high", "lamp_low", "sou_high", "anomaly")
 #: Also fine-tuned at k = 1/8 (with the first ``--finetune-random`` random seeds): the CPU budget.
-FINETUNED = ("mem_taylor/oracle", *(f"mem_{v}/aum" for v in VARIANTS), "l1_low", "l1_high", "taylor_low", "sou_high")
+FINETUNED = ("mem_taylor/oracle", *(f"mem_{v}/aum" for v in VARIANTS), "l1_low", "l1_high", "taylor_low", "sou_high", "anomaly")
 
 
 # ---- data and training -------------------------------------------------------------------------
@@ -92,12 +95,14 @@ def tiny_data() -> dict[str, torch.Tensor]:
 
 
 def build(args) -> nn.Module:
-    return SimpleCNN(in_channels=3, num_classes=args.classes, width=tuple(args.width))
+    return SimpleCNN(in_channels=3, num_classes=args.classes, width=tuple(args.width),
+                     batch_norm=getattr(args, "batch_norm", False))
 
 
 def train(args, data, seed: int) -> Path:
     """Adam (``--lr``, 1e-3), batch 128, ``--epochs`` epochs; per epoch: val loss/acc, the training passes' logits, a checkpoint."""
-    name = f"simple_cnn_noise{int(round(args.noise * 100)):02d}_seed{seed}"
+    bn = "_bn" if getattr(args, "batch_norm", False) else ""
+    name = f"simple_cnn{bn}_noise{int(round(args.noise * 100)):02d}_seed{seed}"
     run = Path(args.out) / (f"tiny_{name}" if args.tiny else name)  # never resumes a real run's files
     run.mkdir(parents=True, exist_ok=True)
     log_path = run / "metrics.json"
@@ -171,8 +176,29 @@ def fits(pred_train: torch.Tensor, pred_test: torch.Tensor, sets: dict[str, torc
     return out
 
 
-def rankings(args, model, layers, x, y_given, suspects: dict[str, torch.Tensor], example, sample) -> dict[str, dict]:
-    """``{score name: {layer: K scores}}``, higher = mask first."""
+def flagged_first(ch_index: torch.Tensor, flagged: list[int]) -> torch.Tensor:
+    """A ranking (higher first) of the anomaly scan's filters: the flagged ones first, each group by its CH
+    index (the scan's score), so any k can be taken when the scan flags fewer or more than k."""
+    ch = ch_index.double().nan_to_num(nan=0.0)
+    rank = torch.argsort(torch.argsort(ch, stable=True), stable=True).double()  # 0 .. K-1, by CH
+    rank[list(flagged)] += len(ch)
+    return rank
+
+
+def anomaly_ranking(args, model, layers, probe: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """The thesis' anomaly scan (``scan_anomaly_filters``, what ``AnomalyFilterMonitor`` runs; ``--scan-mode``,
+    default criteria: λ = 0.1 of the probe) of each layer on ``probe``: (``flagged_first`` ranking, flags)."""
+    scores, flags = {}, {}
+    for layer in layers:
+        res = scan_anomaly_filters(model, layer, probe, mode=args.scan_mode, seed=0)
+        flags[layer] = res.flagged
+        scores[layer] = flagged_first(res.ch_index, res.flagged)
+    return scores, flags
+
+
+def rankings(args, model, layers, x, y_given, suspects: dict[str, torch.Tensor], example, sample,
+             probe: torch.Tensor) -> tuple[dict[str, dict], dict[str, list[int]]]:
+    """``{score name: {layer: K scores}}``, higher = mask first; and the anomaly scan's flags."""
     out = {}
     for set_name, mask in suspects.items():
         if mask.sum() == 0:
@@ -188,10 +214,11 @@ def rankings(args, model, layers, x, y_given, suspects: dict[str, torch.Tensor],
             out[f"{crit}_high"] = dict(s.scores)
     model.eval()
     out["sou_high"] = {layer: sou(model, layer, xs, ys).detach().cpu() for layer in layers}
+    out["anomaly"], flags = anomaly_ranking(args, model, layers, probe)
     for r in range(RANDOM_SEEDS):
         g = torch.Generator().manual_seed(1000 + r)
         out[f"random/{r}"] = {layer: torch.rand(len(out["l1_low"][layer]), generator=g) for layer in layers}
-    return out
+    return out, flags
 
 
 class Scale(nn.Module):
@@ -209,6 +236,23 @@ def top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(torch.argsort(-scores.double(), stable=True)[:k].tolist())
 
 
+def aum(run: Path, epoch: int, y_given: torch.Tensor) -> torch.Tensor:
+    """AUM over epochs 1..``epoch``: the given-label margin of the logits the training passes produced, averaged."""
+    hist = torch.load(run / "last.pt")["logits"][:epoch].float()
+    return torch.stack([margins(h, y_given) for h in hist]).mean(0)
+
+
+def aum_suspects(run: Path, epoch: int, y_given: torch.Tensor, fitted: torch.Tensor) -> torch.Tensor:
+    """The label-free suspects at ``epoch``: fitted now, with a negative AUM."""
+    return fitted & (aum(run, epoch, y_given) < 0)
+
+
+def finetune_loader(x: torch.Tensor, y_given: torch.Tensor, flagged: torch.Tensor, seed: int) -> DataLoader:
+    """The fine-tune's data: the training samples not ``flagged``, batch 128, shuffled (seeded)."""
+    return DataLoader(TensorDataset(x[~flagged], y_given[~flagged]), batch_size=128, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))
+
+
 def evaluate_point(args, data, run: Path, seed: int, epoch: int, point: str) -> dict:
     cache = run / f"eval_{point}.json"
     if cache.exists():
@@ -222,9 +266,7 @@ def evaluate_point(args, data, run: Path, seed: int, epoch: int, point: str) -> 
     pred = predictions(model, x)
     fitted = pred == y_given
     flipped = y_given != y_true
-    hist = torch.load(run / "last.pt")["logits"][:epoch].float()  # epochs 1..epoch
-    aum = torch.stack([margins(h, y_given) for h in hist]).mean(0)
-    suspects = {"oracle": flipped & fitted, "aum": fitted & (aum < 0)}
+    suspects = {"oracle": flipped & fitted, "aum": aum_suspects(run, epoch, y_given, fitted)}
     g = torch.Generator().manual_seed(seed)
     clean = torch.nonzero(fitted & ~flipped & ~suspects["aum"]).flatten()
     clean = clean[torch.randperm(len(clean), generator=g)[: args.clean_eval]]
@@ -241,14 +283,14 @@ def evaluate_point(args, data, run: Path, seed: int, epoch: int, point: str) -> 
     with torch.no_grad():
         assert torch.allclose(seq(x[:4]), model(x[:4]), atol=1e-5)
     names = [n for n, _ in model.named_children()]
-    ranked = rankings(args, model, layers, x, y_given, suspects, x[:2], sample)
+    probe = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: args.probe_size]]
+    ranked, anomaly_flags = rankings(args, model, layers, x, y_given, suspects, x[:2], sample, probe)
 
     def evaluate(fn):
         return fits(predictions(fn, x_ev), predictions(fn, x_test), local, y_ev, y_test)
 
     base = evaluate(model)
-    ft_loader = DataLoader(TensorDataset(x[~flagged_aum], y_given[~flagged_aum]), batch_size=128, shuffle=True,
-                           generator=torch.Generator().manual_seed(seed))
+    ft_loader = finetune_loader(x, y_given, flagged_aum, seed)
 
     def tuned(filters: dict[str, list[int]]) -> dict:
         net = copy.deepcopy(model)
@@ -258,7 +300,7 @@ def evaluate_point(args, data, run: Path, seed: int, epoch: int, point: str) -> 
             return evaluate(net)
 
     result = {"epoch": epoch, "point": point, "unmasked": base, "unmasked_finetuned": tuned({}),
-              "counts": {k: int(len(v)) for k, v in sets.items()}, "masks": {}}
+              "counts": {k: int(len(v)) for k, v in sets.items()}, "anomaly_flagged": anomaly_flags, "masks": {}}
     for layer in layers:
         i = names.index(layer)
         head, tail = seq[: i + 1], seq[i + 1 :]
@@ -416,8 +458,11 @@ def print_compact(summary: dict, results: list[dict]) -> None:
             print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv=None, *, description: str = __doc__, extra=None, defaults: dict | None = None,
+          results: Path = RESULTS) -> tuple[argparse.Namespace, dict[str, torch.Tensor]]:
+    """The options (``--tiny`` applied) and the data: this script's, and those of a script importing its
+    training (``extra(parser)`` adds its options, ``defaults`` changes some of these)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="/work/shared/data/cifar10")
     p.add_argument("--out", default="runs/memfilters")
     p.add_argument("--tiny", action="store_true", help="generated data, a tiny network, seconds; writes only under --out")
@@ -433,9 +478,16 @@ def main(argv=None) -> dict:
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument("--finetune-random", type=int, default=2, help="random seeds also fine-tuned at k = 1/8")
+    p.add_argument("--probe-size", type=int, default=512, help="training samples the anomaly scan clusters (the thesis' 512)")
+    p.add_argument("--scan-mode", default="exact", help="the anomaly scan's mode (exact: the thesis' learning images)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default="runs/cifar10_uint8.pt", help="decoded images (overfitting_signals.py's cache)")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--batch-norm", action="store_true", help="SimpleCNN with BatchNorm after each conv")
+    p.add_argument("--train-only", action="store_true", help="train the runs and stop")
+    p.set_defaults(results=str(results), **(defaults or {}))
+    if extra is not None:
+        extra(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.tiny:
@@ -444,11 +496,20 @@ def main(argv=None) -> dict:
 
             args.out = tempfile.mkdtemp(prefix="memfilters_tiny_")
         args.classes, args.epochs, args.width, args.seeds, args.lr = 4, 60, [8, 16, 16], args.seeds[:1], 1e-2
-        args.clean_eval, args.score_samples, args.finetune_random = 40, 40, 1
+        args.clean_eval, args.score_samples, args.finetune_random, args.probe_size = 40, 40, 1, 64
         data = tiny_data()
     else:
         args.classes = 10
         data = ofs.splits(ofs.load_cifar(args.data, Path(args.cache)), args.train_size)
+    return args, data
+
+
+def main(argv=None) -> dict:
+    args, data = parse(argv)
+    if args.train_only:
+        for seed in args.seeds:
+            train(args, data, seed)
+        return {}
     results = []
     for seed in args.seeds:
         run = train(args, data, seed)
@@ -460,10 +521,16 @@ def main(argv=None) -> dict:
             results.append(res)
     summary = summarise(results, args.layers)
     summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("results",)}
-    summary["points"] = [{k: r[k] for k in ("run", "point", "epoch", "counts", "unmasked", "unmasked_finetuned")}
+    summary["points"] = [{k: r[k] for k in ("run", "point", "epoch", "counts", "anomaly_flagged", "unmasked",
+                                            "unmasked_finetuned")}
                          for r in results]
     print_tables(summary, results)
-    out = Path(args.out) / "summary.json" if args.tiny else Path(args.results)
+    return write_summary(args, summary, "summary.json")
+
+
+def write_summary(args, summary: dict, tiny_name: str) -> dict:
+    """``summary`` to ``--results`` (real mode) or to ``tiny_name`` under ``--out`` (``--tiny``)."""
+    out = Path(args.out) / tiny_name if args.tiny else Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1, default=float))
     print(f"\nwrote {out}")

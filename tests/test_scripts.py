@@ -46,6 +46,7 @@ LISTED = (
     "experiments/cheap_scan_signal.py",
     "experiments/decoy_guidance.py",
     "experiments/memorisation_filters.py",
+    "experiments/memorisation_pruning.py",
     "experiments/overfitting_signals.py",
     "experiments/sample_dynamics.py",
     "experiments/sketch_agreement.py",
