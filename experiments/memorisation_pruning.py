@@ -18,8 +18,9 @@ of the flipped samples to their given label, parameters, MACs, and CPU latency (
 
 Stage ``clean`` (clean runs: 0 % noise, SimpleCNN with BatchNorm so BN scale applies, seeds ``--seeds``):
 at the last epoch, 10 %, 30 %, 50 % of each layer's filters are removed by each criterion, then
-fine-tuned: the memorisation score (``aum`` suspects: on a clean run the hard or ambiguous samples;
-highest first), the thesis' anomaly flags (``scan_anomaly_filters``, exact mode, a 512-sample training
+fine-tuned: the memorisation score (highest first; ``aum`` suspects — a clean run leaves almost no
+fitted sample with AUM < 0, 1 of 2,000, so its suspects are the ``--min-suspects`` (100) fitted samples of
+lowest AUM: the hard or ambiguous ones, excluded from its fine-tune like the noisy runs' flags), the thesis' anomaly flags (``scan_anomaly_filters``, exact mode, a 512-sample training
 probe; flagged filters first, then by CH index), TIP's SoU (lowest: SNIP's order), Torch-Pruning's L1,
 L2, Taylor, BN scale and LAMP (lowest), random (``--random-seeds`` seeds): test accuracy, parameters, MACs.
 
@@ -67,8 +68,9 @@ def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-fraction", type=float, default=1 / 8, help="noisy stage: filters removed per layer")
     p.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES), help="clean stage")
     p.add_argument("--random-seeds", type=int, default=3)
-    p.add_argument("--min-suspects", type=int, default=20,
-                   help="fewer fitted samples with AUM < 0: the memorisation score uses this many of lowest AUM")
+    p.add_argument("--min-suspects", type=int, default=100,
+                   help="when fewer fitted samples have AUM < 0 (a clean run), the suspects are this many fitted "
+                        "samples of lowest AUM")
     p.add_argument("--latency-repeats", type=int, nargs=2, default=[200, 30], help="rounds at batch 1 and 64")
 
 
@@ -251,14 +253,24 @@ def print_noisy(results: list[dict]) -> None:
               f"({res['suspects']}), fine-tune on {res['finetune_samples']} samples\n")
         print("| model | test acc | val acc | fit of flipped | params | MACs | latency b1 (ms) | latency b64 (ms) |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for name, r in rows.items():
+        for name, r in {**rows, **random_mean(rows)}.items():
             if "params" not in r:
                 continue
             print(f"| {name} | {r['test_acc']:.3f} | {r['val_acc']:.3f} | {r.get('flipped_fit', math.nan):.2f} | "
-                  f"{r['params']:,} | {r['macs']:,} | {r['latency_ms_b1']:.3f} | {r['latency_ms_b64']:.2f} |")
+                  f"{r['params']:,.0f} | {r['macs']:,.0f} | {r['latency_ms_b1']:.3f} | {r['latency_ms_b64']:.2f} |")
         before = [(n, r) for n, r in rows.items() if "params" not in r]
         print("\nbefore the fine-tune: " + ", ".join(f"{n}: test {r['test_acc']:.3f}, fit of flipped "
                                                      f"{r.get('flipped_fit', math.nan):.2f}" for n, r in before))
+
+
+def random_mean(rows: dict[str, dict]) -> dict[str, dict]:
+    """The random arms' rows averaged over the seeds, named ``random (mean of N) ...``."""
+    groups: dict[str, list[dict]] = {}
+    for name, r in rows.items():
+        if name.startswith("random/"):
+            groups.setdefault(name.split(" ", 1)[1], []).append(r)
+    return {f"random (mean of {len(rs)}) {rest}": {k: sum(r[k] for r in rs) / len(rs) for k in rs[0] if k != "filters"}
+            for rest, rs in groups.items()}
 
 
 def clean_table(results: list[dict], sparsities) -> dict:
@@ -288,8 +300,18 @@ def print_clean(results: list[dict], table: dict, sparsities) -> None:
     print("\n### Equal sparsity: test accuracy after the fine-tune (before it), mean over the clean runs\n")
     print("| criterion | " + " | ".join(f"{f:.0%}" for f in sparsities) + " |")
     print("| --- |" + " --- |" * len(sparsities))
+    u, t = (sum(r["rows"][k]["test_acc"] for r in results) / len(results) for k in ("unpruned", "unpruned, fine-tuned"))
+    print("| none (unpruned) | " + " | ".join(f"{t:.3f} ({u:.3f})" for _ in sparsities) + " |")
     for crit, per in table.items():
         cells = [f"{per[str(f)]['test_acc']:.3f} ({per[str(f)]['before']:.3f})" if str(f) in per else ""
+                 for f in sparsities]
+        print(f"| {crit} | " + " | ".join(cells) + " |")
+    print("\n### Per run (" + " / ".join(r["run"] for r in results) + "): test accuracy after the fine-tune\n")
+    per_run = [clean_table([r], sparsities) for r in results]
+    print("| criterion | " + " | ".join(f"{f:.0%}" for f in sparsities) + " |")
+    print("| --- |" + " --- |" * len(sparsities))
+    for crit in table:
+        cells = [" / ".join(f"{t[crit][str(f)]['test_acc']:.3f}" for t in per_run if str(f) in t.get(crit, {}))
                  for f in sparsities]
         print(f"| {crit} | " + " | ".join(cells) + " |")
     any_crit = next(iter(table.values()), {})
