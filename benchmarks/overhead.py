@@ -26,6 +26,11 @@ SimpleCNN, 5,000 samples.
     python benchmarks/overhead.py                 # the GPU case where there is one, else the CPU case
     python benchmarks/overhead.py --device cpu --epochs 4 --mode exact
     python benchmarks/overhead.py --budget 0.1 --epochs 6 --data ../shared/data/cifar10   # defaults vs the budget
+    python benchmarks/overhead.py --budget 0.1 --epochs 2 --sizes 20000 --models mobilenet_v3_small --no-defaults
+
+``--budget`` prints, per model and size, the whole-fit ratio (monitored / plain) of wall time and of the
+process' CPU time (``time.process_time``; on a shared machine the wall time of either fit stretches with the
+other jobs' load, the CPU time much less), and each budgeted fit's scanned epochs and pilots.
     python benchmarks/overhead.py --tiny          # seconds, generated images: the smoke run of make test
 """
 
@@ -338,6 +343,9 @@ def main() -> None:
             args.cache, args.out = os.path.join(tmp, "cifar10_uint8.pt"), os.path.join(tmp, "overhead")
             args.samples, args.batch_size, args.epochs, args.probe_size = 64, 32, 2, 16
         measure(args)
+        if args.tiny:  # the --budget table too, on 160 random images (the monitors' default probes fit)
+            budget_table(argparse.Namespace(**{**vars(args), "data": None, "sizes": "160", "models": "SimpleCNN",
+                                               "budget": 0.1, "no_defaults": True}))
 
 
 def measure(args) -> None:

@@ -3,12 +3,14 @@ whose monitors follow them on a scripted clock (decisions that do not depend on 
 
 import copy
 import logging
+import random
 import types
 
 import numpy as np
 import pytest
 import torch
 from conftest import make_trainer
+from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
@@ -92,7 +94,7 @@ class ScriptedClock(Callback):
 
 
 def fit(tmp_path, callbacks, epochs=3, logger=False):
-    torch.manual_seed(0)
+    seed_everything(0, verbose=False)  # torch, NumPy and random
     data = TensorDataset(torch.rand(32, 1, 16, 16), torch.randint(0, 10, (32,)))
     module = ImageClassifier(SimpleCNN(width=(4, 8, 8)))
     trainer = make_trainer(tmp_path, logger=logger, callbacks=callbacks, max_epochs=epochs, limit_val_batches=0,
@@ -186,10 +188,19 @@ def same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+class DrawingLogger(LearningImageLogger):
+    """A user's monitor whose scan draws from the global generators (torch, NumPy, ``random``) and keeps a count."""
+
+    def scan(self, trainer, pl_module, probe):
+        self.draws = getattr(self, "draws", 0) + 1
+        scalars = super().scan(trainer, pl_module, probe)
+        return {**scalars, "interp/draw": float(torch.rand(()) + np.random.rand() + random.random())}
+
+
 def test_the_pilot_changes_neither_the_monitor_nor_the_training(tmp_path):
     def monitors(**kw):
         return [AnomalyFilterMonitor("model.relu3", probe_size=32, k_max=3, **kw),
-                TIPMonitor("model.relu3", probe_size=32, **kw)]
+                TIPMonitor("model.relu3", probe_size=32, **kw), DrawingLogger("model.relu2", probe_size=8, **kw)]
 
     # The same seeded fit twice, once with a budget that lets every scan through (a pilot runs before the first
     # scan of each monitor) and once without: the same weights, the same scans, the same logged metrics.
@@ -205,7 +216,7 @@ def test_the_pilot_changes_neither_the_monitor_nor_the_training(tmp_path):
 
     # A pilot after the fit: state_dict, pictures, metrics, files under the log dir and the generators as before.
     trainer, files = runs[1], sorted(p.relative_to(tmp_path) for p in (tmp_path / "plain").rglob("*"))
-    rng = torch.get_rng_state(), np.random.get_state()[1].copy()
+    rng = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
     for cb in plain:
         before, figures = copy.deepcopy(cb.state_dict()), copy.deepcopy(cb.figures)
         metrics = dict(trainer.callback_metrics)
@@ -215,3 +226,4 @@ def test_the_pilot_changes_neither_the_monitor_nor_the_training(tmp_path):
         assert dict(trainer.callback_metrics) == metrics and not cb._piloting
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "plain").rglob("*")) == files
     assert torch.equal(torch.get_rng_state(), rng[0]) and np.array_equal(np.random.get_state()[1], rng[1])
+    assert random.getstate() == rng[2] and plain[2].draws == 2  # the two scans of the fit, not the pilot
