@@ -369,6 +369,8 @@ class InterpCallback(Callback):
     needs_image_inputs = True
     #: The monitor computes losses or accuracies from ``pl_module(x)``, which must return logits.
     needs_logits = True
+    #: True while a pilot scan runs (:meth:`run_pilot`): the logging methods do nothing.
+    _piloting = False
 
     def __init__(
         self,
