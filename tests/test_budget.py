@@ -227,3 +227,22 @@ def test_the_pilot_changes_neither_the_monitor_nor_the_training(tmp_path):
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "plain").rglob("*")) == files
     assert torch.equal(torch.get_rng_state(), rng[0]) and np.array_equal(np.random.get_state()[1], rng[1])
     assert random.getstate() == rng[2] and plain[2].draws == 2  # the two scans of the fit, not the pilot
+
+
+class WholeProbeLogger(LearningImageLogger):
+    """A monitor whose scan refuses anything but its whole probe: its pilot (a slice) fails."""
+
+    def scan(self, trainer, pl_module, probe):
+        if len(probe) < self.probe_size:
+            raise ValueError(f"needs all {self.probe_size} samples")
+        return super().scan(trainer, pl_module, probe)
+
+
+def test_a_failing_pilot_warns_and_the_first_scan_measures(tmp_path):
+    monitor = WholeProbeLogger("model.relu2", probe_size=32, num_images=1, max_overhead=1e-9)
+    with pytest.warns(UserWarning, match=r"WholeProbeLogger could not estimate a scan's cost \(its pilot scan of 16 "
+                                         r"probe samples failed.*ValueError: needs all 32 samples"):
+        fit(tmp_path, [monitor])
+    assert monitor.scan_estimate is None and scanned(monitor) == [0] and monitor.skipped_scans == []
+    with pytest.raises(ValueError, match="needs all 32 samples"):  # strict: the pilot raises like a scan
+        fit(tmp_path, [WholeProbeLogger("model.relu2", probe_size=32, num_images=1, max_overhead=1e-9, strict=True)])
