@@ -6,7 +6,7 @@ wall time of every scan (of every monitor in the trainer: the budget is shared) 
 one more scan stays within ``max_overhead`` times the training time.
 
 One more scan is costed as the last one the monitor measured; before its first scan, by a **pilot**: at the
-first epoch end a scan is due, the monitor runs its real scan on a slice of its probe (1/8, at least 16
+first epoch end a scan is due, the monitor runs its real scan on a slice of its probe (1/8, at least 8
 samples; nothing logged, its state and the random generators restored) and extrapolates linearly to the
 whole probe (:func:`pilot_estimate`: an over-estimate where part of a scan does not grow with the probe,
 which only delays the first scan). The pilot's seconds count as spent, and a pilot waits while the other
@@ -34,7 +34,7 @@ __all__ = ["check_max_overhead", "overhead_for_one_scan", "pilot_estimate", "pil
 
 #: The pilot scans 1/PILOT_FRACTION of the probe, at least PILOT_MIN_SAMPLES samples.
 PILOT_FRACTION = 8
-PILOT_MIN_SAMPLES = 16
+PILOT_MIN_SAMPLES = 8
 
 
 def check_max_overhead(max_overhead: float | None) -> float | None:
@@ -51,8 +51,8 @@ def pilot_size(probe_size: int, min_samples: int = PILOT_MIN_SAMPLES) -> int:
     """Samples the pilot scans: ``ceil(probe_size / 8)``, at least ``min_samples``, at most the probe.
 
     Example:
-        >>> pilot_size(128), pilot_size(64), pilot_size(10)
-        (16, 16, 10)
+        >>> pilot_size(128), pilot_size(32), pilot_size(5)
+        (16, 8, 5)
     """
     return min(probe_size, max(math.ceil(probe_size / PILOT_FRACTION), min_samples))
 

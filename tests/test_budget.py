@@ -35,8 +35,8 @@ def test_one_more_scan_must_fit_max_overhead_times_the_training_time():
 
 
 def test_the_pilot_scans_an_eighth_of_the_probe_and_extrapolates_linearly():
-    # ceil(n / 8), at least 16, at most the probe.
-    assert [pilot_size(n) for n in (1, 16, 64, 128, 129, 1000)] == [1, 16, 16, 16, 17, 125]
+    # ceil(n / 8), at least 8, at most the probe.
+    assert [pilot_size(n) for n in (1, 16, 64, 128, 129, 1000)] == [1, 8, 8, 16, 17, 125]
     assert pilot_size(64, min_samples=12) == 12
     # 16 of 128 samples in 0.5 s: 0.5 x 128 / 16 = 4 s; a scan costing 0.2 + 0.01 n (0.36 s for the pilot's 16)
     # is over-estimated (2.88 s against 1.48 s), never under-estimated.
@@ -108,11 +108,11 @@ def scanned(cb):
 
 
 def test_decisions_of_a_real_fit_on_a_scripted_clock(tmp_path, monkeypatch, caplog):
-    # A scan costs 1 + 2 n / 32 s: the pilot (16 of the 32 probe samples) 2 s, estimated at 2 x 32 / 16 = 4 s;
+    # A scan costs 1 + 2 n / 16 s: the pilot (8 of the 16 probe samples) 2 s, estimated at 2 x 16 / 8 = 4 s;
     # a scan 3 s. Epochs of 1 s, max_overhead=1: e0..e4 wait (2 + 4 > T); e5: 2 + 4 <= 6 yes (spent 5);
     # e6: 5 + 3 > 7; e7: 8 <= 8 yes.
     clock = ScriptedClock(monkeypatch)
-    monitor = clock.cost(LearningImageLogger("model.relu2", probe_size=32, num_images=1, max_overhead=1.0), 1.0, 2.0)
+    monitor = clock.cost(LearningImageLogger("model.relu2", probe_size=16, num_images=1, max_overhead=1.0), 1.0, 2.0)
     fit(tmp_path, [clock, monitor], epochs=8)
     assert monitor.pilot_seconds == 2.0 and monitor.scan_estimate == 4.0 and monitor.scan_seconds == [3.0, 3.0]
     assert scanned(monitor) == [5, 7] == plan_scans([1.0] * 8, 3.0, 1.0, pilot_seconds=2.0, first_estimate=4.0)
@@ -120,12 +120,12 @@ def test_decisions_of_a_real_fit_on_a_scripted_clock(tmp_path, monkeypatch, capl
     # At max_overhead=0.1 none fits in 3 epochs: train end says so, once, with the estimate, the training time
     # and the budget that would allow one: (2 + 4) / 3 = 2.
     clock = ScriptedClock(monkeypatch)
-    monitor = clock.cost(LearningImageLogger("model.relu2", probe_size=32, num_images=1, max_overhead=0.1), 1.0, 2.0)
+    monitor = clock.cost(LearningImageLogger("model.relu2", probe_size=16, num_images=1, max_overhead=0.1), 1.0, 2.0)
     with pytest.warns(UserWarning, match=r"made no scan") as record:
         fit(tmp_path, [clock, monitor], epochs=3)
     [warning] = [str(w.message) for w in record if "made no scan" in str(w.message)]
     assert ("LearningImageLogger (model.relu2) made no scan in this fit: one scan is estimated at 4.0 s (a pilot of "
-            "16 of 32 probe samples took 2.00 s), the training took 3.0 s and the budgeted monitors spent 2.0 s, so "
+            "8 of 16 probe samples took 2.00 s), the training took 3.0 s and the budgeted monitors spent 2.0 s, so "
             "max_overhead=0.1 allowed none. max_overhead=2 would allow one scan") in warning
     assert "every_n_epochs=3 for one scan at the last epoch" in warning and scanned(monitor) == []
 
@@ -133,21 +133,21 @@ def test_decisions_of_a_real_fit_on_a_scripted_clock(tmp_path, monkeypatch, capl
     # e0 (T = 1): A pilots (spent 2), 2 + 4 > 1; B waits (2 > 1). e1: B pilots (2 <= 2; spent 4). A scans once
     # 4 + 4 <= T, at e7 (spent 7); B then needs 7 + 4 > 8. B warns: (7 + 4) / 8 = 1.375 would allow one.
     clock = ScriptedClock(monkeypatch)
-    a, b = (clock.cost(LearningImageLogger(layer, probe_size=32, num_images=1, max_overhead=1.0), 1.0, 2.0)
+    a, b = (clock.cost(LearningImageLogger(layer, probe_size=16, num_images=1, max_overhead=1.0), 1.0, 2.0)
             for layer in ("model.relu2", "model.relu3"))
     with pytest.warns(UserWarning, match=r"LearningImageLogger \(model.relu3\) made no scan.*spent 7.0 s.*"
                                          r"max_overhead=1.38 would allow one scan"):
         fit(tmp_path, [clock, a, b], epochs=8)
     assert (scanned(a), scanned(b), a.pilot_seconds, b.pilot_seconds) == ([7], [], 2.0, 2.0)
 
-    # The fit-end exact rescan is budgeted too, costed as the last scan. The whole probe (16) is the pilot:
-    # estimate = pilot = 1 s = a scan. e0: 1 + 1 > 0.5; e1: 2 > 1; e2: 2 > 1.5; e3: 2 <= 2 yes (spent 2);
-    # fit end: 2 + 1 > 2: no rescan, the flags stay the last (pooled) scan's.
+    # The fit-end exact rescan is budgeted too, costed as the last scan. A scan costs n / 16 s: the pilot (8 of
+    # 16, k_max + 2 = 5 fewer) 0.5 s, estimated at 1 s = a scan. e0: 0.5 + 1 > 0.5; e1: 1.5 > 1; e2: 1.5 <= 1.5
+    # yes (spent 1.5); e3: 2.5 > 2; fit end: 2.5 > 2: no rescan, the flags stay the last (pooled) scan's.
     clock = ScriptedClock(monkeypatch)
-    anomaly = clock.cost(AnomalyFilterMonitor("model.relu3", probe_size=16, k_max=3, max_overhead=0.5), 1.0, 0.0)
+    anomaly = clock.cost(AnomalyFilterMonitor("model.relu3", probe_size=16, k_max=3, max_overhead=0.5), 0.0, 1.0)
     with caplog.at_level(logging.INFO):
         fit(tmp_path, [clock, anomaly], epochs=4)
-    assert scanned(anomaly) == [3] == plan_scans([1.0] * 4, 1.0, 0.5, pilot_seconds=1.0, first_estimate=1.0)
+    assert scanned(anomaly) == [2] == plan_scans([1.0] * 4, 1.0, 0.5, pilot_seconds=0.5, first_estimate=1.0)
     assert anomaly.filter_scores().settings.get("scanned") != "fit end" and "no exact rescan at fit end" in caplog.text
 
 
@@ -240,7 +240,7 @@ class WholeProbeLogger(LearningImageLogger):
 
 def test_a_failing_pilot_warns_and_the_first_scan_measures(tmp_path):
     monitor = WholeProbeLogger("model.relu2", probe_size=32, num_images=1, max_overhead=1e-9)
-    with pytest.warns(UserWarning, match=r"WholeProbeLogger could not estimate a scan's cost \(its pilot scan of 16 "
+    with pytest.warns(UserWarning, match=r"WholeProbeLogger could not estimate a scan's cost \(its pilot scan of 8 "
                                          r"probe samples failed.*ValueError: needs all 32 samples"):
         fit(tmp_path, [monitor])
     assert monitor.scan_estimate is None and scanned(monitor) == [0] and monitor.skipped_scans == []
