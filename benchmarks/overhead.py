@@ -301,7 +301,7 @@ def budget_table(args) -> None:
     budget = f"max_overhead={args.budget:g}"
     print(f"| {'model':18s} | {'images/epoch':>12s} | {'plain fit, s':>12s} | {'plain CPU, s':>12s} | "
           f"{'defaults':>8s} | {'defaults CPU':>12s} | {budget:>16s} | {budget + ' CPU':>20s} |")
-    print(f"| {'-' * 18} | {'-' * 12}: | {'-' * 12}: | {'-' * 12}: | {'-' * 8}: | {'-' * 12}: | {'-' * 16}: | {'-' * 20}: |")
+    print(f"| {'-' * 18} | {'-' * 11}: | {'-' * 11}: | {'-' * 11}: | {'-' * 7}: | {'-' * 11}: | {'-' * 15}: | {'-' * 19}: |")
     for model, n, plain, d, b in rows:
         dw, dc = ("-", "-") if d is None else (f"{d[0] / plain[0]:.2f}x", f"{d[1] / plain[1]:.2f}x")
         print(f"| {model:18s} | {n:12,d} | {plain[0]:12.1f} | {plain[1]:12.1f} | {dw:>8s} | {dc:>12s} | "
