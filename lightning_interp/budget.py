@@ -9,9 +9,10 @@ One more scan is costed as the last one the monitor measured; before its first s
 first epoch end a scan is due, the monitor runs its real scan on a slice of its probe (1/8, at least 8
 samples; nothing logged, its state and the random generators restored) and extrapolates linearly to the
 whole probe (:func:`pilot_estimate`: an over-estimate where part of a scan does not grow with the probe,
-which only delays the first scan). The pilot's seconds count as spent, and a pilot waits while the other
-monitors' pilots have overdrawn the budget (:func:`pilot_fits_budget`): the scans exceed the budget by at
-most one pilot. So the budget holds from the first scan: a small data set or a large model is scanned later, less often, or not at all — and then each budgeted
+which only delays the first scan). The pilot's seconds count as spent, and the pilots of the other monitors
+sharing the budget are budgeted too, costed as the costliest pilot so far (:func:`pilot_fits_budget`): only
+the first pilot of a fit runs unforeseen, at the first epoch end a scan is due. So the budget holds from the
+first scan, give or take that pilot and a pilot costlier than the ones before it: a small data set or a large model is scanned later, less often, or not at all — and then each budgeted
 monitor says so at train end, with the ``max_overhead`` that would have allowed one scan
 (:func:`overhead_for_one_scan`). Only when the pilot itself fails is the first scan made unbudgeted (to
 measure). ``every_n_epochs`` keeps a fixed cadence for users who want one (with both, a scan needs both).
@@ -84,11 +85,20 @@ def scan_fits_budget(train_seconds: float, spent_seconds: float, next_scan_secon
     return spent_seconds + next_scan_seconds <= max_overhead * train_seconds
 
 
-def pilot_fits_budget(train_seconds: float, spent_seconds: float, max_overhead: float) -> bool:
-    """Whether a monitor may run its pilot now: only while the budget is not overdrawn (``spent <= max_overhead x
-    train``), so the other monitors' pilots wait after one has overdrawn it: the scans never exceed the budget
-    by more than one pilot (1/8 of a scan and what does not grow with the probe)."""
-    return spent_seconds <= max_overhead * train_seconds
+def pilot_fits_budget(train_seconds: float, spent_seconds: float, pilot_seconds: float | None,
+                      max_overhead: float) -> bool:
+    """Whether a monitor may run its pilot now.
+
+    Args:
+        train_seconds, spent_seconds, max_overhead: as for :func:`scan_fits_budget`.
+        pilot_seconds: what the pilot is costed at: the costliest pilot of the monitors sharing the budget so
+            far in this fit; None for the first pilot of a fit (nothing to go by: it runs, the one pilot the
+            budget cannot foresee).
+
+    Returns:
+        ``spent_seconds + pilot_seconds <= max_overhead * train_seconds`` (True for the first pilot).
+    """
+    return pilot_seconds is None or spent_seconds + pilot_seconds <= max_overhead * train_seconds
 
 
 def overhead_for_one_scan(train_seconds: float, spent_seconds: float, next_scan_seconds: float) -> float:

@@ -16,8 +16,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_interp.callbacks.base as base
-from lightning_interp.budget import (check_max_overhead, overhead_for_one_scan, pilot_estimate, pilot_size, plan_scans,
-                                     scan_fits_budget)
+from lightning_interp.budget import (check_max_overhead, overhead_for_one_scan, pilot_estimate, pilot_fits_budget,
+                                     pilot_size, plan_scans, scan_fits_budget)
 from lightning_interp.callbacks import AnomalyFilterMonitor, LearningImageLogger, TIPMonitor
 from lightning_interp.models import ImageClassifier, SimpleCNN
 
@@ -76,6 +76,7 @@ class ScriptedClock(Callback):
 
     def __init__(self, monkeypatch, epoch_seconds=1.0):
         self.t, self.epoch_seconds = 0.0, epoch_seconds
+        self.calls = []  # (monitor, epoch, probe samples) of every scan and pilot
         monkeypatch.setattr(base, "time", types.SimpleNamespace(perf_counter=lambda: self.t))
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -86,6 +87,7 @@ class ScriptedClock(Callback):
 
         def scan(trainer, pl_module, probe):
             out = real(trainer, pl_module, probe)
+            self.calls.append((monitor, trainer.current_epoch, len(probe)))
             self.t += fixed + per_probe * len(probe) / monitor.probe_size
             return out
 
@@ -129,8 +131,8 @@ def test_decisions_of_a_real_fit_on_a_scripted_clock(tmp_path, monkeypatch, capl
             "max_overhead=0.1 allowed none. max_overhead=2 would allow one scan") in warning
     assert "every_n_epochs=3 for one scan at the last epoch" in warning and scanned(monitor) == []
 
-    # Two monitors share the budget; the second pilots only once the first one's pilot no longer overdraws it.
-    # e0 (T = 1): A pilots (spent 2), 2 + 4 > 1; B waits (2 > 1). e1: B pilots (2 <= 2; spent 4). A scans once
+    # Two monitors share the budget; the second pilots once the budget has room for a pilot costed as the first's.
+    # e0 (T = 1): A pilots (spent 2), 2 + 4 > 1; B waits (2 + 2 > 1) until e3 (4 <= 4; spent 4). A scans once
     # 4 + 4 <= T, at e7 (spent 7); B then needs 7 + 4 > 8. B warns: (7 + 4) / 8 = 1.375 would allow one.
     clock = ScriptedClock(monkeypatch)
     a, b = (clock.cost(LearningImageLogger(layer, probe_size=16, num_images=1, max_overhead=1.0), 1.0, 2.0)
@@ -139,6 +141,10 @@ def test_decisions_of_a_real_fit_on_a_scripted_clock(tmp_path, monkeypatch, capl
                                          r"max_overhead=1.38 would allow one scan"):
         fit(tmp_path, [clock, a, b], epochs=8)
     assert (scanned(a), scanned(b), a.pilot_seconds, b.pilot_seconds) == ([7], [], 2.0, 2.0)
+    assert [(epoch, n) for cb, epoch, n in clock.calls if cb is b] == [(3, 8)]  # B's pilot, at e3
+    assert [(epoch, n) for cb, epoch, n in clock.calls if cb is a] == [(0, 8), (7, 16)]
+    assert pilot_fits_budget(4.0, 2.0, 2.0, 1.0) and not pilot_fits_budget(3.0, 2.0, 2.0, 1.0)
+    assert pilot_fits_budget(0.0, 0.0, None, 1e-9)  # the first pilot of a fit: nothing to go by
 
     # The fit-end exact rescan is budgeted too, costed as the last scan. A scan costs n / 16 s: the pilot (8 of
     # 16, k_max + 2 = 5 fewer) 0.5 s, estimated at 1 s = a scan. e0: 0.5 + 1 > 0.5; e1: 1.5 > 1; e2: 1.5 <= 1.5

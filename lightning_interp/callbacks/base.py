@@ -692,8 +692,9 @@ class InterpCallback(Callback):
         (:func:`~lightning_interp.budget.scan_fits_budget`)."""
         if not self.scan_seconds and self.pilot_seconds is None:
             spent, train = self.budget_seconds(trainer)
-            if not pilot_fits_budget(train, spent, self.max_overhead):
-                return False  # the other monitors' pilots and scans overdrew the budget: pilot later
+            pilots = [cb.pilot_seconds for cb in self.budget_peers(trainer) if cb.pilot_seconds is not None]
+            if not pilot_fits_budget(train, spent, max(pilots, default=None), self.max_overhead):
+                return False  # no room for a pilot costed as the costliest of the other monitors': pilot later
             self.run_pilot(trainer, trainer.lightning_module)
         spent, train = self.budget_seconds(trainer)
         return scan_fits_budget(train, spent, self.next_scan_seconds(), self.max_overhead)
@@ -759,11 +760,14 @@ class InterpCallback(Callback):
                         v.update(contents[k])
             self._piloting = False
 
+    def budget_peers(self, trainer: pl.Trainer) -> list[InterpCallback]:
+        """The monitors sharing the budget: every one with ``max_overhead`` in the trainer (this one included)."""
+        return [cb for cb in trainer.callbacks if isinstance(cb, InterpCallback) and cb.max_overhead is not None]
+
     def budget_seconds(self, trainer: pl.Trainer) -> tuple[float, float]:
         """``(scans, training)``: wall seconds of this fit's scans and pilots by every monitor with a budget, and
         of the fit so far without them."""
-        peers = [cb for cb in trainer.callbacks if isinstance(cb, InterpCallback) and cb.max_overhead is not None]
-        spent = sum(sum(cb.scan_seconds) + (cb.pilot_seconds or 0.0) for cb in peers)
+        spent = sum(sum(cb.scan_seconds) + (cb.pilot_seconds or 0.0) for cb in self.budget_peers(trainer))
         started = self._fit_started if self._fit_started is not None else time.perf_counter()
         return spent, time.perf_counter() - started - spent
 
