@@ -90,10 +90,12 @@ def pilot_fits_budget(train_seconds: float, spent_seconds: float, pilot_seconds:
     """Whether a monitor may run its pilot now.
 
     Args:
-        train_seconds, spent_seconds, max_overhead: as for :func:`scan_fits_budget`.
+        train_seconds: wall time of the training so far (as for :func:`scan_fits_budget`).
+        spent_seconds: wall time of the scans and pilots so far.
         pilot_seconds: what the pilot is costed at: the costliest pilot of the monitors sharing the budget so
             far in this fit; None for the first pilot of a fit (nothing to go by: it runs, the one pilot the
             budget cannot foresee).
+        max_overhead: the fraction of ``train_seconds`` the scans may take.
 
     Returns:
         ``spent_seconds + pilot_seconds <= max_overhead * train_seconds`` (True for the first pilot).
