@@ -12,9 +12,9 @@ whole probe (:func:`pilot_estimate`: an over-estimate where part of a scan does 
 which only delays the first scan). The pilot's seconds count as spent, and the pilots of the other monitors
 sharing the budget are budgeted too, costed as the costliest pilot so far (:func:`pilot_fits_budget`): only
 the first pilot of a fit runs unforeseen, at the first epoch end a scan is due. So the budget holds from the
-first scan, give or take that pilot and a pilot costlier than the ones before it: a small data set or a large model is scanned later, less often, or not at all — and then each budgeted
-monitor says so at train end, with the ``max_overhead`` that would have allowed one scan
-(:func:`overhead_for_one_scan`). Only when the pilot itself fails is the first scan made unbudgeted (to
+first scan, give or take that pilot and a pilot costlier than the ones before it: a small data set or a
+large model is scanned later, less often, or not at all — and then each budgeted monitor says so at train
+end, with the ``max_overhead`` that would have allowed one scan (:func:`overhead_for_one_scan`). Only when the pilot itself fails is the first scan made unbudgeted (to
 measure). ``every_n_epochs`` keeps a fixed cadence for users who want one (with both, a scan needs both).
 
 Scans are made as soon as they fit (greedy), not saved for the last epoch: a fit may stop early
