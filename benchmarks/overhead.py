@@ -26,6 +26,11 @@ SimpleCNN, 5,000 samples.
     python benchmarks/overhead.py                 # the GPU case where there is one, else the CPU case
     python benchmarks/overhead.py --device cpu --epochs 4 --mode exact
     python benchmarks/overhead.py --budget 0.1 --epochs 6 --data ../shared/data/cifar10   # defaults vs the budget
+    python benchmarks/overhead.py --budget 0.1 --epochs 2 --sizes 20000 --models mobilenet_v3_small --no-defaults
+
+``--budget`` prints, per model and size, the whole-fit ratio (monitored / plain) of wall time and of the
+process' CPU time (``time.process_time``; on a shared machine the wall time of either fit stretches with the
+other jobs' load, the CPU time much less), and each budgeted fit's scanned epochs and pilots.
     python benchmarks/overhead.py --tiny          # seconds, generated images: the smoke run of make test
 """
 
@@ -240,13 +245,14 @@ BUDGET_MODELS = {
 }
 
 
-def budget_fit(model: str, samples: int, budget: float | None, monitored: bool, args) -> float:
-    """Wall seconds of one whole ``trainer.fit`` (setup, scans and fit-end analyses included) of ``model`` on
+def budget_fit(model: str, samples: int, budget: float | None, monitored: bool, args) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, ``time.process_time``: what the machine's other jobs do not inflate
+    as much) of one whole ``trainer.fit`` (setup, scans and fit-end analyses included) of ``model`` on
     ``samples`` images an epoch, plain or with the README's three monitors at their defaults, or with
     ``max_overhead=budget`` on each (one shared budget)."""
     pl.seed_everything(0)
     if args.data:
-        x, y = cifar10(args.data, samples)
+        x, y = cifar10(args.data, samples, args.cache)
     else:
         g = torch.Generator().manual_seed(0)
         x, y = torch.rand(samples, 3, 32, 32, generator=g), torch.randint(0, 10, (samples,), generator=g)
@@ -262,20 +268,22 @@ def budget_fit(model: str, samples: int, budget: float | None, monitored: bool, 
                          limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False)
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size or 128, shuffle=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(module, loader)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     if monitored:
         scans = {type(cb).__name__: [h["epoch"] for h in cb.history if "fit_end" not in h] for cb in callbacks}
-        print(f"    {model} {samples} {'defaults' if budget is None else f'max_overhead={budget:g}'}: {seconds:.1f} s; "
-              f"scanned epochs {scans}", flush=True)
-    return seconds
+        pilots = "" if budget is None else "; pilot s / estimated scan s " + str(
+            {type(cb).__name__: (round(cb.pilot_seconds or 0.0, 2), round(cb.scan_estimate or 0.0, 1)) for cb in callbacks})
+        print(f"    {model} {samples} {'defaults' if budget is None else f'max_overhead={budget:g}'}: {seconds:.1f} s "
+              f"(CPU {cpu:.1f} s); scanned epochs {scans}{pilots}", flush=True)
+    return seconds, cpu
 
 
 def budget_table(args) -> None:
     """The whole-fit ratio (monitored / plain, one run each, in this order in one process, after one warm-up fit
-    per model) at each size, for each model: the monitors' defaults (a scan every epoch) vs
-    ``max_overhead=args.budget``."""
+    per model) at each size, for each model: the monitors' defaults (a scan every epoch; left out with
+    ``--no-defaults``) vs ``max_overhead=args.budget``, of wall time and of this process' CPU time."""
     sizes = [int(n) for n in args.sizes.split(",")]
     models = args.models.split(",")
     rows = []
@@ -283,17 +291,21 @@ def budget_table(args) -> None:
         budget_fit(model, min(sizes), None, False, argparse.Namespace(**{**vars(args), "epochs": 1}))  # warm-up, not counted
         for n in sizes:
             plain = budget_fit(model, n, None, False, args)
-            print(f"    {model} {n} plain: {plain:.1f} s", flush=True)
-            defaults = budget_fit(model, n, None, True, args)
+            print(f"    {model} {n} plain: {plain[0]:.1f} s (CPU {plain[1]:.1f} s)", flush=True)
+            defaults = None if args.no_defaults else budget_fit(model, n, None, True, args)
             budgeted = budget_fit(model, n, args.budget, True, args)
-            rows.append((model, n, plain, defaults / plain, budgeted / plain))
+            rows.append((model, n, plain, defaults, budgeted))
     print(f"\nwhole fit, {args.epochs} epochs, CPU ({torch.get_num_threads()} threads), "
-          f"{'CIFAR-10' if args.data else 'random'} images; ratio = monitored / plain fit:")
-    print(f"| {'model':18s} | {'images/epoch':>12s} | {'plain fit, s':>12s} | {'defaults':>8s} | "
-          f"{f'max_overhead={args.budget:g}':>16s} |")
-    print(f"| {'-' * 18} | {'-' * 12}: | {'-' * 12}: | {'-' * 8}: | {'-' * 16}: |")
+          f"{'CIFAR-10' if args.data else 'random'} images; ratio = monitored / plain fit, of wall time and of the "
+          "process' CPU time:")
+    budget = f"max_overhead={args.budget:g}"
+    print(f"| {'model':18s} | {'images/epoch':>12s} | {'plain fit, s':>12s} | {'plain CPU, s':>12s} | "
+          f"{'defaults':>8s} | {'defaults CPU':>12s} | {budget:>16s} | {budget + ' CPU':>20s} |")
+    print(f"| {'-' * 18} | {'-' * 11}: | {'-' * 11}: | {'-' * 11}: | {'-' * 7}: | {'-' * 11}: | {'-' * 15}: | {'-' * 19}: |")
     for model, n, plain, d, b in rows:
-        print(f"| {model:18s} | {n:12,d} | {plain:12.1f} | {d:7.2f}x | {b:15.2f}x |")
+        dw, dc = ("-", "-") if d is None else (f"{d[0] / plain[0]:.2f}x", f"{d[1] / plain[1]:.2f}x")
+        print(f"| {model:18s} | {n:12,d} | {plain[0]:12.1f} | {plain[1]:12.1f} | {dw:>8s} | {dc:>12s} | "
+              f"{b[0] / plain[0]:15.2f}x | {b[1] / plain[1]:19.2f}x |")
 
 
 def main() -> None:
@@ -314,6 +326,8 @@ def main() -> None:
                         help="instead of the overhead breakdown: whole-fit ratios at --sizes for --models, the monitors' "
                              "defaults vs max_overhead=BUDGET (CPU)")
     parser.add_argument("--sizes", default="320,3000,20000", help="with --budget: images per epoch")
+    parser.add_argument("--no-defaults", action="store_true",
+                        help="with --budget: leave out the fit with the monitors' defaults (plain and budgeted only)")
     parser.add_argument("--models", default=",".join(BUDGET_MODELS), help=f"with --budget: of {list(BUDGET_MODELS)}")
     parser.add_argument("--cache", default="runs/cifar10_uint8.pt", help="decoded --data images (written on the first run)")
     parser.add_argument("--tiny", action="store_true",
@@ -329,6 +343,9 @@ def main() -> None:
             args.cache, args.out = os.path.join(tmp, "cifar10_uint8.pt"), os.path.join(tmp, "overhead")
             args.samples, args.batch_size, args.epochs, args.probe_size = 64, 32, 2, 16
         measure(args)
+        if args.tiny:  # the --budget table too, on 160 random images (the monitors' default probes fit)
+            budget_table(argparse.Namespace(**{**vars(args), "data": None, "sizes": "160", "models": "SimpleCNN",
+                                               "budget": 0.1, "no_defaults": True}))
 
 
 def measure(args) -> None:

@@ -314,6 +314,11 @@ class AnomalyFilterMonitor(InterpCallback):
                                                               "scanned": "fit end"})
 
     @override
+    def pilot_size(self) -> int:
+        # The GMM sweep clusters the probe's samples into up to k_max components: it needs more than k_max + 1.
+        return min(len(self.probe), max(super().pilot_size(), self.criteria.k_max + 2))
+
+    @override
     def scan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batch) -> dict[str, float]:
         epoch = trainer.current_epoch
         layers = progress(self.layers, desc="anomaly scan", enabled=len(self.layers) > 1 and trainer_shows_progress(trainer))

@@ -10,9 +10,12 @@ files, rank zero only), fault isolation (a failing scan warns and training goes 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import difflib
 import math
 import os
+import random
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +32,8 @@ from torch.utils.data.dataloader import default_collate
 from typing_extensions import override
 
 from ..batch import Batch, BatchAdapter, default_batch_adapter
-from ..budget import check_max_overhead, scan_fits_budget
+from ..budget import (check_max_overhead, overhead_for_one_scan, pilot_estimate, pilot_fits_budget, pilot_size,
+                      scan_fits_budget)
 from ..layers import eager, get_layer, list_layers, public_name, trace_layers
 from ..nns import check_finite, check_inputs
 from ..progress import trainer_shows_progress
@@ -177,6 +181,15 @@ def guarded(owner: str, strict: bool, failure: str, fn: Callable[[], Any]) -> An
             raise
         rank_zero_warn(f"{owner} {failure}: {type(err).__name__}: {err}.")
         return None
+
+
+def _copied(value: Any) -> Any:
+    """A deep copy of ``value``, or a shallow one where it holds what cannot be deep-copied (a tensor inside
+    an autograd graph)."""
+    try:
+        return copy.deepcopy(value)
+    except Exception:
+        return copy.copy(value)
 
 
 def log_root(trainer: pl.Trainer) -> str:
@@ -333,8 +346,10 @@ class InterpCallback(Callback):
         strict: re-raise exceptions from a scan instead of warning (never loses the run by default).
         max_overhead: a time budget instead of a cadence: the fraction of the training time the scans (of every
             monitor with a budget in the trainer) may add, e.g. ``0.1``. Scans are skipped while one more would
-            exceed it, from the measured scan and training times (:mod:`lightning_interp.budget`; the first scan
-            due always runs, to measure). None (default): scan every ``every_n_epochs`` epochs.
+            exceed it, from the measured scan and training times (:mod:`lightning_interp.budget`); before the
+            first scan its cost is estimated by a pilot scan of 1/8 of the probe (nothing logged, its seconds
+            counted as spent). When no scan fits, train end warns with the ``max_overhead`` that would allow one.
+            None (default): scan every ``every_n_epochs`` epochs, no pilot.
         log_prefix: prefix of every key this instance logs. When None: ``"interp"``, or, when the
             trainer holds several callbacks of this class, ``"interp/<layers>"`` (decided at setup), so
             two instances never log the same keys nor write the same files.
@@ -354,6 +369,8 @@ class InterpCallback(Callback):
     needs_image_inputs = True
     #: The monitor computes losses or accuracies from ``pl_module(x)``, which must return logits.
     needs_logits = True
+    #: True while a pilot scan runs (:meth:`run_pilot`): the logging methods do nothing.
+    _piloting = False
 
     def __init__(
         self,
@@ -408,6 +425,10 @@ class InterpCallback(Callback):
         #: Epochs whose scan failed and was skipped (a warning said why); wall seconds of each scan.
         self.skipped_scans: list[int] = []
         self.scan_seconds: list[float] = []
+        #: With ``max_overhead``: the pilot's wall seconds this fit and its estimate of one scan (None before it).
+        self.pilot_seconds: float | None = None
+        self.scan_estimate: float | None = None
+        self._piloting = False
         #: The latest picture logged under each key: ``{key: (H x W x 3 uint8, caption, epoch)}``
         #: (rank zero; what :class:`~lightning_interp.callbacks.InterpReport` puts in the HTML report).
         self.figures: dict[str, tuple[np.ndarray, str, int]] = {}
@@ -533,6 +554,7 @@ class InterpCallback(Callback):
         self.probe_size = len(self.probe)
         self.check_layer_outputs(pl_module, self.probe)
         self.scan_seconds = []
+        self.pilot_seconds = self.scan_estimate = None
         self._fit_started = time.perf_counter()
 
     def check_layer_outputs(self, pl_module: pl.LightningModule, probe: Batch) -> None:
@@ -665,29 +687,126 @@ class InterpCallback(Callback):
         return self.max_overhead is None or rank_zero_decides(trainer, lambda: self.within_budget(trainer))
 
     def within_budget(self, trainer: pl.Trainer) -> bool:
-        """Whether one more scan, costed as this monitor's last, keeps every budgeted monitor's scans within
-        ``max_overhead`` of the training time so far (:func:`~lightning_interp.budget.scan_fits_budget`)."""
+        """Whether one more scan, costed as this monitor's last (before the first: by the pilot, run here at the
+        first call), keeps every budgeted monitor's scans within ``max_overhead`` of the training time so far
+        (:func:`~lightning_interp.budget.scan_fits_budget`)."""
+        if not self.scan_seconds and self.pilot_seconds is None:
+            spent, train = self.budget_seconds(trainer)
+            pilots = [cb.pilot_seconds for cb in self.budget_peers(trainer) if cb.pilot_seconds is not None]
+            if not pilot_fits_budget(train, spent, max(pilots, default=None), self.max_overhead):
+                return False  # no room for a pilot costed as the costliest of the other monitors': pilot later
+            self.run_pilot(trainer, trainer.lightning_module)
         spent, train = self.budget_seconds(trainer)
-        last = self.scan_seconds[-1] if self.scan_seconds else None
-        return scan_fits_budget(train, spent, last, self.max_overhead)
+        return scan_fits_budget(train, spent, self.next_scan_seconds(), self.max_overhead)
+
+    def next_scan_seconds(self) -> float | None:
+        """What the next scan is costed at: the last one measured, else the pilot's estimate (None: neither)."""
+        return self.scan_seconds[-1] if self.scan_seconds else self.scan_estimate
+
+    def pilot_size(self) -> int:
+        """Probe samples the pilot scans (:func:`~lightning_interp.budget.pilot_size`); a subclass whose scan
+        needs more samples raises it."""
+        return pilot_size(len(self.probe))
+
+    def run_pilot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Time the real :meth:`scan` on the first :meth:`pilot_size` probe samples and set ``scan_estimate``,
+        extrapolated linearly to the whole probe (:func:`~lightning_interp.budget.pilot_estimate`). Nothing is
+        logged and everything the scan could change is put back (:meth:`_restored`): the monitor's attributes
+        (history, flags, pictures: all ``state_dict`` holds) and the random generators, so the pilot changes
+        neither the monitor nor the user's training. Its seconds count as spent (``pilot_seconds``). A failing
+        pilot warns (``strict=True`` raises) and leaves the cost unknown: the first scan then runs, to measure."""
+        probe = self.probe
+        m = self.pilot_size()
+        piece = Batch(probe.x[:m], *(None if t is None else t[:m] for t in (probe.y, probe.mask, probe.index)))
+        start = time.perf_counter()
+        with self._restored():
+            done = guarded(type(self).__name__, self.strict,
+                           f"could not estimate a scan's cost (its pilot scan of {m} probe samples failed; the first "
+                           "scan runs unbudgeted, to measure)",
+                           lambda: self.scan(trainer, pl_module, piece.to(pl_module.device)) is not None)
+        self.pilot_seconds = time.perf_counter() - start
+        if done:
+            self.scan_estimate = pilot_estimate(self.pilot_seconds, m, len(probe))
+        if not trainer_shows_progress(trainer) and trainer.is_global_zero:
+            rank_zero_info(f"{type(self).__name__} ({', '.join(self.layers)}): pilot scan of {m}/{len(probe)} probe "
+                           f"samples in {self.pilot_seconds:.2f} s; one scan estimated at "
+                           f"{'?' if self.scan_estimate is None else f'{self.scan_estimate:.1f}'} s")
+
+    @contextlib.contextmanager
+    def _restored(self):
+        """Run the block with logging off (``log_image``/``log_table``/``log_curve`` do nothing) and put back,
+        afterwards, every attribute of this monitor (containers restored in place, their contents as before)
+        and the torch, NumPy and ``random`` generators."""
+        attrs = dict(vars(self))
+        contents = {k: _copied(v) for k, v in attrs.items() if isinstance(v, (list, dict, set))}
+        states = random.getstate(), np.random.get_state()
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        self._piloting = True
+        try:
+            with torch.random.fork_rng(devices=devices):
+                yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            for k in [k for k in vars(self) if k not in attrs]:
+                delattr(self, k)
+            for k, v in attrs.items():
+                setattr(self, k, v)
+                if k in contents:
+                    v.clear()
+                    if isinstance(v, list):
+                        v.extend(contents[k])
+                    else:
+                        v.update(contents[k])
+            self._piloting = False
+
+    def budget_peers(self, trainer: pl.Trainer) -> list[InterpCallback]:
+        """The monitors sharing the budget: every one with ``max_overhead`` in the trainer (this one included)."""
+        return [cb for cb in trainer.callbacks if isinstance(cb, InterpCallback) and cb.max_overhead is not None]
 
     def budget_seconds(self, trainer: pl.Trainer) -> tuple[float, float]:
-        """``(scans, training)``: wall seconds of this fit's scans by every monitor with a budget, and of the
-        fit so far without them."""
-        peers = [cb for cb in trainer.callbacks if isinstance(cb, InterpCallback) and cb.max_overhead is not None]
-        spent = sum(sum(cb.scan_seconds) for cb in peers)
+        """``(scans, training)``: wall seconds of this fit's scans and pilots by every monitor with a budget, and
+        of the fit so far without them."""
+        spent = sum(sum(cb.scan_seconds) + (cb.pilot_seconds or 0.0) for cb in self.budget_peers(trainer))
         started = self._fit_started if self._fit_started is not None else time.perf_counter()
         return spent, time.perf_counter() - started - spent
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.max_overhead is not None and trainer.is_global_zero:
-            spent, train = self.budget_seconds(trainer)
+        if self.max_overhead is None or not trainer.is_global_zero:
+            return
+        spent, train = self.budget_seconds(trainer)
+        name = f"{type(self).__name__} ({', '.join(self.layers)})"
+        if self.scan_seconds:
             rank_zero_info(
-                f"{type(self).__name__} ({', '.join(self.layers)}): {len(self.scan_seconds)} scans in "
-                f"{trainer.current_epoch} epochs within max_overhead={self.max_overhead:g} (the budgeted monitors' "
-                f"scans took {spent:.1f} s, {spent / max(train, 1e-9):.0%} of the {train:.1f} s of training)"
+                f"{name}: {len(self.scan_seconds)} scans in {trainer.current_epoch} epochs within max_overhead="
+                f"{self.max_overhead:g} (the budgeted monitors' scans and pilots took {spent:.1f} s, "
+                f"{spent / max(train, 1e-9):.0%} of the {train:.1f} s of training)"
             )
+            return
+        one = self.next_scan_seconds()
+        if one is None and trainer.current_epoch < self.every_n_epochs:  # never due: the budget did not decide
+            rank_zero_info(f"{name}: no scan in this fit, no epoch end was due (every_n_epochs="
+                           f"{self.every_n_epochs}, {trainer.current_epoch} epochs)")
+            return
+        if one is None:
+            rank_zero_warn(
+                f"{name} made no scan in this fit: the budgeted monitors' pilots and scans ({spent:.1f} s) used up "
+                f"max_overhead={self.max_overhead:g} of the {train:.1f} s of training before this monitor could "
+                f"estimate its scan. A max_overhead well above {spent / max(train, 1e-9):.2g} would leave it room; "
+                f"or drop max_overhead and pass every_n_epochs={max(trainer.current_epoch, 1)} for one scan at the "
+                "last epoch."
+            )
+            return
+        needed = overhead_for_one_scan(train, spent, one)
+        rank_zero_warn(
+            f"{name} made no scan in this fit: one scan is estimated at {one:.1f} s (a pilot of {self.pilot_size()} "
+            f"of {len(self.probe)} probe samples took {self.pilot_seconds or 0.0:.2f} s), the training took "
+            f"{train:.1f} s and the budgeted monitors spent {spent:.1f} s, so max_overhead={self.max_overhead:g} "
+            f"allowed none. max_overhead={math.ceil(needed * 100) / 100:g} would allow one scan at the end of a fit "
+            f"this long; or drop max_overhead and pass every_n_epochs={max(trainer.current_epoch, 1)} for one scan "
+            f"at the last epoch (about {one:.1f} s)."
+        )
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -762,6 +881,8 @@ class InterpCallback(Callback):
     @rank_zero_only
     def log_image(self, trainer: pl.Trainer, key: str, image: np.ndarray, caption: str = "") -> None:
         """One ``H x W x 3`` uint8 picture to W&B/TensorBoard, or a PNG under the log dir for other loggers."""
+        if self._piloting:
+            return
         self.figures[key] = (image, caption, trainer.current_epoch)
         if not send_image(trainer, key, image, caption):
             self.save_png(trainer, key, image)
@@ -769,6 +890,8 @@ class InterpCallback(Callback):
     @rank_zero_only
     def log_table(self, trainer: pl.Trainer, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A table to W&B (``wandb.Table``), or a CSV file under the log dir for other loggers."""
+        if self._piloting:
+            return
         shown = False
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -791,6 +914,8 @@ class InterpCallback(Callback):
         title: str, xlabel: str, ylabel: str,
     ) -> None:
         """Line plot: a W&B line-series plot with ``WandbLogger``, and the same figure as an image."""
+        if self._piloting:
+            return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 import wandb
