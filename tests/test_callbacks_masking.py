@@ -99,7 +99,8 @@ def _chain(tmp_path, dm, epochs, ckpt_path=None, **kw):
 
     # 1 % over the best validation loss once, from epoch 3 (patience 1: the digits' loss is noisy).
     monitor = SampleDynamicsMonitor(track_size=256, num_images=0, alarm=AlarmRule("val_loss", patience=1))
-    scorer = MemorisationScorer(monitor, module, ["model.relu3"], max_suspects=32)
+    # Every flagged sample a suspect: masks every epoch once started (the default waits for fitted ones).
+    scorer = MemorisationScorer(monitor, module, ["model.relu3"], max_suspects=32, fitted_only=False)
     masking = FilterMasking(scorer, select=Selection("taylor", amount=2), start_on=ALARM)
     probe = MaskProbe(dm)
     # Saved at validation end (the default saves at training-epoch end, after every callback): the harder case.
