@@ -183,7 +183,13 @@ def summarise(results: list[dict]) -> dict:
                 b = [e["val_loss"] for e in base["epochs"] if e["epoch"] <= alarm]
                 checks.append({"seed": seed, "arm": arm, "same_alarm": arms[arm]["alarm_epoch"] == alarm,
                                "max_val_loss_difference_before_alarm": max(abs(x - y) for x, y in zip(a, b))})
-    return {"rows": rows, "same_until_alarm": checks}
+    means = {}
+    for arm in (*ARMS, "early_stop"):
+        mine = [r for r in rows if r["arm"] == arm]
+        if mine:
+            means[arm] = {m: sum(r[m] for r in mine) / len(mine)
+                          for m in ("test_acc_end", "test_acc_at_best_val", "flipped_fit_end")}
+    return {"rows": rows, "means": means, "same_until_alarm": checks}
 
 
 def print_table(summary: dict) -> None:
@@ -194,6 +200,10 @@ def print_table(summary: dict) -> None:
         end = f"{r['test_acc_end']:.3f}" + (f" (epoch {r['end_epoch']})" if r["arm"] == "early_stop" else "")
         print(f"| {r['seed']} | {r['arm']} | {r['alarm_epoch']} | {r['first_masked_epoch']} | {end} | "
               f"{r['best_val_epoch']} | {r['test_acc_at_best_val']:.3f} | {r['flipped_fit_end']:.3f} |")
+    print("\n| run | mean test acc at the end | mean test acc at best val epoch | mean flipped fit at the end |")
+    print("| --- | --- | --- | --- |")
+    for arm, m in summary["means"].items():
+        print(f"| {arm} | {m['test_acc_end']:.3f} | {m['test_acc_at_best_val']:.3f} | {m['flipped_fit_end']:.3f} |")
     for c in summary["same_until_alarm"]:
         print(f"seed {c['seed']} {c['arm']}: same alarm epoch as unmasked: {c['same_alarm']}; largest val-loss "
               f"difference up to the alarm: {c['max_val_loss_difference_before_alarm']:.2e}")
