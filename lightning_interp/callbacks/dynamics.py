@@ -608,7 +608,7 @@ class MemorisationScorer:
     Each :meth:`filter_scores` call takes the monitor's latest flags as the suspects — by default only the
     flagged samples the model fits to their given label at the last epoch (``fitted_only``): what it has
     memorised, the suspects the memorisation score is defined on and the benchmark measured (the most suspect
-    flagged samples by AUM are mostly the ones it does *not* fit) — and scores every filter of ``layers``
+    flagged samples by AUM have the lowest given-label margins, often not fitted yet) — and scores every filter of ``layers``
     with :func:`lightning_interp.memorisation.memorisation_scores` (suspects against as many fitted clean
     samples). Before the monitor has flagged (a fitted) anything it answers with no flags, so a masking
     callback masks nothing until then.

@@ -68,10 +68,10 @@ class FilterMasking(Callback):
     ``SampleDynamicsMonitor(alarm="val_loss")``) holds the masks off until the key is first > 0 at the end
     of an epoch (read at validation end and at training-epoch end); masking starts the next epoch (and not
     before ``start_epoch``). The epoch the key fired is :attr:`alarm_epoch`, decided on rank zero and kept in
-    checkpoints. A key logged at validation (the sample-dynamics ``"val_loss"`` alarm) is in the checkpoint
-    ``ModelCheckpoint`` writes at that validation's end, so a resumed run masks from the same epoch; a key
-    logged at training-epoch end (the anomaly monitor's alarm) is, when the checkpoint is written there
-    (``ModelCheckpoint(save_on_train_epoch_end=True)``). An alarm key of a monitor that is not in the
+    checkpoints, so a resumed run masks from the same epoch: a key logged at validation (the sample-dynamics
+    ``"val_loss"`` alarm) is in every checkpoint written after that validation; a key logged at training-epoch
+    end (the anomaly monitor's alarm) in those written at training-epoch end (``ModelCheckpoint``'s default
+    when validation runs once an epoch). An alarm key of a monitor that is not in the
     Trainer (or has no ``alarm``) is refused at ``setup`` with the keys that are; any other key the module
     never logs is named in a warning after the first epoch. The masks in force are logged as ``interp/masking/num_masked``,
     recorded in :attr:`history`, saved in checkpoints, and decided on rank zero and broadcast, so
