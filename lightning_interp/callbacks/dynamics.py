@@ -205,6 +205,11 @@ class SampleDynamicsMonitor(Callback):
     def key(self) -> str:
         return f"{self.log_prefix}/samples"
 
+    @property
+    def alarm_key(self) -> str | None:
+        """The logged key of the overfitting alarm (``FilterMasking(start_on=...)``), None without ``alarm``."""
+        return None if self.alarm is None else f"{self.key}/overfit_alarm"
+
     # ---- set-up, before the first step -----------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -286,7 +291,7 @@ class SampleDynamicsMonitor(Callback):
             self.val_history = [e for e in self.val_history if e["epoch"] != epoch] + [entry]
         # Validation losses logged without `sync_dist` differ between ranks: rank zero's decide.
         self.val_history, self.alarm_epoch = rank_zero_decides(trainer, self._val_loss_alarm)
-        pl_module.log(f"{self.key}/overfit_alarm", float(self.alarm_epoch is not None), on_step=False, on_epoch=True)
+        pl_module.log(self.alarm_key, float(self.alarm_epoch is not None), on_step=False, on_epoch=True)
 
     def _val_loss_alarm(self) -> tuple[list[dict[str, float]], int | None]:
         if self.alarm_epoch is not None or not self.val_history:
@@ -429,13 +434,13 @@ class SampleDynamicsMonitor(Callback):
         }
         self.history.append({"epoch": epoch, **scalars})
         if self.alarm_rule is not None:  # decided and logged at validation end
-            self.history[-1][f"{self.key}/overfit_alarm"] = float(self.alarm_epoch is not None)
+            self.history[-1][self.alarm_key] = float(self.alarm_epoch is not None)
         elif self.alarm is not None:
             fired = self._alarm_fired()
             if fired and self.alarm_epoch is None:
                 self.alarm_epoch = epoch
-            scalars[f"{self.key}/overfit_alarm"] = float(self.alarm_epoch is not None)
-            self.history[-1][f"{self.key}/overfit_alarm"] = scalars[f"{self.key}/overfit_alarm"]
+            scalars[self.alarm_key] = float(self.alarm_epoch is not None)
+            self.history[-1][self.alarm_key] = scalars[self.alarm_key]
         if log and self.num_images and trainer.is_global_zero and self._scan_epoch(trainer):
             guarded(type(self).__name__, self.strict, "could not draw its suspects",
                     lambda: self._log_suspects(trainer, scores))

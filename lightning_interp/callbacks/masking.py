@@ -32,17 +32,8 @@ def _is_compiled(pl_module: pl.LightningModule) -> bool:
 
 
 def alarm_keys(callbacks: Sequence[Callback]) -> list[str]:
-    """The overfitting-alarm keys the monitors among ``callbacks`` log (``<log_prefix>/.../overfit_alarm``)."""
-    from .anomaly import AnomalyFilterMonitor
-    from .dynamics import SampleDynamicsMonitor
-
-    keys = []
-    for cb in callbacks:
-        if isinstance(cb, SampleDynamicsMonitor) and cb.alarm is not None:
-            keys.append(f"{cb.key}/overfit_alarm")
-        elif isinstance(cb, AnomalyFilterMonitor):
-            keys.append(f"{cb.log_prefix}/anomaly/overfit_alarm")
-    return keys
+    """The overfitting-alarm keys the monitors among ``callbacks`` log (their ``alarm_key``, when they have one)."""
+    return [key for key in (getattr(cb, "alarm_key", None) for cb in callbacks) if isinstance(key, str)]
 
 
 class FilterMasking(Callback):
