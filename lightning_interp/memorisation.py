@@ -46,6 +46,7 @@ __all__ = [
     "VARIANTS",
     "TARGETS",
     "filter_contributions",
+    "filter_suspects",
     "fitted_clean",
     "memorisation_scores",
     "as_sample_mask",
@@ -285,3 +286,46 @@ def memorisation_scores(
         settings={"variant": variant, "num_suspects": ns, "num_clean": len(clean_idx), "seed": seed},
     )
     return out.select(amount) if amount is not None else out
+
+
+def filter_suspects(
+    model: nn.Module,
+    scores: FilterScores,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_filters: int = 3,
+    num_samples: int = 4,
+    batch_size: int = 256,
+) -> dict[str, list[tuple[int, float, list[int]]]]:
+    """For the ``num_filters`` highest memorisation scores of each layer, the suspects each filter holds most.
+
+    Per layer of ``scores``, the filters with the highest scores (ties: the lower index), and for each the
+    ``num_samples`` of the ``N`` samples (the suspects) to whose given-label margin it contributes most
+    (:func:`filter_contributions`, ``target="margin"``) — what the report shows beside the filter's
+    learning image.
+
+    Args:
+        scores: :func:`memorisation_scores`' answer (any :class:`~lightning_interp.scores.FilterScores`).
+        inputs: ``N x ...`` suspects; labels: their ``N`` given labels.
+
+    Returns:
+        ``{layer: [(filter, score, [sample positions, most contributed first]), ...]}``, highest score first.
+
+    Example:
+        >>> held = filter_suspects(net, memorisation_scores(net, ["relu3"], x, y, flagged), x[flagged], y[flagged])
+    """
+    for name, value in (("num_filters", num_filters), ("num_samples", num_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Expected `{name}` to be a positive int but got {value!r}.")
+    layers = [layer for layer in scores.layers if len(scores.scores[layer])]
+    if not layers:
+        return {}
+    contrib = filter_contributions(model, layers, inputs, labels, target="margin", batch_size=batch_size)
+    out = {}
+    for layer in layers:
+        s = scores.scores[layer].double()
+        order = torch.argsort(-s, stable=True)[:num_filters].tolist()
+        c = contrib[layer]
+        out[layer] = [(k, float(s[k]), torch.argsort(-c[:, k].double(), stable=True)[:num_samples].tolist()) for k in order]
+    return out

@@ -127,12 +127,18 @@ def test_a_dataset_without_indices_is_refused_before_the_first_step(tmp_path):
 
 
 def test_bad_arguments_name_the_valid_choices():
+    from lightning_interp.overfitting import AlarmRule
+
     with pytest.raises(ValueError, match=r"`source` to be one of \['batches', 'subset'\]"):
         SampleDynamicsMonitor(source="logits")
     with pytest.raises(ValueError, match="`score` to be one of"):
         SampleDynamicsMonitor(score="el2n")
-    with pytest.raises(ValueError, match="`alarm` to be one of"):
-        SampleDynamicsMonitor(alarm="val_loss")
+    with pytest.raises(ValueError, match=r"`alarm` to be one of \['val_loss', 'flagged_fit', 'label_wave'\]"):
+        SampleDynamicsMonitor(alarm="val_los")
+    with pytest.raises(ValueError, match="rule 'val_loss' but got rule 'count'"):
+        SampleDynamicsMonitor(alarm=AlarmRule("count"))
+    with pytest.raises(ValueError, match="`val_loss_key`"):
+        SampleDynamicsMonitor(alarm="val_loss", val_loss_key="")
     with pytest.raises(ValueError, match="`flag_rule`"):
         SampleDynamicsMonitor(flag_rule=-3)
     with pytest.raises(ValueError, match="only with source='batches'"):
@@ -242,7 +248,9 @@ def test_memorisation_scorer_scores_the_monitors_flagged_samples_and_feeds_maski
     dm = DigitsDataModule(image_size=16, batch_size=64, label_noise=0.3)
     module = ImageClassifier(SimpleCNN(in_channels=1, width=(4, 8, 8)), lr=0.01)
     monitor = SampleDynamicsMonitor(track_size=200, num_images=0, flag_rule=20)
-    held = MemorisationScorer(monitor, module, ["model.relu3"], max_suspects=16)
+    # Every flagged sample a suspect (after 3 epochs few are fitted yet); the default takes only the fitted ones.
+    held = MemorisationScorer(monitor, module, ["model.relu3"], max_suspects=16, fitted_only=False)
+    fitted = MemorisationScorer(monitor, module, ["model.relu3"], max_suspects=16)
     # Before the monitor has flagged anything: no flags (a masking callback masks nothing yet).
     assert held.filter_scores().flags() == {}
     masking = FilterMasking(held, select=Selection("taylor", amount=2), start_epoch=1)
@@ -255,7 +263,40 @@ def test_memorisation_scorer_scores_the_monitors_flagged_samples_and_feeds_maski
     expected = memorisation_scores(module, ["model.relu3"], x, y, suspects, variant="taylor")
     torch.testing.assert_close(held.filter_scores().scores["model.relu3"], expected.scores["model.relu3"])
     assert held.filter_scores("activation").scorer == "memorisation/activation"
+    # fitted_only: the suspects are the flagged samples predicted as their given label, the most suspect first.
+    latest = monitor.latest
+    memorised = latest.flagged & (latest.predicted == latest.labels)
+    order = [p for p in latest.top(len(latest)).tolist() if memorised[p]][:16]
+    if order:
+        x, y, suspects = monitor.flagged_samples(16, fitted=True)
+        torch.testing.assert_close(x[suspects], monitor._inputs(order))
+        expected = memorisation_scores(module, ["model.relu3"], x, y, suspects, variant="taylor")
+        torch.testing.assert_close(fitted.filter_scores().scores["model.relu3"], expected.scores["model.relu3"])
+    else:
+        assert monitor.flagged_samples(16, fitted=True) is None and fitted.filter_scores().flags() == {}
     # Masking took the 2 highest-scoring filters from epoch 1 on.
     assert [h["num_masked"] for h in masking.history][-1] == 2
     with pytest.raises(TypeError, match="SampleDynamicsMonitor"):
         MemorisationScorer(object(), module, ["model.relu3"])
+
+
+def test_val_loss_alarm_follows_the_validation_loss_and_names_a_key_never_logged(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_interp.overfitting import AlarmRule, rise_alarm
+
+    # The module logs "val_loss", not the default "val/loss": named once, with the fix, after the first epoch.
+    monitor = SampleDynamicsMonitor(track_size=32, num_images=0, alarm="val_loss")
+    with pytest.warns(UserWarning, match="`val_loss_key='val/loss'` \\(did you mean `val_loss_key='val_loss'`") as rec:
+        _fit(tmp_path / "a", [monitor], epochs=3, callbacks=[monitor])
+    assert sum("val_loss_key" in str(w.message) for w in rec) == 1 and monitor.alarm_epoch is None
+    rule = AlarmRule("val_loss", rel=0.0, patience=1, min_epoch=1)
+    monitor = SampleDynamicsMonitor(track_size=32, num_images=0, alarm=rule, val_loss_key="val_loss")
+    trainer, _ = _fit(tmp_path / "b", [monitor], epochs=8, lr=0.3, callbacks=[monitor],
+                      logger=CSVLogger(str(tmp_path / "b")))
+    rows = list(csv.DictReader(open(os.path.join(trainer.logger.log_dir, "metrics.csv"))))
+    losses = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+    alarms = [float(r["interp/samples/overfit_alarm"]) for r in rows if r.get("interp/samples/overfit_alarm")]
+    at = rise_alarm(losses, rel=0.0, patience=1, min_index=0)
+    assert at is not None, losses
+    assert monitor.alarm_epoch == at and alarms == [0.0] * at + [1.0] * (8 - at)

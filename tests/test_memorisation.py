@@ -207,3 +207,29 @@ def test_bad_inputs_are_refused_naming_the_choices():
         memorisation_scores(net, ["2"], x, 1 - net(x).argmax(1), [0])  # nothing else is fitted
     with pytest.raises(ValueError, match=r"`target` to be one of \['margin', 'loss', 'activation'\]"):
         filter_contributions(net, ["2"], x, y, target="logit")
+
+
+def test_filter_suspects_ranks_filters_by_score_and_samples_by_the_filters_margin_contribution():
+    from lightning_interp.memorisation import filter_suspects
+    from lightning_interp.scores import FilterScores
+
+    torch.manual_seed(0)
+    # conv -> relu -> global average -> linear: the margin contribution of filter k to sample i is written out
+    # as mean_pos(A_ik) * (W[y_i, k] - W[r_i, k]) (r_i the runner-up class).
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(6, 4))
+    x, y = torch.randn(20, 1, 8, 8), torch.randint(0, 4, (20,))
+    with torch.no_grad():
+        a = net[1](net[0](x)).mean((2, 3))
+        z = net(x)
+    runner = z.masked_fill(torch.nn.functional.one_hot(y, 4).bool(), float("-inf")).argmax(1)
+    w = net[4].weight.detach()
+    c = a * (w[y] - w[runner])
+    scores = FilterScores({"1": torch.tensor([0.1, 0.9, -0.2, 0.9, 0.5, 0.0])}, {}, scorer="memorisation/taylor")
+    held = filter_suspects(net, scores, x, y, num_filters=3, num_samples=5)["1"]
+    assert [k for k, _, _ in held] == [1, 3, 4]  # highest first, ties by index
+    assert [s for _, s, _ in held] == pytest.approx([0.9, 0.9, 0.5])
+    for k, _, picks in held:
+        assert picks == torch.argsort(-c[:, k], stable=True)[:5].tolist()
+    with pytest.raises(ValueError, match="`num_samples` to be a positive int"):
+        filter_suspects(net, scores, x, y, num_samples=0)

@@ -45,6 +45,7 @@ LISTED = (
     "experiments/anomaly_overfitting.py",
     "experiments/cheap_scan_signal.py",
     "experiments/decoy_guidance.py",
+    "experiments/live_masking.py",
     "experiments/memorisation_filters.py",
     "experiments/memorisation_pruning.py",
     "experiments/overfitting_signals.py",

@@ -247,6 +247,11 @@ class AnomalyFilterMonitor(InterpCallback):
         return self.spec.rectify
 
     @property
+    def alarm_key(self) -> str:
+        """The logged key of the overfitting alarm (``FilterMasking(start_on=...)``)."""
+        return f"{self.log_prefix}/anomaly/overfit_alarm"
+
+    @property
     def alarm(self) -> str:
         """The alarm rule's name (``alarm_rule.rule``)."""
         return self.alarm_rule.rule
@@ -332,7 +337,7 @@ class AnomalyFilterMonitor(InterpCallback):
         counts = [h[f"{self.log_prefix}/anomaly/count"] for h in self.history] + [total]
         epochs = [h["epoch"] for h in self.history] + [epoch]
         losses = [self._val_at(e, "val_loss") for e in epochs]
-        scalars[f"{self.log_prefix}/anomaly/overfit_alarm"] = float(self.alarm_rule.fired(epochs, counts, losses))
+        scalars[self.alarm_key] = float(self.alarm_rule.fired(epochs, counts, losses))
 
         outliers = torch.stack([r.sample_is_outlier for r in results.values()]).any(0)
         if self.outlier_gradients and probe.y is not None:
@@ -462,7 +467,7 @@ class AnomalyFilterMonitor(InterpCallback):
     @property
     def alarm_epoch(self) -> int | None:
         """The first scanned epoch (0-based) at which the overfitting alarm was on, None if never."""
-        key = f"{self.log_prefix}/anomaly/overfit_alarm"
+        key = self.alarm_key
         return next((h["epoch"] for h in self.history if h.get(key)), None)
 
     def summary(self) -> dict[str, Any]:
@@ -509,7 +514,7 @@ class AnomalyFilterMonitor(InterpCallback):
                 "epoch": h["epoch"],
                 "count": h.get(key),
                 "counts": {layer: h.get(f"{self.log_prefix}/anomaly/{layer}/count") for layer in self.layers},
-                "overfit_alarm": h.get(f"{self.log_prefix}/anomaly/overfit_alarm"),
+                "overfit_alarm": h.get(self.alarm_key),
                 "val_acc": self._val_at(h["epoch"], "val_acc"),
                 "val_loss": self._val_at(h["epoch"], "val_loss"),
             })

@@ -214,7 +214,9 @@ def warn_missing_keys(trainer: pl.Trainer, keys: dict[str, str], owner: Any) -> 
     """
     if trainer.sanity_checking or getattr(owner, "_checked_metric_keys", False):
         return []
-    logged = sorted(k for k in trainer.callback_metrics if not k.startswith("interp/"))
+    # The module's own keys; the monitors' (interp/...) too when a key read is one of theirs.
+    ours = any(key.startswith("interp/") for key in keys.values())
+    logged = sorted(k for k in trainer.callback_metrics if ours or not k.startswith("interp/"))
     missing = {arg: key for arg, key in keys.items() if key not in trainer.callback_metrics}
     try:
         owner._checked_metric_keys = True

@@ -25,7 +25,7 @@ from ..batch import Batch, BatchAdapter, default_batch_adapter
 from ..dynamics import DEFAULT_SCORE, SCORES, SampleDynamics, SampleScores, _check_rule, label_wave_alarm
 from ..layers import eval_mode, get_layer
 from ..memorisation import VARIANTS, memorisation_scores
-from ..overfitting import rise_alarm
+from ..overfitting import AlarmRule, rise_alarm
 from ..scores import FilterScores
 from ..viz import labelled_image_grid
 from .base import (
@@ -37,6 +37,7 @@ from .base import (
     select_probe,
     send_image,
     send_metrics,
+    warn_missing_keys,
 )
 
 __all__ = ["ALARM_RULES", "MemorisationScorer", "SOURCES", "SampleDynamicsMonitor"]
@@ -45,12 +46,15 @@ __all__ = ["ALARM_RULES", "MemorisationScorer", "SOURCES", "SampleDynamicsMonito
 #: dataset indices, :func:`lightning_interp.data.with_index`); ``"subset"`` — an eval-mode pass over a
 #: fixed, seeded subset of the training set (no change to the user's data or module).
 SOURCES = ("batches", "subset")
-#: Label-free overfitting alarms: ``"flagged_fit"`` — the flagged samples' fit rate on their given labels
-#: rose 0.05 over its running minimum for 2 consecutive epochs; ``"label_wave"`` — Label Wave's first
-#: minimum of prediction flips, passed for 2 epochs; None (default) — no alarm. Measured on 15 CIFAR-10 runs
-#: (docs/measurements/sample_dynamics.md), neither is on time as often as the validation loss, and both fire
-#: early and on runs that do not overfit: keep the validation loss as the alarm; these are for experiments.
-ALARM_RULES = ("flagged_fit", "label_wave")
+#: Overfitting alarms (``alarm=``): ``"val_loss"`` — the validation loss (``val_loss_key``) rose 1 % over its
+#: best for 2 consecutive validations, not before epoch 3 (:class:`~lightning_interp.overfitting.AlarmRule`, the
+#: anomaly monitor's default; pass an ``AlarmRule("val_loss", ...)`` to change it) — the alarm to use; and two
+#: label-free ones: ``"flagged_fit"`` — the flagged samples' fit rate on their given labels rose 0.05 over its
+#: running minimum for 2 consecutive epochs; ``"label_wave"`` — Label Wave's first minimum of prediction flips,
+#: passed for 2 epochs. None (default) — no alarm. Measured on 15 CIFAR-10 runs
+#: (docs/measurements/sample_dynamics.md), neither label-free alarm is on time as often as the validation loss,
+#: and both fire early and on runs that do not overfit: they are for experiments.
+ALARM_RULES = ("val_loss", "flagged_fit", "label_wave")
 
 
 def _score_caption(scores: SampleScores, p: int) -> str:
@@ -94,7 +98,11 @@ class SampleDynamicsMonitor(Callback):
             are updated every epoch).
         score: the suspect score flags and pictures use (one of ``lightning_interp.dynamics.SCORES``).
         flag_rule: ``"gmm"`` (a two-component mixture on the score), a count, or a fraction.
-        alarm: one of :data:`ALARM_RULES` or None.
+        alarm: one of :data:`ALARM_RULES`, an :class:`~lightning_interp.overfitting.AlarmRule` with rule
+            ``"val_loss"``, or None. The ``"val_loss"`` alarm is decided and logged at validation end (before
+            ``ModelCheckpoint`` saves), so ``FilterMasking(start_on="interp/samples/overfit_alarm")`` resumes exactly.
+        val_loss_key: the ``trainer.callback_metrics`` key of the validation loss (``alarm="val_loss"``); a key
+            the module never logs is named in a warning after the first validation.
         num_images: suspects in the grid (0: none).
         logits_module: with ``source="batches"``, the module path (of the LightningModule) whose
             output is the logits; by default the LightningModule's own forward, else the last of its
@@ -117,7 +125,8 @@ class SampleDynamicsMonitor(Callback):
         every_n_epochs: int = 1,
         score: str = DEFAULT_SCORE,
         flag_rule: str | int | float = "gmm",
-        alarm: str | None = None,
+        alarm: str | AlarmRule | None = None,
+        val_loss_key: str = "val/loss",
         num_images: int = 16,
         logits_module: str | None = None,
         batch_adapter: BatchAdapter | None = None,
@@ -136,8 +145,13 @@ class SampleDynamicsMonitor(Callback):
         if score not in SCORES:
             raise ValueError(f"Expected `score` to be one of {list(SCORES)} but got {score!r}.")
         _check_rule(flag_rule)
-        if alarm is not None and alarm not in ALARM_RULES:
-            raise ValueError(f"Expected `alarm` to be one of {list(ALARM_RULES)} or None but got {alarm!r}.")
+        if isinstance(alarm, AlarmRule):
+            if alarm.rule != "val_loss":
+                raise ValueError(f"Expected an `alarm` AlarmRule with rule 'val_loss' but got rule {alarm.rule!r}.")
+        elif alarm is not None and alarm not in ALARM_RULES:
+            raise ValueError(f"Expected `alarm` to be one of {list(ALARM_RULES)}, an AlarmRule or None but got {alarm!r}.")
+        if not isinstance(val_loss_key, str) or not val_loss_key:
+            raise ValueError(f"Expected `val_loss_key` to be a non-empty str but got {val_loss_key!r}.")
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
             raise ValueError(f"Expected `num_images` to be an int >= 0 but got {num_images!r}.")
         if logits_module is not None and (source != "batches" or not isinstance(logits_module, str)):
@@ -152,7 +166,13 @@ class SampleDynamicsMonitor(Callback):
         self.every_n_epochs = every_n_epochs
         self.score = score
         self.flag_rule = flag_rule
-        self.alarm = alarm
+        #: the validation-loss rule (``alarm="val_loss"``), None for the label-free alarms.
+        self.alarm_rule: AlarmRule | None = (alarm if isinstance(alarm, AlarmRule)
+                                             else AlarmRule("val_loss") if alarm == "val_loss" else None)
+        self.alarm = self.alarm_rule.rule if self.alarm_rule is not None else alarm
+        self.val_loss_key = val_loss_key
+        #: ``[{"epoch", "val_loss"}]``, one entry per validation (``alarm="val_loss"``).
+        self.val_history: list[dict[str, float]] = []
         self.num_images = num_images
         self.logits_module = logits_module
         self.batch_adapter = batch_adapter or default_batch_adapter
@@ -174,6 +194,7 @@ class SampleDynamicsMonitor(Callback):
         self._captured: dict[str, torch.Tensor] = {}
         self._armed = False
         self._warned: set[str] = set()
+        self._first_epoch = 0
 
     @property
     @override
@@ -183,6 +204,11 @@ class SampleDynamicsMonitor(Callback):
     @property
     def key(self) -> str:
         return f"{self.log_prefix}/samples"
+
+    @property
+    def alarm_key(self) -> str | None:
+        """The logged key of the overfitting alarm (``FilterMasking(start_on=...)``), None without ``alarm``."""
+        return None if self.alarm is None else f"{self.key}/overfit_alarm"
 
     # ---- set-up, before the first step -----------------------------------------------------------
     @override
@@ -203,6 +229,7 @@ class SampleDynamicsMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_epoch = trainer.current_epoch  # a resumed fit has no validation metrics at its first epoch start
         loader, dataset = self._dataset(trainer)
         self._items = (dataset, loader.collate_fn or default_collate)
         n = len(dataset)
@@ -242,6 +269,41 @@ class SampleDynamicsMonitor(Callback):
         if epoch > last and unfinished:
             guarded(type(self).__name__, self.strict, "could not finish the checkpoint's last epoch",
                     lambda: self._finish_epoch(trainer, pl_module, epoch, log=False))
+        elif self.latest is None and self.dynamics.last_epoch is not None:
+            # Resumed after a finished epoch: its scores and flags again (a function of the restored state),
+            # so a consumer (MemorisationScorer, masking) reads the same flags at the next epoch's start.
+            self.latest = guarded(type(self).__name__, self.strict, "could not restore the last scores",
+                                  lambda: SampleScores.from_dynamics(self.dynamics, self.tracked, self.score,
+                                                                     self.flag_rule, seed=self.seed))
+
+    # ---- the validation-loss alarm ------------------------------------------------------------------
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Decided here, where this epoch's validation loss is known and before ModelCheckpoint saves
+        # (at validation end): the checkpoint holds the alarm, and a callback reading the logged key
+        # at validation end (FilterMasking(start_on=...)) sees it in the same epoch.
+        if self.alarm_rule is None or trainer.sanity_checking:
+            return
+        epoch = trainer.current_epoch
+        value = trainer.callback_metrics.get(self.val_loss_key)
+        if value is not None:
+            entry = {"epoch": epoch, "val_loss": float(value)}
+            self.val_history = [e for e in self.val_history if e["epoch"] != epoch] + [entry]
+        # Validation losses logged without `sync_dist` differ between ranks: rank zero's decide.
+        self.val_history, self.alarm_epoch = rank_zero_decides(trainer, self._val_loss_alarm)
+        pl_module.log(self.alarm_key, float(self.alarm_epoch is not None), on_step=False, on_epoch=True)
+
+    def _val_loss_alarm(self) -> tuple[list[dict[str, float]], int | None]:
+        if self.alarm_epoch is not None or not self.val_history:
+            return list(self.val_history), self.alarm_epoch
+        epochs = [e["epoch"] for e in self.val_history]
+        fired = self.alarm_rule.fired(epochs, [0.0] * len(epochs), [e["val_loss"] for e in self.val_history])
+        return list(self.val_history), epochs[-1] if fired else None
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.alarm_rule is not None and trainer.current_epoch > self._first_epoch:
+            warn_missing_keys(trainer, {"val_loss_key": self.val_loss_key}, self)
 
     # ---- way (a): the training forward passes ------------------------------------------------------
     def _register_hooks(self, pl_module: pl.LightningModule) -> None:
@@ -371,12 +433,14 @@ class SampleDynamicsMonitor(Callback):
             f"{self.key}/fit": stats["fit"],
         }
         self.history.append({"epoch": epoch, **scalars})
-        if self.alarm is not None:
+        if self.alarm_rule is not None:  # decided and logged at validation end
+            self.history[-1][self.alarm_key] = float(self.alarm_epoch is not None)
+        elif self.alarm is not None:
             fired = self._alarm_fired()
             if fired and self.alarm_epoch is None:
                 self.alarm_epoch = epoch
-            scalars[f"{self.key}/overfit_alarm"] = float(self.alarm_epoch is not None)
-            self.history[-1][f"{self.key}/overfit_alarm"] = scalars[f"{self.key}/overfit_alarm"]
+            scalars[self.alarm_key] = float(self.alarm_epoch is not None)
+            self.history[-1][self.alarm_key] = scalars[self.alarm_key]
         if log and self.num_images and trainer.is_global_zero and self._scan_epoch(trainer):
             guarded(type(self).__name__, self.strict, "could not draw its suspects",
                     lambda: self._log_suspects(trainer, scores))
@@ -400,21 +464,35 @@ class SampleDynamicsMonitor(Callback):
         dataset, collate = self._items
         return self.batch_adapter(collate([dataset[int(p)] for p in positions])).x
 
-    def flagged_samples(self, max_suspects: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def flagged_samples(self, max_suspects: int = 512, seed: int = 0, *, fitted: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(inputs, given labels, suspects)`` for the memorisation score: the ``max_suspects`` most suspect
-        flagged samples and up to twice as many other observed ones (seeded), None before any flag."""
+        flagged samples (``fitted=True``: only those predicted as their given label at the last epoch — the
+        memorised ones) and up to twice as many other observed ones (seeded), None before any such flag."""
+        chosen = self.flagged_positions(max_suspects, seed, fitted=fitted)
+        if chosen is None:
+            return None
+        positions, mask = chosen
+        return self._inputs(positions.tolist()), self.latest.labels[positions], mask
+
+    def flagged_positions(self, max_suspects: int = 512, seed: int = 0, *, fitted: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The positions (into :attr:`latest`) :meth:`flagged_samples` takes, suspects first, and its suspect mask."""
         latest = self.latest
-        if latest is None or not latest.flagged.any():
+        if latest is None:
+            return None
+        flagged = latest.flagged & (latest.predicted == latest.labels) if fitted else latest.flagged
+        if not flagged.any():
             return None
         suspects = latest.top(len(latest))
-        suspects = suspects[latest.flagged[suspects]][:max_suspects]
+        suspects = suspects[flagged[suspects]][:max_suspects]
         others = ((latest.labels >= 0) & ~latest.flagged).nonzero().squeeze(1)
         g = torch.Generator().manual_seed(seed)
         others = others[torch.randperm(len(others), generator=g)[: 2 * len(suspects)]]
         positions = torch.cat([suspects, others])
         mask = torch.zeros(len(positions), dtype=torch.bool)
         mask[: len(suspects)] = True
-        return self._inputs(positions.tolist()), latest.labels[positions], mask
+        return positions, mask
 
     def _log_suspects(self, trainer: pl.Trainer, scores: SampleScores) -> None:
         top = scores.top(self.num_images).tolist()
@@ -507,7 +585,7 @@ class SampleDynamicsMonitor(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"history": list(self.history), "tracked": self.tracked, "alarm_epoch": self.alarm_epoch,
-                                 "pending_epoch": self._pending_epoch}
+                                 "pending_epoch": self._pending_epoch, "val_history": list(self.val_history)}
         if self.dynamics is not None:
             state["dynamics"] = self.dynamics.state_dict()
             pending = self.dynamics._logit_sum is not None and bool(self.dynamics._count.any())
@@ -519,6 +597,7 @@ class SampleDynamicsMonitor(Callback):
         self.history = list(state_dict.get("history", []))
         self.tracked = state_dict.get("tracked", self.tracked)
         self.alarm_epoch = state_dict.get("alarm_epoch")
+        self.val_history = list(state_dict.get("val_history", []))
         self._pending_epoch = state_dict.get("pending_epoch")
         if "dynamics" in state_dict:
             # Applied in on_train_start, once the number of tracked samples is known.
@@ -531,9 +610,12 @@ class MemorisationScorer:
     :class:`~lightning_interp.callbacks.FilterMasking`, :class:`~lightning_interp.callbacks.PruneFlaggedFilters`
     and :class:`~lightning_interp.callbacks.InterpReport`.
 
-    Each :meth:`filter_scores` call takes the monitor's latest flags as the suspects and scores every filter
-    of ``layers`` with :func:`lightning_interp.memorisation.memorisation_scores` (suspects against as many
-    fitted clean samples). Before the monitor has flagged anything it answers with no flags, so a masking
+    Each :meth:`filter_scores` call takes the monitor's latest flags as the suspects — by default only the
+    flagged samples the model fits to their given label at the last epoch (``fitted_only``): what it has
+    memorised, the suspects the memorisation score is defined on and the benchmark measured (the most suspect
+    flagged samples by AUM have the lowest given-label margins, often not fitted yet) — and scores every filter of ``layers``
+    with :func:`lightning_interp.memorisation.memorisation_scores` (suspects against as many fitted clean
+    samples). Before the monitor has flagged (a fitted) anything it answers with no flags, so a masking
     callback masks nothing until then.
 
     Args:
@@ -543,6 +625,9 @@ class MemorisationScorer:
         variant: the default variant (:data:`lightning_interp.memorisation.VARIANTS`); ``Selection(score=...)``
             picks another.
         max_suspects: at most this many suspects (the most suspect first) and twice as many others per call.
+        fitted_only: suspects are the flagged samples predicted as their given label (True, default), or every
+            flagged sample (False: their fit is mostly not there yet, so the score then ranks the filters that
+            push towards the given labels).
 
     Examples:
         >>> samples = SampleDynamicsMonitor(track_size=1024)
@@ -553,7 +638,8 @@ class MemorisationScorer:
     score_names = VARIANTS
 
     def __init__(self, monitor: SampleDynamicsMonitor, model: torch.nn.Module, layers: str | Sequence[str], *,
-                 variant: str = "taylor", max_suspects: int = 512, seed: int = 0, batch_size: int = 256):
+                 variant: str = "taylor", max_suspects: int = 512, fitted_only: bool = True, seed: int = 0,
+                 batch_size: int = 256):
         if not isinstance(monitor, SampleDynamicsMonitor):
             raise TypeError(f"Expected `monitor` to be a SampleDynamicsMonitor but got {type(monitor).__name__}.")
         if variant not in VARIANTS:
@@ -562,11 +648,14 @@ class MemorisationScorer:
         for layer in layers:
             get_layer(model, layer)
         self.monitor, self.model, self.layers = monitor, model, layers
+        if not isinstance(fitted_only, bool):
+            raise TypeError(f"Expected `fitted_only` to be a bool but got {type(fitted_only).__name__}.")
         self.variant, self.max_suspects, self.seed, self.batch_size = variant, max_suspects, seed, batch_size
+        self.fitted_only = fitted_only
 
     def filter_scores(self, score: str | None = None) -> FilterScores:
         variant = score or self.variant
-        samples = self.monitor.flagged_samples(self.max_suspects, self.seed)
+        samples = self.monitor.flagged_samples(self.max_suspects, self.seed, fitted=self.fitted_only)
         if samples is None:
             return FilterScores({}, {}, scorer=f"memorisation/{variant}",
                                 higher_is="more memorisation", settings={"suspects": 0})

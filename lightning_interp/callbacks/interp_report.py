@@ -10,16 +10,19 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from ..html_report import Figure, Section, Table, write_html_report
+from ..memorisation import filter_suspects
+from ..nns import filter_learning_images
 from ..scores import FilterScores, ScoreSource, Selection, check_source, resolve_scores
-from ..viz import anomaly_timeline, line_plot
+from ..viz import anomaly_timeline, display_inputs, heatmap, labelled_image_grid, line_plot
 from .anomaly import AnomalyFilterMonitor
-from .base import InterpCallback, guarded, log_root, send_image
-from .dynamics import SampleDynamicsMonitor
+from .base import InterpCallback, class_names, guarded, log_root, send_image
+from .dynamics import MemorisationScorer, SampleDynamicsMonitor
 from .prune import PruneFlaggedFilters
 
 __all__ = ["InterpReport", "report_sections"]
@@ -137,8 +140,8 @@ def _dynamics_section(cb: SampleDynamicsMonitor, trainer: pl.Trainer | None) -> 
         f"(rule {cb.flag_rule!r}). The flagged samples' fit rate on their given labels is {s['flagged_fit']:.2f} — "
         "it rises when the model starts memorising them."
         + ("" if cb.alarm is None else
-           (f" Label-free overfitting alarm ({cb.alarm}): fired at epoch {s['alarm_epoch']}."
-            if s["alarm_epoch"] is not None else f" Label-free overfitting alarm ({cb.alarm}): did not fire."))
+           (f" {'Validation-loss' if cb.alarm_rule is not None else 'Label-free'} overfitting alarm ({cb.alarm}): "
+            + (f"fired at epoch {s['alarm_epoch']}." if s["alarm_epoch"] is not None else "did not fire.")))
     )
     truth = cb.truth(trainer) if trainer is not None else None
     latest = cb.latest
@@ -168,6 +171,70 @@ def _dynamics_section(cb: SampleDynamicsMonitor, trainer: pl.Trainer | None) -> 
                int(latest.columns["fit_since_epoch"][p])]
         rows.append(row + ([bool(truth[p])] if truth is not None else []))
     section.tables.append(Table("The 20 most suspect samples", columns, rows))
+    return section
+
+
+#: The memorisation section: filters shown per layer and suspects shown per filter.
+MEMORISATION_FILTERS, MEMORISATION_SAMPLES = 3, 4
+MEMORISATION_TITLE = "Which filters hold what it memorised?"
+
+
+def _memorisation_scorers(callbacks: Sequence[Callback], scores: Sequence[tuple[ScoreSource, Selection | None]]
+                          ) -> list[MemorisationScorer]:
+    """The memorisation scorers given to the report (``scores=``) or feeding a callback (``FilterMasking(scorer)``)."""
+    found = [source for source, _ in scores] + [getattr(cb, "source", None) for cb in callbacks]
+    return list({id(s): s for s in found if isinstance(s, MemorisationScorer)}.values())
+
+
+def _memorisation_section(scorer: MemorisationScorer, trainer: pl.Trainer | None) -> Section:
+    """The top memorisation filters of each layer, each beside the suspects it contributes most to."""
+    monitor = scorer.monitor
+    section = Section(MEMORISATION_TITLE)
+    chosen = monitor.flagged_positions(scorer.max_suspects, scorer.seed, fitted=scorer.fitted_only)
+    if chosen is None:
+        section.paragraphs.append("No flagged training sample is fitted to its given label, so no filter holds a "
+                                  "memorised fit (the model has not memorised the flagged samples).")
+        return section
+    positions, mask = chosen
+    suspects = positions[mask]
+    latest = monitor.latest
+    scores = scorer.filter_scores()
+    device = next((p.device for p in scorer.model.parameters()), torch.device("cpu"))
+    x = monitor._inputs(suspects.tolist()).to(device)
+    y = latest.labels[suspects]
+    per_filter = min(MEMORISATION_SAMPLES, len(suspects))
+    held = filter_suspects(scorer.model, scores, x, y, num_filters=MEMORISATION_FILTERS, num_samples=per_filter)
+    what = "flagged samples fitted to their given label" if scorer.fitted_only else "flagged samples"
+    section.paragraphs.append(
+        f"Memorisation scores ({scores.scorer}: the given-label margin a filter carries on the {len(suspects)} {what} "
+        f"beyond what it carries on as many fitted clean ones) of the model at the end of training. For the "
+        f"{MEMORISATION_FILTERS} highest-scoring filters of each layer, one row each: the {per_filter} flagged samples "
+        "whose margin the filter contributes most to, each beside the filter's learning image on it (the input "
+        "pixels that drive the filter; red positive, blue negative). Masking or pruning these filters is what "
+        "FilterMasking(scorer, select=Selection(...)) does."
+    )
+    name = class_names(trainer) if trainer is not None else str
+    aum = latest.columns.get("aum")
+    rows = []
+    for layer, entries in held.items():
+        images, captions = [], []
+        for k, score, picks in entries:
+            learning = filter_learning_images(scorer.model, layer, x[picks], filters=[k])[:, 0]
+            shown = [int(suspects[p]) for p in picks]
+            for j, p in enumerate(shown):
+                images += [display_inputs(x[picks[j] : picks[j] + 1])[0], heatmap(learning[j : j + 1])[0]]
+                captions += [f"#{int(latest.indices[p])} given: {name(int(latest.labels[p]))} / "
+                             f"pred: {name(int(latest.predicted[p]))}"
+                             + (f" / AUM {float(aum[p]):.2f}" if aum is not None else ""),
+                             f"filter {k} / learning image"]
+            rows.append([layer, k, round(score, 4), str([int(latest.indices[p]) for p in shown])])
+        grid = labelled_image_grid(torch.stack(images), captions, ncols=2 * per_filter, thumb=64)
+        filters = [k for k, _, _ in entries]
+        section.figures.append(Figure(f"{monitor.key}/memorisation_filters/{layer}", grid,
+                                      f"{layer}: filters {filters} (highest memorisation score first), one per row: "
+                                      "flagged sample | the filter's learning image on it"))
+    section.tables.append(Table("Top memorisation filters and the flagged samples they hold most",
+                                ["layer", "filter", f"score ({scores.scorer})", "samples (dataset indices)"], rows))
     return section
 
 
@@ -253,6 +320,14 @@ def report_sections(
         if table is not None:
             section.tables.append(table)
         sections.append(section)
+    for scorer in _memorisation_scorers(callbacks, scores):
+        at = next((i + 1 for i, sec in enumerate(sections) if sec.title.startswith("Which training samples")), len(sections))
+        try:
+            section = _memorisation_section(scorer, trainer)
+        except Exception as err:  # the section only; the rest of the report is written
+            section = Section(MEMORISATION_TITLE, paragraphs=[f"Not available: {err}"])
+        sections.insert(at, section)
+        new.update({f.key: f.image for f in section.figures})
     for source, select in scores:
         try:
             sections.append(_scores_section(resolve_scores(source, select)))
@@ -336,8 +411,9 @@ class InterpReport(Callback):
     def write(self, trainer: pl.Trainer) -> str:
         """Build and write the page now (rank zero); returns its path."""
         sections, new = report_sections(trainer.callbacks, self.curves, self.scores, trainer=trainer)
+        captions = {f.key: f.caption for section in sections for f in section.figures}
         for key, image in new.items():
-            send_image(trainer, key, image, "anomaly filters vs loss")
+            send_image(trainer, key, image, captions.get(key, ""))
         meta: dict[str, Any] = {"epochs": trainer.current_epoch, "global step": trainer.global_step}
         meta["log dir"] = self.log_root or trainer.default_root_dir
         try:

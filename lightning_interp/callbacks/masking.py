@@ -15,7 +15,7 @@ from typing_extensions import override
 from ..layers import get_layer
 from ..masking import FilterMask
 from ..scores import ScoreSource, Selection, check_source, resolve_if_ready, resolve_scores
-from .base import guarded, rank_zero_decides
+from .base import guarded, rank_zero_decides, warn_missing_keys
 
 __all__ = ["FilterMasking"]
 
@@ -31,8 +31,14 @@ def _is_compiled(pl_module: pl.LightningModule) -> bool:
     return any(isinstance(m, compiled) for m in pl_module.modules())
 
 
+def alarm_keys(callbacks: Sequence[Callback]) -> list[str]:
+    """The overfitting-alarm keys the monitors among ``callbacks`` log (their ``alarm_key``, when they have one)."""
+    return [key for key in (getattr(cb, "alarm_key", None) for cb in callbacks) if isinstance(key, str)]
+
+
 class FilterMasking(Callback):
-    """Mask filters (channel outputs × 0, :class:`~lightning_interp.masking.FilterMask`) from ``start_epoch``.
+    """Mask filters (channel outputs × 0, :class:`~lightning_interp.masking.FilterMask`) from ``start_epoch``,
+    or from the epoch after an overfitting alarm (``start_on``).
 
     The filters are the flags of a filter-score ``source`` (:func:`~lightning_interp.scores.resolve_scores`):
 
@@ -47,7 +53,18 @@ class FilterMasking(Callback):
     ``filters=``, ``report=`` and ``monitor=`` name the same sources by kind (``filters={...}``).
 
     ``when="train_and_eval"`` masks during training steps and evaluation; ``"eval_only"`` masks
-    only during validation/test. The masks in force are logged as ``interp/masking/num_masked``,
+    only during validation/test.
+
+    ``start_on`` (a logged metric key, e.g. ``"interp/samples/overfit_alarm"`` of
+    ``SampleDynamicsMonitor(alarm="val_loss")``) holds the masks off until the key is first > 0 at the end
+    of an epoch (read at validation end and at training-epoch end); masking starts the next epoch (and not
+    before ``start_epoch``). The epoch the key fired is :attr:`alarm_epoch`, decided on rank zero and kept in
+    checkpoints, so a resumed run masks from the same epoch: a key logged at validation (the sample-dynamics
+    ``"val_loss"`` alarm) is in every checkpoint written after that validation; a key logged at training-epoch
+    end (the anomaly monitor's alarm) in those written at training-epoch end (``ModelCheckpoint``'s default
+    when validation runs once an epoch). An alarm key of a monitor that is not in the
+    Trainer (or has no ``alarm``) is refused at ``setup`` with the keys that are; any other key the module
+    never logs is named in a warning after the first epoch. The masks in force are logged as ``interp/masking/num_masked``,
     recorded in :attr:`history`, saved in checkpoints, and decided on rank zero and broadcast, so
     they are identical on every process. Unknown layers, indices out of range and a ``select`` that
     the source cannot serve are refused at ``setup``, before the first step.
@@ -62,6 +79,7 @@ class FilterMasking(Callback):
         report: str | None = None,
         monitor: Any = None,
         start_epoch: int = 0,
+        start_on: str | None = None,
         when: str = "train_and_eval",
         mode: str | None = None,
     ):
@@ -75,25 +93,45 @@ class FilterMasking(Callback):
             raise ValueError(f"Expected `when` to be one of {list(WHEN)} but got {when!r}.")
         if not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"Expected `start_epoch` to be a non-negative int but got {start_epoch!r}.")
+        if start_on is not None and (not isinstance(start_on, str) or not start_on):
+            raise ValueError(f"Expected `start_on` to be a logged metric key (a non-empty str) or None but got {start_on!r}.")
         self.source = sources[0]
         self.select = select
         check_source(self.source, select, owner="FilterMasking")
         self.start_epoch = start_epoch
+        self.start_on = start_on
+        #: the epoch at whose end ``start_on`` was first > 0 (masking starts the epoch after); None before.
+        self.alarm_epoch: int | None = None
         self.when = when
         self.in_force: dict[str, list[int]] = {}
         self.history: list[dict[str, Any]] = []
         self._mask: FilterMask | None = None
+        self._first_epoch = 0
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(mode=self.when, start_epoch=self.start_epoch)
+        if self.start_on is None:  # the key of checkpoints written before `start_on` existed
+            return self._generate_state_key(mode=self.when, start_epoch=self.start_epoch)
+        return self._generate_state_key(mode=self.when, start_epoch=self.start_epoch, start_on=self.start_on)
+
+    def started(self, epoch: int) -> bool:
+        """Whether masks are in force at ``epoch`` (``start_epoch`` reached and, with ``start_on``, the alarm fired before)."""
+        if epoch < self.start_epoch:
+            return False
+        return self.start_on is None or (self.alarm_epoch is not None and epoch > self.alarm_epoch)
 
     def _wanted(self) -> dict[str, list[int]]:
         return resolve_scores(self.source, self.select).flags()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.start_on is not None and self.start_on.endswith("overfit_alarm"):
+            valid = alarm_keys(trainer.callbacks)
+            if self.start_on not in valid:
+                raise ValueError(
+                    f"Expected `start_on` to be an alarm key a monitor in the Trainer logs, one of {valid}, but got "
+                    f"{self.start_on!r} (a SampleDynamicsMonitor logs its key only with `alarm=`, e.g. alarm='val_loss').")
         # A report written later in the run, or a callable, is checked when the masks are applied.
         scores = resolve_if_ready(self.source, self.select)
         wanted = scores.flags() if scores is not None else {}
@@ -109,9 +147,13 @@ class FilterMasking(Callback):
             rank_zero_info("FilterMasking: compiled model; set torch._dynamo.config.skip_nnmodule_hook_guards "
                            "= False so that the masks apply to compiled code (it recompiles when they change).")
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_epoch = trainer.current_epoch  # a resumed fit has logged nothing yet at its first epoch start
+
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         self._remove()
-        if epoch < self.start_epoch:
+        if not self.started(epoch):
             return
         # Decided on rank zero and broadcast (every rank calls this hook): identical masks everywhere. A
         # source that cannot answer now (e.g. `fg_` scores of a probe without masks) masks nothing and
@@ -134,17 +176,34 @@ class FilterMasking(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
+        if self.start_on is not None and epoch > self._first_epoch:  # a whole epoch later every monitor has logged
+            warn_missing_keys(trainer, {"start_on": self.start_on}, self)
         self._apply(trainer, pl_module, epoch)
         if self.when == "eval_only":
             self._remove()
-        count = sum(len(v) for v in self.in_force.values()) if epoch >= self.start_epoch else 0
+        count = sum(len(v) for v in self.in_force.values()) if self.started(epoch) else 0
         entry = {"epoch": epoch, "num_masked": count, "filters": dict(self.in_force) if count else {}}
         self.history = [h for h in self.history if h["epoch"] != epoch] + [entry]
         if count and trainer.is_global_zero:
             rank_zero_info(f"FilterMasking: epoch {epoch}, masking {count} filters ({self.when}): {self.in_force}")
 
+    def _watch(self, trainer: pl.Trainer) -> None:
+        """Record the epoch at whose end ``start_on`` is first > 0 (rank zero's reading, broadcast)."""
+        if self.start_on is None or self.alarm_epoch is not None or trainer.sanity_checking:
+            return
+
+        def read() -> int | None:
+            value = trainer.callback_metrics.get(self.start_on)
+            return trainer.current_epoch if value is not None and float(value) > 0 else None
+
+        self.alarm_epoch = rank_zero_decides(trainer, read)
+        if self.alarm_epoch is not None:
+            rank_zero_info(f"FilterMasking: {self.start_on} fired at epoch {self.alarm_epoch}; masking from epoch "
+                           f"{max(self.alarm_epoch + 1, self.start_epoch)} on.")
+
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._watch(trainer)
         count = self.history[-1]["num_masked"] if self.history else 0
         pl_module.log("interp/masking/num_masked", float(count), on_step=False, on_epoch=True)
 
@@ -163,6 +222,7 @@ class FilterMasking(Callback):
     @override
     def on_validation_end(self, trainer, pl_module):
         self._eval_end(trainer, pl_module)
+        self._watch(trainer)  # before ModelCheckpoint saves (checkpoint callbacks run last)
 
     @override
     def on_test_start(self, trainer, pl_module):
@@ -196,9 +256,10 @@ class FilterMasking(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"in_force": dict(self.in_force), "history": list(self.history)}
+        return {"in_force": dict(self.in_force), "history": list(self.history), "alarm_epoch": self.alarm_epoch}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.in_force = dict(state_dict.get("in_force", {}))
         self.history = list(state_dict.get("history", []))
+        self.alarm_epoch = state_dict.get("alarm_epoch")
