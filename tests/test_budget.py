@@ -16,8 +16,15 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_interp.callbacks.base as base
-from lightning_interp.budget import (check_max_overhead, overhead_for_one_scan, pilot_estimate, pilot_fits_budget,
-                                     pilot_size, plan_scans, scan_fits_budget)
+from lightning_interp.budget import (
+    check_max_overhead,
+    overhead_for_one_scan,
+    pilot_estimate,
+    pilot_fits_budget,
+    pilot_size,
+    plan_scans,
+    scan_fits_budget,
+)
 from lightning_interp.callbacks import AnomalyFilterMonitor, LearningImageLogger, TIPMonitor
 from lightning_interp.models import ImageClassifier, SimpleCNN
 

@@ -32,8 +32,14 @@ from torch.utils.data.dataloader import default_collate
 from typing_extensions import override
 
 from ..batch import Batch, BatchAdapter, default_batch_adapter
-from ..budget import (check_max_overhead, overhead_for_one_scan, pilot_estimate, pilot_fits_budget, pilot_size,
-                      scan_fits_budget)
+from ..budget import (
+    check_max_overhead,
+    overhead_for_one_scan,
+    pilot_estimate,
+    pilot_fits_budget,
+    pilot_size,
+    scan_fits_budget,
+)
 from ..layers import eager, get_layer, list_layers, public_name, trace_layers
 from ..nns import check_finite, check_inputs
 from ..progress import trainer_shows_progress
