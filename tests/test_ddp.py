@@ -86,12 +86,15 @@ def test_all_callbacks_under_ddp_agree_across_ranks_and_with_one_process(tmp_pat
     assert rank0["val_batches"] == [3] and rank1["val_batches"] == [2]
     for key in ("anomaly_history", "flagged", "val_history", "wt_epoch", "probe", "probe_indices", "val_probe",
                 "val_probe_indices", "tip_history", "masking", "masks_in_force", "lil_history", "fq_history",
-                "dynamics_subset", "dynamics_batches", "dynamics_history"):
+                "dynamics_subset", "dynamics_batches", "dynamics_history", "alarm_epochs", "live_masking"):
         assert rank0[key] == rank1[key], (key, rank0[key], rank1[key])
     # Each rank trained on half the samples; the summed observations cover every sample once an epoch.
-    assert rank0["dynamics_batches"]["epochs"] == [2] * 96
-    assert rank0["dynamics_subset"]["epochs"] == [2] * 24
-    assert [h["epoch"] for h in rank0["anomaly_history"]] == [0, 1]
+    assert rank0["dynamics_batches"]["epochs"] == [3] * 96
+    assert rank0["dynamics_subset"]["epochs"] == [3] * 24
+    assert [h["epoch"] for h in rank0["anomaly_history"]] == [0, 1, 2]
+    # Rank 0's key rose at epoch 1 (rank 1's never did): the alarm and the live masking are rank 0's everywhere.
+    assert rank0["alarm_epochs"] == [1, 1]
+    assert [h["num_masked"] for h in rank0["live_masking"]] == [0, 0, 2]
     # The loose criteria flag filters at epoch 0, which are masked from epoch 1: what is compared is not empty.
     assert rank0["masking"][1]["num_masked"] > 0 and rank0["masks_in_force"]
     assert any(k.startswith("interp/tip/") for k in rank0["tip_history"][0])

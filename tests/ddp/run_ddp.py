@@ -36,11 +36,14 @@ from lightning_interp.callbacks import (  # noqa: E402
     FeatureQuantityMonitor,
     FilterMasking,
     LearningImageLogger,
+    MemorisationScorer,
     SampleDynamicsMonitor,
     TIPMonitor,
 )
 from lightning_interp.data import ShapesDataModule, with_index  # noqa: E402
 from lightning_interp.models import ImageClassifier, SimpleCNN  # noqa: E402
+from lightning_interp.overfitting import AlarmRule  # noqa: E402
+from lightning_interp.scores import Selection  # noqa: E402
 
 VAL_PER_RANK = (40, 24)
 
@@ -88,6 +91,16 @@ class Heartbeat(pl.Callback):
         self._beat(trainer, "epoch end", -1)
 
 
+class RankDependentLoss(pl.Callback):
+    """Logs ``ddp/rising`` at validation end, without ``sync_dist``: the epoch on rank 0 (a loss that rises from
+    epoch 1, so the alarm fires there), minus the epoch on rank 1 (an alarm of its own would never fire): the
+    alarm and the masks it starts must be rank 0's on every rank."""
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        sign = 1.0 if trainer.global_rank == 0 else -1.0
+        pl_module.log("ddp/rising", sign * trainer.current_epoch, on_step=False, on_epoch=True)
+
+
 def log_to_file(out: str) -> None:
     """Send this process' stdout/stderr (file descriptors 1 and 2, so C++ and child output too) to
     ``out/rank<LOCAL_RANK>.log``; dump every thread's stack there on SIGUSR1."""
@@ -119,10 +132,16 @@ def main(out: str, devices: int) -> None:
     # The factory's monitor reads an eval pass over its tracked subset; this one the training batches, which
     # DistributedSampler splits between the ranks: each rank sees half the samples and the epoch's observations
     # are summed across ranks.
-    batches = SampleDynamicsMonitor(source="batches", log_prefix="interp_batches", num_images=2)
-    callbacks = [*made.values(), batches, Heartbeat()]
+    # Its validation-loss alarm (on rank 0's rising key, patience 1: it fires at epoch 1) starts a second
+    # masking, by the memorisation score of its 8 most suspect samples, from epoch 2.
+    batches = SampleDynamicsMonitor(source="batches", log_prefix="interp_batches", num_images=2, flag_rule=8,
+                                    alarm=AlarmRule("val_loss", patience=1, rel=0.0, margin=0.0, min_epoch=0),
+                                    val_loss_key="ddp/rising")
+    scorer = MemorisationScorer(batches, module, ["model.relu3"], fitted_only=False)
+    live = FilterMasking(scorer, select=Selection("taylor", amount=0.25), start_on=batches.alarm_key)
+    callbacks = [RankDependentLoss(), *made.values(), batches, live, Heartbeat()]
     trainer = pl.Trainer(
-        strategy="ddp" if devices > 1 else "auto", accelerator="cpu", devices=devices, max_epochs=2,
+        strategy="ddp" if devices > 1 else "auto", accelerator="cpu", devices=devices, max_epochs=3,
         default_root_dir=out, logger=pl.loggers.CSVLogger(out, name="csv"), callbacks=callbacks,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=False, log_every_n_steps=1,
@@ -149,6 +168,8 @@ def main(out: str, devices: int) -> None:
         "dynamics_subset": _plain(made[SampleDynamicsMonitor].dynamics.state_dict()),
         "dynamics_batches": _plain(batches.dynamics.state_dict()),
         "dynamics_history": [made[SampleDynamicsMonitor].history, batches.history],
+        "alarm_epochs": [batches.alarm_epoch, live.alarm_epoch],
+        "live_masking": live.history,
     }
     with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as fh:
         json.dump(result, fh)
