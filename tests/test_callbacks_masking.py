@@ -2,6 +2,7 @@
 (beside PruneFlaggedFilters fed by the same monitor)."""
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from conftest import make_trainer
 from lightning.pytorch.loggers import CSVLogger
@@ -159,3 +160,30 @@ def test_bad_start_on_is_refused_and_a_key_never_logged_is_named(tmp_path, digit
         trainer.fit(ImageClassifier(SimpleCNN(width=(8, 16, 16))), datamodule=digits)
     assert sum("val/loss_rise" in str(w.message) for w in record) == 1
     assert [h["num_masked"] for h in masking.history] == [0, 0, 0] and masking.alarm_epoch is None
+
+
+def test_named_maskings_log_and_checkpoint_apart_and_an_unnamed_pair_is_warned_about(tmp_path, digits):
+    pl.seed_everything(0)
+    module = ImageClassifier(SimpleCNN(width=(8, 16, 16)))
+    first = FilterMasking(filters={"model.relu3": [0, 1, 2]}, start_epoch=1, name="first")
+    second = FilterMasking(filters={"model.relu2": [0]}, start_epoch=1, name="second")
+    assert first.state_key != second.state_key  # without `name` they are equal: Lightning refuses the pair
+    trainer = make_trainer(tmp_path, logger=CSVLogger(str(tmp_path)), callbacks=[first, second], max_epochs=2)
+    trainer.fit(module, datamodule=digits)
+    logged = trainer.logged_metrics
+    assert float(logged["interp/masking/first/num_masked"]) == 3.0
+    assert float(logged["interp/masking/second/num_masked"]) == 1.0
+    assert "interp/masking/num_masked" not in logged
+    # The unnamed default keeps the old key and the old checkpoint state key.
+    plain = FilterMasking(filters={"model.relu3": [0]})
+    assert plain.key == "interp/masking/num_masked"
+    assert plain.state_key == "FilterMasking{'mode': 'train_and_eval', 'start_epoch': 0}"
+
+    a = FilterMasking(filters={"model.relu3": [0]}, start_epoch=1)
+    b = FilterMasking(filters={"model.relu2": [0]}, start_epoch=2)
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[a, b], max_epochs=1)
+    with pytest.warns(UserWarning, match="2 FilterMasking callbacks log 'interp/masking/num_masked'.*name="):
+        trainer.fit(ImageClassifier(SimpleCNN(width=(8, 16, 16))), datamodule=digits)
+    for bad in ("", "a/b", 3):
+        with pytest.raises(ValueError, match="Expected `name`"):
+            FilterMasking(filters={"model.relu3": [0]}, name=bad)

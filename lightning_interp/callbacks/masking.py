@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from ..layers import get_layer
@@ -64,7 +64,9 @@ class FilterMasking(Callback):
     end (the anomaly monitor's alarm) in those written at training-epoch end (``ModelCheckpoint``'s default
     when validation runs once an epoch). An alarm key of a monitor that is not in the
     Trainer (or has no ``alarm``) is refused at ``setup`` with the keys that are; any other key the module
-    never logs is named in a warning after the first epoch. The masks in force are logged as ``interp/masking/num_masked``,
+    never logs is named in a warning after the first epoch. The masks in force are logged as ``interp/masking/num_masked``
+    (``interp/masking/<name>/num_masked`` with ``name=``: give each of several ``FilterMasking`` with the same
+    ``when``, ``start_epoch`` and ``start_on`` its own ``name``, which also tells their checkpoint states apart),
     recorded in :attr:`history`, saved in checkpoints, and decided on rank zero and broadcast, so
     they are identical on every process. Unknown layers, indices out of range and a ``select`` that
     the source cannot serve are refused at ``setup``, before the first step.
@@ -81,6 +83,7 @@ class FilterMasking(Callback):
         start_epoch: int = 0,
         start_on: str | None = None,
         when: str = "train_and_eval",
+        name: str | None = None,
         mode: str | None = None,
     ):
         sources = [s for s in (source, filters, report, monitor) if s is not None]
@@ -95,8 +98,11 @@ class FilterMasking(Callback):
             raise ValueError(f"Expected `start_epoch` to be a non-negative int but got {start_epoch!r}.")
         if start_on is not None and (not isinstance(start_on, str) or not start_on):
             raise ValueError(f"Expected `start_on` to be a logged metric key (a non-empty str) or None but got {start_on!r}.")
+        if name is not None and (not isinstance(name, str) or not name.strip("/") or "/" in name.strip("/")):
+            raise ValueError(f"Expected `name` to be a non-empty str without '/' (e.g. 'live') or None but got {name!r}.")
         self.source = sources[0]
         self.select = select
+        self.name = None if name is None else name.strip("/")
         check_source(self.source, select, owner="FilterMasking")
         self.start_epoch = start_epoch
         self.start_on = start_on
@@ -111,9 +117,18 @@ class FilterMasking(Callback):
     @property
     @override
     def state_key(self) -> str:
-        if self.start_on is None:  # the key of checkpoints written before `start_on` existed
-            return self._generate_state_key(mode=self.when, start_epoch=self.start_epoch)
-        return self._generate_state_key(mode=self.when, start_epoch=self.start_epoch, start_on=self.start_on)
+        fields: dict[str, Any] = {"mode": self.when, "start_epoch": self.start_epoch}
+        if self.start_on is not None:  # without these, the key of checkpoints written before they existed
+            fields["start_on"] = self.start_on
+        if self.name is not None:
+            fields["name"] = self.name
+        return self._generate_state_key(**fields)
+
+    @property
+    def key(self) -> str:
+        """The logged key of the number of masked filters: ``interp/masking/num_masked``, with ``name``
+        ``interp/masking/<name>/num_masked``."""
+        return "interp/masking/num_masked" if self.name is None else f"interp/masking/{self.name}/num_masked"
 
     def started(self, epoch: int) -> bool:
         """Whether masks are in force at ``epoch`` (``start_epoch`` reached and, with ``start_on``, the alarm fired before)."""
@@ -132,6 +147,10 @@ class FilterMasking(Callback):
                 raise ValueError(
                     f"Expected `start_on` to be an alarm key a monitor in the Trainer logs, one of {valid}, but got "
                     f"{self.start_on!r} (a SampleDynamicsMonitor logs its key only with `alarm=`, e.g. alarm='val_loss').")
+        same_key = [cb for cb in trainer.callbacks if isinstance(cb, FilterMasking) and cb.key == self.key]
+        if len(same_key) > 1 and same_key[0] is self:  # once per trainer
+            rank_zero_warn(f"{len(same_key)} FilterMasking callbacks log {self.key!r}: the logged value mixes them. "
+                           "Give each its own `name=` (e.g. FilterMasking(..., name='live')) to log them apart.")
         # A report written later in the run, or a callable, is checked when the masks are applied.
         scores = resolve_if_ready(self.source, self.select)
         wanted = scores.flags() if scores is not None else {}
@@ -205,7 +224,7 @@ class FilterMasking(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._watch(trainer)
         count = self.history[-1]["num_masked"] if self.history else 0
-        pl_module.log("interp/masking/num_masked", float(count), on_step=False, on_epoch=True)
+        pl_module.log(self.key, float(count), on_step=False, on_epoch=True)
 
     def _eval_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when == "eval_only":

@@ -138,7 +138,8 @@ def main(out: str, devices: int) -> None:
                                     alarm=AlarmRule("val_loss", patience=1, rel=0.0, margin=0.0, min_epoch=0),
                                     val_loss_key="ddp/rising")
     scorer = MemorisationScorer(batches, module, ["model.relu3"], fitted_only=False)
-    live = FilterMasking(scorer, select=Selection("taylor", amount=0.25), start_on=batches.alarm_key)
+    live = FilterMasking(scorer, select=Selection("taylor", amount=0.25), start_on=batches.alarm_key,
+                         name="live")
     callbacks = [RankDependentLoss(), *made.values(), batches, live, Heartbeat()]
     trainer = pl.Trainer(
         strategy="ddp" if devices > 1 else "auto", accelerator="cpu", devices=devices, max_epochs=3,
