@@ -183,6 +183,11 @@ class SampleDynamics:
         self._count.index_add_(0, positions, torch.ones_like(positions))
         self._pending_labels[positions] = labels
 
+    @property
+    def has_observations(self) -> bool:
+        """Whether any logits have been observed (the number of classes, and so the buffers, exist)."""
+        return self._logit_sum is not None
+
     def buffers(self) -> dict[str, torch.Tensor]:
         """This epoch's buffered observations: ``logit_sum`` and ``count`` add across processes, ``labels``
         (-1 where unseen) combine by maximum. Replace them with :meth:`set_buffers` after reducing."""

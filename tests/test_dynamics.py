@@ -234,8 +234,12 @@ def test_fitted_empty_epochs_and_the_label_buffer_between_epochs():
                                 "fit": pytest.approx(float("nan"), nan_ok=True),
                                 "forgotten": pytest.approx(float("nan"), nan_ok=True)}
     assert dyn.last_epoch is None, "an epoch with no observation is not an epoch of the state"
+    assert not dyn.has_observations
+    with pytest.raises(RuntimeError, match="no observation yet"):
+        dyn.buffers()
     z = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])
     dyn.observe(torch.tensor([0, 1, 2]), z, torch.tensor([0, 2, 2]))
+    assert dyn.has_observations
     dyn.end_epoch(1)
     # Fitted: observed and predicted as the given label (sample 3 never observed, sample 1 misfitted).
     assert dyn.fitted.tolist() == [True, False, True, False]

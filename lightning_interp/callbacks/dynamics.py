@@ -418,7 +418,7 @@ class SampleDynamicsMonitor(Callback):
 
             self.dynamics.set_buffers(**rank_zero_decides(trainer, run))
         else:
-            if self.dynamics._logit_sum is None:  # no batch observed yet (e.g. no logits found): nothing to apply
+            if not self.dynamics.has_observations:  # no batch observed yet (e.g. no logits found): nothing to apply
                 return {}
             self._reduce(trainer)
         stats = self.dynamics.end_epoch(epoch)
