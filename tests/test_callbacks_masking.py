@@ -187,3 +187,24 @@ def test_named_maskings_log_and_checkpoint_apart_and_an_unnamed_pair_is_warned_a
     for bad in ("", "a/b", 3):
         with pytest.raises(ValueError, match="Expected `name`"):
             FilterMasking(filters={"model.relu3": [0]}, name=bad)
+
+
+def test_masking_listed_before_the_anomaly_monitor_starts_the_epoch_after_its_alarm(tmp_path):
+    """The anomaly monitor decides its alarm at training-epoch end; FilterMasking listed before it reads the
+    monitor's own alarm epoch (not the logged value, which it would see an epoch late)."""
+    from lightning_interp.callbacks import AnomalyFilterMonitor
+    from lightning_interp.data import DigitsDataModule
+
+    pl.seed_everything(0)
+    dm = DigitsDataModule(image_size=16, batch_size=64, label_noise=0.3)
+    module = ImageClassifier(SimpleCNN(in_channels=1, width=(8, 16, 16)), lr=0.03)
+    monitor = AnomalyFilterMonitor("model.relu3", probe_size=64, k_max=3, alarm_patience=1, alarm_min_epoch=2,
+                                   num_outlier_images=0)
+    masking = FilterMasking(filters={"model.relu2": [0, 1]}, start_on=monitor.alarm_key)
+    trainer = make_trainer(tmp_path, max_epochs=8, limit_train_batches=None, limit_val_batches=None, logger=False,
+                           callbacks=[masking, monitor])
+    trainer.fit(module, datamodule=dm)
+    at = monitor.alarm_epoch
+    assert at is not None and at < 7, monitor.val_history  # fires with epochs left to mask
+    assert masking.alarm_epoch == at
+    assert [h["num_masked"] for h in masking.history] == [0] * (at + 1) + [2] * (7 - at)

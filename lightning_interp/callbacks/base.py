@@ -754,6 +754,7 @@ class InterpCallback(Callback):
             with torch.random.fork_rng(devices=devices):
                 yield
         finally:
+            warned = getattr(self, "warned_no_mask", False)  # a once-per-run warning the pilot gave stays given
             random.setstate(states[0])
             np.random.set_state(states[1])
             for k in [k for k in vars(self) if k not in attrs]:
@@ -766,6 +767,8 @@ class InterpCallback(Callback):
                         v.extend(contents[k])
                     else:
                         v.update(contents[k])
+            if warned:
+                self.warned_no_mask = True
             self._piloting = False
 
     def budget_peers(self, trainer: pl.Trainer) -> list[InterpCallback]:

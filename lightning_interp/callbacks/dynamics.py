@@ -100,7 +100,9 @@ class SampleDynamicsMonitor(Callback):
         flag_rule: ``"gmm"`` (a two-component mixture on the score), a count, or a fraction.
         alarm: one of :data:`ALARM_RULES`, an :class:`~lightning_interp.overfitting.AlarmRule` with rule
             ``"val_loss"``, or None. The ``"val_loss"`` alarm is decided and logged at validation end (before
-            ``ModelCheckpoint`` saves), so ``FilterMasking(start_on="interp/samples/overfit_alarm")`` resumes exactly.
+            ``ModelCheckpoint`` saves), so ``FilterMasking(start_on="interp/samples/overfit_alarm")`` resumes exactly;
+            under DDP at training-epoch end (every rank runs it; a rank without validation batches does not run
+            the validation hooks).
         val_loss_key: the ``trainer.callback_metrics`` key of the validation loss (``alarm="val_loss"``); a key
             the module never logs is named in a warning after the first validation.
         num_images: suspects in the grid (0: none).
@@ -279,16 +281,22 @@ class SampleDynamicsMonitor(Callback):
     # ---- the validation-loss alarm ------------------------------------------------------------------
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Decided here, where this epoch's validation loss is known and before ModelCheckpoint saves
-        # (at validation end): the checkpoint holds the alarm, and a callback reading the logged key
-        # at validation end (FilterMasking(start_on=...)) sees it in the same epoch.
+        # One process: decided here, where this epoch's validation loss is known and before ModelCheckpoint
+        # saves (at validation end), so the checkpoint holds the alarm. Under DDP the decision is a broadcast,
+        # and a rank without validation batches skips the validation hooks: it is made at training-epoch end,
+        # which every rank runs (as the anomaly monitor does).
         if self.alarm_rule is None or trainer.sanity_checking:
             return
+        warn_missing_keys(trainer, {"val_loss_key": self.val_loss_key}, self)
         epoch = trainer.current_epoch
         value = trainer.callback_metrics.get(self.val_loss_key)
         if value is not None:
             entry = {"epoch": epoch, "val_loss": float(value)}
             self.val_history = [e for e in self.val_history if e["epoch"] != epoch] + [entry]
+        if trainer.world_size == 1:
+            self._decide_alarm(trainer, pl_module)
+
+    def _decide_alarm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Validation losses logged without `sync_dist` differ between ranks: rank zero's decide.
         self.val_history, self.alarm_epoch = rank_zero_decides(trainer, self._val_loss_alarm)
         pl_module.log(self.alarm_key, float(self.alarm_epoch is not None), on_step=False, on_epoch=True)
@@ -299,11 +307,6 @@ class SampleDynamicsMonitor(Callback):
         epochs = [e["epoch"] for e in self.val_history]
         fired = self.alarm_rule.fired(epochs, [0.0] * len(epochs), [e["val_loss"] for e in self.val_history])
         return list(self.val_history), epochs[-1] if fired else None
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.alarm_rule is not None and trainer.current_epoch > self._first_epoch:
-            warn_missing_keys(trainer, {"val_loss_key": self.val_loss_key}, self)
 
     # ---- way (a): the training forward passes ------------------------------------------------------
     def _register_hooks(self, pl_module: pl.LightningModule) -> None:
@@ -384,6 +387,8 @@ class SampleDynamicsMonitor(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.alarm_rule is not None and trainer.world_size > 1:  # every rank runs this hook: the broadcast is safe
+            self._decide_alarm(trainer, pl_module)
         if self.dynamics is None:
             return
         if self.source == "subset" and not self._scan_epoch(trainer):
@@ -433,7 +438,7 @@ class SampleDynamicsMonitor(Callback):
             f"{self.key}/fit": stats["fit"],
         }
         self.history.append({"epoch": epoch, **scalars})
-        if self.alarm_rule is not None:  # decided and logged at validation end
+        if self.alarm_rule is not None:  # decided and logged at validation end (DDP: at this hook's start)
             self.history[-1][self.alarm_key] = float(self.alarm_epoch is not None)
         elif self.alarm is not None:
             fired = self._alarm_fired()

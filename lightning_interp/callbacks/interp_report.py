@@ -192,8 +192,12 @@ def _memorisation_section(scorer: MemorisationScorer, trainer: pl.Trainer | None
     section = Section(MEMORISATION_TITLE)
     chosen = monitor.flagged_positions(scorer.max_suspects, scorer.seed, fitted=scorer.fitted_only)
     if chosen is None:
-        section.paragraphs.append("No flagged training sample is fitted to its given label, so no filter holds a "
-                                  "memorised fit (the model has not memorised the flagged samples).")
+        if monitor.latest is None or not bool(monitor.latest.flagged.any()):
+            section.paragraphs.append("No training sample is flagged yet, so there are no suspects to score the "
+                                      "filters on.")
+        else:
+            section.paragraphs.append("No flagged training sample is fitted to its given label, so no filter holds a "
+                                      "memorised fit (the model has not memorised the flagged samples).")
         return section
     positions, mask = chosen
     suspects = positions[mask]

@@ -63,7 +63,7 @@ class FilterMasking(Callback):
     ``"val_loss"`` alarm) is in every checkpoint written after that validation; a key logged at training-epoch
     end (the anomaly monitor's alarm) in those written at training-epoch end (``ModelCheckpoint``'s default
     when validation runs once an epoch). An alarm key of a monitor that is not in the
-    Trainer (or has no ``alarm``) is refused at ``setup`` with the keys that are; any other key the module
+    Trainer (or has no ``alarm``) is refused at train start, before the first step, with the keys that are; any other key the module
     never logs is named in a warning after the first epoch. The masks in force are logged as ``interp/masking/num_masked``
     (``interp/masking/<name>/num_masked`` with ``name=``: give each of several ``FilterMasking`` with the same
     ``when``, ``start_epoch`` and ``start_on`` its own ``name``, which also tells their checkpoint states apart),
@@ -141,12 +141,6 @@ class FilterMasking(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.start_on is not None and self.start_on.endswith("overfit_alarm"):
-            valid = alarm_keys(trainer.callbacks)
-            if self.start_on not in valid:
-                raise ValueError(
-                    f"Expected `start_on` to be an alarm key a monitor in the Trainer logs, one of {valid}, but got "
-                    f"{self.start_on!r} (a SampleDynamicsMonitor logs its key only with `alarm=`, e.g. alarm='val_loss').")
         same_key = [cb for cb in trainer.callbacks if isinstance(cb, FilterMasking) and cb.key == self.key]
         if len(same_key) > 1 and same_key[0] is self:  # once per trainer
             rank_zero_warn(f"{len(same_key)} FilterMasking callbacks log {self.key!r}: the logged value mixes them. "
@@ -168,7 +162,19 @@ class FilterMasking(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every callback's setup (a monitor's alarm key can depend on its peers), before the first step.
+        if self.start_on is not None and self.start_on.endswith("overfit_alarm"):
+            valid = alarm_keys(trainer.callbacks)
+            if self.start_on not in valid:
+                raise ValueError(
+                    f"Expected `start_on` to be an alarm key a monitor in the Trainer logs, one of {valid}, but got "
+                    f"{self.start_on!r} (a SampleDynamicsMonitor logs its key only with `alarm=`, e.g. alarm='val_loss').")
         self._first_epoch = trainer.current_epoch  # a resumed fit has logged nothing yet at its first epoch start
+
+    def _alarm_monitor(self, trainer: pl.Trainer) -> Any:
+        """The monitor whose alarm key ``start_on`` is (None for any other key)."""
+        return next((cb for cb in trainer.callbacks if cb is not self and getattr(cb, "alarm_key", None) == self.start_on),
+                    None)
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         self._remove()
@@ -195,8 +201,9 @@ class FilterMasking(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if self.start_on is not None and epoch > self._first_epoch:  # a whole epoch later every monitor has logged
-            warn_missing_keys(trainer, {"start_on": self.start_on}, self)
+        if self.start_on is not None and epoch > self._first_epoch and self._alarm_monitor(trainer) is None:
+            warn_missing_keys(trainer, {"start_on": self.start_on}, self)  # a whole epoch later the module has logged
+        self._watch(trainer, read_metrics=False)  # a monitor's alarm decided after this callback's epoch-end hook
         self._apply(trainer, pl_module, epoch)
         if self.when == "eval_only":
             self._remove()
@@ -206,23 +213,29 @@ class FilterMasking(Callback):
         if count and trainer.is_global_zero:
             rank_zero_info(f"FilterMasking: epoch {epoch}, masking {count} filters ({self.when}): {self.in_force}")
 
-    def _watch(self, trainer: pl.Trainer) -> None:
-        """Record the epoch at whose end ``start_on`` is first > 0 (rank zero's reading, broadcast)."""
+    def _watch(self, trainer: pl.Trainer, read_metrics: bool) -> None:
+        """Record the epoch at whose end ``start_on`` first fired. A monitor's alarm key: the monitor's own
+        ``alarm_epoch`` (decided on rank zero, identical on every rank, whatever the callbacks' order). Any other
+        key: the logged value, rank zero's reading broadcast — only where every rank runs the hook
+        (``read_metrics``: training-epoch end, or validation end with one process)."""
         if self.start_on is None or self.alarm_epoch is not None or trainer.sanity_checking:
             return
+        monitor = self._alarm_monitor(trainer)
+        if monitor is not None:
+            self.alarm_epoch = monitor.alarm_epoch
+        elif read_metrics:
+            def read() -> int | None:
+                value = trainer.callback_metrics.get(self.start_on)
+                return trainer.current_epoch if value is not None and float(value) > 0 else None
 
-        def read() -> int | None:
-            value = trainer.callback_metrics.get(self.start_on)
-            return trainer.current_epoch if value is not None and float(value) > 0 else None
-
-        self.alarm_epoch = rank_zero_decides(trainer, read)
+            self.alarm_epoch = rank_zero_decides(trainer, read)
         if self.alarm_epoch is not None:
             rank_zero_info(f"FilterMasking: {self.start_on} fired at epoch {self.alarm_epoch}; masking from epoch "
                            f"{max(self.alarm_epoch + 1, self.start_epoch)} on.")
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._watch(trainer)
+        self._watch(trainer, read_metrics=True)
         count = self.history[-1]["num_masked"] if self.history else 0
         pl_module.log(self.key, float(count), on_step=False, on_epoch=True)
 
@@ -241,7 +254,9 @@ class FilterMasking(Callback):
     @override
     def on_validation_end(self, trainer, pl_module):
         self._eval_end(trainer, pl_module)
-        self._watch(trainer)  # before ModelCheckpoint saves (checkpoint callbacks run last)
+        # Before ModelCheckpoint saves (checkpoint callbacks run last); under DDP a rank without validation
+        # batches skips this hook, so a logged key is read (a broadcast) only with one process.
+        self._watch(trainer, read_metrics=trainer.world_size == 1)
 
     @override
     def on_test_start(self, trainer, pl_module):
