@@ -141,7 +141,7 @@ class FilterMasking(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        same_key = [cb for cb in trainer.callbacks if isinstance(cb, FilterMasking) and cb.key == self.key]
+        same_key = [cb for cb in getattr(trainer, "callbacks", None) or [] if isinstance(cb, FilterMasking) and cb.key == self.key]
         if len(same_key) > 1 and same_key[0] is self:  # once per trainer
             rank_zero_warn(f"{len(same_key)} FilterMasking callbacks log {self.key!r}: the logged value mixes them. "
                            "Give each its own `name=` (e.g. FilterMasking(..., name='live')) to log them apart.")
