@@ -50,7 +50,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memorisation_filters as mf  # noqa: E402
-import overfitting_signals as ofs  # noqa: E402
 
 from lightning_interp.callbacks import FilterMasking, MemorisationScorer, SampleDynamicsMonitor  # noqa: E402
 from lightning_interp.data import with_index  # noqa: E402
@@ -211,33 +210,12 @@ def print_table(summary: dict) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="/work/shared/data/cifar10")
-    p.add_argument("--out", default="runs/live_masking")
     p.add_argument("--tiny", action="store_true", help="generated data, a tiny network, seconds; writes only under --out")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    mf.add_run_options(p, "runs/live_masking", ["model.relu2", "model.relu3"], RESULTS)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    p.add_argument("--noise", type=float, default=0.3)
-    p.add_argument("--train-size", type=int, default=2000)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--width", nargs=3, type=int, default=[32, 64, 64])
-    p.add_argument("--layers", nargs="+", default=["model.relu2", "model.relu3"])
     p.add_argument("--max-suspects", type=int, default=512)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache", default="runs/cifar10_uint8.pt", help="decoded images (overfitting_signals.py's cache)")
-    p.add_argument("--results", default=str(RESULTS))
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.tiny:
-        if args.out == p.get_default("out"):  # the smoke run writes nowhere but a temporary folder
-            import tempfile
-
-            args.out = tempfile.mkdtemp(prefix="live_masking_tiny_")
-        args.classes, args.epochs, args.width, args.seeds, args.lr = 4, 8, [8, 16, 16], args.seeds[:1], 3e-2
-        data = mf.tiny_data()
-    else:
-        args.classes = 10
-        data = ofs.splits(ofs.load_cifar(args.data, Path(args.cache)), args.train_size)
+    data = mf.load_data(args, p, "live_masking_tiny_", epochs=8, width=[8, 16, 16], lr=3e-2)
     results = [train_arm(args, data, seed, arm) for seed in args.seeds for arm in args.arms]
     summary = summarise(results)
     summary["settings"] = {k: v for k, v in vars(args).items() if k != "results"}

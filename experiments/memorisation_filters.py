@@ -458,21 +458,47 @@ def print_compact(summary: dict, results: list[dict]) -> None:
             print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-def parse(argv=None, *, description: str = __doc__, extra=None, defaults: dict | None = None,
-          results: Path = RESULTS) -> tuple[argparse.Namespace, dict[str, torch.Tensor]]:
-    """The options (``--tiny`` applied) and the data: this script's, and those of a script importing its
-    training (``extra(parser)`` adds its options, ``defaults`` changes some of these)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_options(p: argparse.ArgumentParser, out: str, layers: list[str], results: Path) -> None:
+    """The options of a noisy CIFAR-10 run, shared by the scripts that import this one's training (each adds its
+    own ``--tiny``, the smoke run of make test)."""
     p.add_argument("--data", default="/work/shared/data/cifar10")
-    p.add_argument("--out", default="runs/memfilters")
-    p.add_argument("--tiny", action="store_true", help="generated data, a tiny network, seconds; writes only under --out")
+    p.add_argument("--out", default=out)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--noise", type=float, default=0.3)
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--width", nargs=3, type=int, default=[32, 64, 64])
-    p.add_argument("--layers", nargs="+", default=["relu2", "relu3"])
+    p.add_argument("--layers", nargs="+", default=layers)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", default="runs/cifar10_uint8.pt", help="decoded images (overfitting_signals.py's cache)")
+    p.add_argument("--results", default=str(results))
+
+
+def load_data(args: argparse.Namespace, p: argparse.ArgumentParser, prefix: str, **tiny) -> dict[str, torch.Tensor]:
+    """The data of ``args``: with ``--tiny`` the generated images (``tiny`` overrides the options, and the run
+    writes nowhere but a temporary folder unless ``--out`` is given), else the CIFAR-10 split (10 classes)."""
+    torch.set_num_threads(args.threads)
+    if args.tiny:
+        if args.out == p.get_default("out"):
+            import tempfile
+
+            args.out = tempfile.mkdtemp(prefix=prefix)
+        args.classes, args.seeds = 4, args.seeds[:1]
+        for name, value in tiny.items():
+            setattr(args, name, value)
+        return tiny_data()
+    args.classes = 10
+    return ofs.splits(ofs.load_cifar(args.data, Path(args.cache)), args.train_size)
+
+
+def parse(argv=None, *, description: str = __doc__, extra=None, defaults: dict | None = None,
+          results: Path = RESULTS) -> tuple[argparse.Namespace, dict[str, torch.Tensor]]:
+    """The options (``--tiny`` applied) and the data: this script's, and those of a script importing its
+    training (``extra(parser)`` adds its options, ``defaults`` changes some of these)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="generated data, a tiny network, seconds; writes only under --out")
+    add_run_options(p, "runs/memfilters", ["relu2", "relu3"], results)
     p.add_argument("--clean-eval", type=int, default=1000, help="clean fitted training samples whose fit is reported")
     p.add_argument("--score-samples", type=int, default=1000, help="training samples for Taylor and SoU")
     p.add_argument("--finetune-epochs", type=int, default=1)
@@ -480,27 +506,14 @@ def parse(argv=None, *, description: str = __doc__, extra=None, defaults: dict |
     p.add_argument("--finetune-random", type=int, default=2, help="random seeds also fine-tuned at k = 1/8")
     p.add_argument("--probe-size", type=int, default=512, help="training samples the anomaly scan clusters (the thesis' 512)")
     p.add_argument("--scan-mode", default="exact", help="the anomaly scan's mode (exact: the thesis' learning images)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache", default="runs/cifar10_uint8.pt", help="decoded images (overfitting_signals.py's cache)")
-    p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--batch-norm", action="store_true", help="SimpleCNN with BatchNorm after each conv")
     p.add_argument("--train-only", action="store_true", help="train the runs and stop")
-    p.set_defaults(results=str(results), **(defaults or {}))
+    p.set_defaults(**(defaults or {}))
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.tiny:
-        if args.out == p.get_default("out"):  # the smoke run writes nowhere but a temporary folder
-            import tempfile
-
-            args.out = tempfile.mkdtemp(prefix="memfilters_tiny_")
-        args.classes, args.epochs, args.width, args.seeds, args.lr = 4, 60, [8, 16, 16], args.seeds[:1], 1e-2
-        args.clean_eval, args.score_samples, args.finetune_random, args.probe_size = 40, 40, 1, 64
-        data = tiny_data()
-    else:
-        args.classes = 10
-        data = ofs.splits(ofs.load_cifar(args.data, Path(args.cache)), args.train_size)
+    data = load_data(args, p, "memfilters_tiny_", epochs=60, width=[8, 16, 16], lr=1e-2, clean_eval=40,
+                     score_samples=40, finetune_random=1, probe_size=64)
     return args, data
 
 
